@@ -1,0 +1,25 @@
+"""fusedadapter: AdapterFusion (Pfeiffer et al., EACL 2021) as cheap as the bare model.
+
+Public API: configs (:class:`AdapterConfig`, :class:`FusionConfig`), the module
+(:class:`FusedAdapterFusion`), its functional form (:func:`adapter_fusion`), and
+:func:`fusion_regularization_loss`. See README.md.
+"""
+
+from .config import AdapterConfig, FusionConfig
+from .dispatch import BACKENDS, BackendUnavailable, available_backends
+from .functional import adapter_fusion, fusion_regularization_loss
+from .modules import BottleneckAdapter, FusedAdapterFusion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "FusionConfig",
+    "FusedAdapterFusion",
+    "BottleneckAdapter",
+    "adapter_fusion",
+    "fusion_regularization_loss",
+    "BACKENDS",
+    "BackendUnavailable",
+    "available_backends",
+]

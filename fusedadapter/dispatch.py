@@ -1,0 +1,140 @@
+"""Which backend runs a fusion site: one registry, one ``auto`` rule.
+
+``auto`` reads ``dispatch_table.json`` (shipped in the package, written from committed
+benchmark results by ``python -m benchmarks table``): for (device type, dtype, token bucket) it
+names the backend that measured fastest. A device type with no committed results uses the
+``torch`` backend. When the table names a backend that cannot run here (no compiler, no
+Triton, no GPU), ``auto`` warns once and uses ``torch``. A backend requested by name that
+cannot run raises :class:`BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from importlib import resources
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .ops import fusion_torch
+
+__all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "fusion_op", "token_bucket", "available_backends",
+           "register_backend", "dispatch_table"]
+
+BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
+TOKEN_BUCKETS = (16, 256, 4096)  # upper edges; a larger count falls in the last, open bucket
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run on this machine or for these inputs."""
+
+
+# name -> loader(device) returning the op callable, or raising BackendUnavailable with the reason.
+_LOADERS: Dict[str, Callable[[torch.device], Callable]] = {}
+_lock = threading.Lock()
+_warned: set = set()
+
+
+def register_backend(name: str, loader: Callable[[torch.device], Callable]) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _LOADERS[name] = loader
+
+
+def _load_torch(device: torch.device):
+    return fusion_torch
+
+
+def _load_triton(device: torch.device):
+    try:
+        from .kernels import load_triton_op
+    except ImportError as exc:  # triton missing or the kernels package not built
+        raise BackendUnavailable(f"backend 'triton' needs the `triton` package: {exc}") from exc
+    return load_triton_op(device)
+
+
+def _load_native(name: str):
+    def loader(device: torch.device):
+        try:
+            from .extension import load_native_op
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend {name!r} is not available: {exc}") from exc
+        return load_native_op(name, device)
+
+    return loader
+
+
+register_backend("torch", _load_torch)
+register_backend("triton", _load_triton)
+register_backend("cpu", _load_native("cpu"))
+register_backend("cuda", _load_native("cuda"))
+
+
+def fusion_op(name: str, device: torch.device) -> Callable:
+    """The op callable of backend ``name`` for ``device`` (raises BackendUnavailable)."""
+    if name == "reference":
+        raise ValueError("the reference backend is eager module code, not an op")
+    if name not in _LOADERS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
+    return _LOADERS[name](torch.device(device))
+
+
+def available_backends(device="cpu") -> Dict[str, Optional[str]]:
+    """{backend: None if it runs on ``device``, else the reason it does not}."""
+    out: Dict[str, Optional[str]] = {"reference": None}
+    for name in _LOADERS:
+        try:
+            fusion_op(name, device)
+            out[name] = None
+        except BackendUnavailable as exc:
+            out[name] = str(exc)
+    return out
+
+
+_TABLE: Optional[dict] = None
+
+
+def dispatch_table() -> dict:
+    global _TABLE
+    if _TABLE is None:
+        text = resources.files("fusedadapter").joinpath("dispatch_table.json").read_text()
+        _TABLE = json.loads(text)
+    return _TABLE
+
+
+def token_bucket(tokens: int) -> str:
+    lo = 0
+    for hi in TOKEN_BUCKETS:
+        if tokens <= hi:
+            return f"{lo + 1 if lo else 0}-{hi}"
+        lo = hi
+    return f">{TOKEN_BUCKETS[-1]}"
+
+
+def _auto_choice(device: torch.device, dtype: torch.dtype, tokens: int) -> str:
+    per_device = dispatch_table().get("table", {}).get(device.type, {})
+    per_dtype = per_device.get(str(dtype).replace("torch.", ""), {})
+    return per_dtype.get(token_bucket(tokens), "torch")
+
+
+def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int) -> Tuple[str, Callable]:
+    """(name, op) for a site call. ``requested`` is a backend name or ``"auto"``."""
+    device = torch.device(device)
+    if requested == "reference":
+        return "reference", None
+    if requested != "auto":
+        return requested, fusion_op(requested, device)
+    name = _auto_choice(device, dtype, tokens)
+    if name in ("torch", "reference"):
+        return name, (fusion_torch if name == "torch" else None)
+    try:
+        return name, fusion_op(name, device)
+    except BackendUnavailable as exc:
+        with _lock:
+            if name not in _warned:
+                _warned.add(name)
+                warnings.warn(f"fusedadapter: backend 'auto' chose {name!r} for {device.type}/{dtype}, but it cannot "
+                              f"run here ({exc}); using 'torch' instead", RuntimeWarning, stacklevel=3)
+        return "torch", fusion_torch

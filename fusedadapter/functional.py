@@ -1,0 +1,341 @@
+"""Functional entry points: one fusion site from explicit parameters, and the shared site runner.
+
+``adapter_fusion`` takes the parameters as tensors; :class:`fusedadapter.FusedAdapterFusion`
+holds them as modules and caches the fold. Both end in :func:`run_site`, which checks the
+inputs, resolves the backend and runs either the eager reference or a backend op on folded
+weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .activations import activation_code, apply_activation
+from .config import FusionConfig
+from .dispatch import resolve_backend
+from .fold import AdapterWeights, Folded, FusionWeights, fold
+from .ops import acc_dtype, hash_keep_mask
+from .reference import reference_fusion
+
+__all__ = ["adapter_fusion", "run_site", "check_site_inputs", "fusion_regularization_loss",
+           "draw_seed", "PLAIN_FORM_RATIO"]
+
+# The folded form costs ~3·H·R multiply-adds per token; the plain form (adapters' own up
+# projections, W_K^T W_Q folded into one H x H matrix, W_V after the sum) ~2·H·R + 2·H².
+# Folded wins while R < 2H. (DESIGN §2 quotes 3H with Q and K unfolded.)
+PLAIN_FORM_RATIO = 2.0
+
+
+def check_site_inputs(hidden_size: int, adapter_input, residual, query, param: Optional[torch.Tensor],
+                      autocast_on: bool):
+    named = {"adapter_input": adapter_input, "residual": residual}
+    if query is not None:
+        named["query"] = query
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dim() < 1 or t.shape[-1] != hidden_size:
+            raise ValueError(f"{name} must have shape (..., {hidden_size}) (the fusion's hidden size), got {tuple(t.shape)}")
+        if t.shape != adapter_input.shape:
+            raise ValueError(f"{name} must have the shape of adapter_input {tuple(adapter_input.shape)}, got {tuple(t.shape)}")
+        if t.device != adapter_input.device:
+            raise ValueError(f"{name} is on {t.device}, expected {adapter_input.device} (the device of adapter_input)")
+        if not autocast_on and t.dtype != adapter_input.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected {adapter_input.dtype} (the dtype of adapter_input)")
+    if param is not None:
+        if param.device != adapter_input.device:
+            raise ValueError(f"inputs are on {adapter_input.device} but the fusion parameters are on {param.device}; "
+                             f"move the module with .to({adapter_input.device!s}) or the inputs to {param.device}")
+        if not autocast_on and param.dtype != adapter_input.dtype:
+            raise TypeError(f"inputs have dtype {adapter_input.dtype} but the fusion parameters have dtype {param.dtype}; "
+                            f"expected inputs of dtype {param.dtype} (or run under torch.autocast)")
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator (so torch.manual_seed makes runs repeatable)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _down_input(a: torch.Tensor, ln_mode: str) -> torch.Tensor:
+    if ln_mode == "none":
+        return a
+    a_hat = F.layer_norm(a, (a.shape[-1],), eps=1e-5)  # nn.LayerNorm's default eps, affine folded
+    return a_hat if ln_mode == "all" else torch.cat([a, a_hat], dim=-1)
+
+
+def _logit_shift(folded: Folded, fusion: FusionWeights, c, res, residual_before: bool):
+    """AdapterHub's per-row key-bias term (kappa); it matters only under logit dropout."""
+    shift = None
+    if folded.shift_weight is not None:
+        shift = c @ folded.shift_weight + folded.shift_bias
+    if residual_before:
+        q = F.linear(c, fusion.query_weight, fusion.query_bias) if fusion.query_weight is not None else c
+        kr = F.linear(res, fusion.key_weight) if fusion.key_weight is not None else res
+        extra = (q * kr).sum(-1)
+        shift = extra if shift is None else shift + extra
+    return shift
+
+
+def _plain_form(folded_fusion: dict, adapters: Sequence[AdapterWeights], a, res, c, *, temperature, dropout_p,
+                keep_mask, residual_before, fusion: FusionWeights):
+    """Wide adapters (R > PLAIN_FORM_RATIO·H): adapters' own up projections, W_K^T W_Q folded.
+    Computed in the accumulation dtype (weights arrive in it), like the op."""
+    out_dtype, acc = a.dtype, acc_dtype(a.dtype)
+    a, res, c = a.to(acc), res.to(acc), c.to(acc)
+    ups = []
+    for w in adapters:
+        x = a
+        if w.ln_before:
+            x = F.layer_norm(a, (a.shape[-1],), w.ln_weight, w.ln_bias, eps=1e-5)
+        z = F.linear(x, w.down_weight, w.down_bias)
+        u = F.linear(apply_activation(z, w.activation), w.up_weight, w.up_bias)
+        s = w.scaling
+        ups.append(u * (s.to(u.dtype) if isinstance(s, torch.Tensor) else s))
+    u = torch.stack(ups, dim=1)  # (M, N, H)
+    if residual_before:
+        u = u + res.unsqueeze(1)
+    qk = F.linear(c, folded_fusion["w_qk"], folded_fusion["b_qk"])  # W_K^T (W_Q c + b_Q)
+    logits = torch.bmm(u, qk.unsqueeze(-1)).squeeze(-1)
+    if dropout_p > 0:
+        shift = (c @ folded_fusion["shift_weight"] + folded_fusion["shift_bias"]) if folded_fusion["shift_weight"] is not None else None
+        if shift is not None:
+            logits = logits + shift[:, None]
+        logits = torch.where(keep_mask, logits / (1.0 - dropout_p), torch.zeros((), dtype=acc, device=a.device))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    mix = torch.bmm(probs.unsqueeze(1), u).squeeze(1)
+    out = F.linear(mix, fusion.value_weight) if fusion.value_weight is not None else mix
+    if not residual_before:
+        out = out + res
+    return out.to(out_dtype), probs
+
+
+def fold_plain(fusion: FusionWeights, dtype: torch.dtype) -> dict:
+    f64 = torch.float64
+    wq = None if fusion.query_weight is None else fusion.query_weight.to(f64)
+    bq = None if fusion.query_bias is None else fusion.query_bias.to(f64)
+    wk = None if fusion.key_weight is None else fusion.key_weight.to(f64)
+    bk = None if fusion.key_bias is None else fusion.key_bias.to(f64)
+    h = (wq if wq is not None else wk).shape[0] if (wq is not None or wk is not None) else None
+    if wk is not None:
+        w_qk = wk.t() @ wq if wq is not None else wk.t()
+        b_qk = wk.t() @ bq if bq is not None else None
+    else:
+        w_qk, b_qk = wq, bq
+    shift_w = shift_b = None
+    if bk is not None:
+        shift_w = bk @ wq if wq is not None else bk
+        shift_b = (bq @ bk) if bq is not None else torch.zeros((), dtype=f64, device=bk.device)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return {"w_qk": cast(w_qk), "b_qk": cast(b_qk), "shift_weight": cast(shift_w), "shift_bias": cast(shift_b),
+            "identity": h is None}
+
+
+def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual_before: bool, temperature: float,
+               dropout_p: float, seed: int, keep_mask):
+    """Run a backend op on folded weights. a, res, c: (M, H) in the compute dtype."""
+    xd = _down_input(a, folded.ln_mode)
+    xq = None if (c is a and folded.ln_mode == "none") else c
+    wd = folded.w_out.dtype
+    if residual_before:
+        op_res = F.linear(res.to(wd), fusion.value_weight).to(a.dtype) if fusion.value_weight is not None else res
+    else:
+        op_res = res
+    shift = _logit_shift(folded, fusion, c.to(wd), res.to(wd), residual_before) if dropout_p > 0 else None
+    return op(xd, xq, op_res, folded.w_down, folded.b_down, folded.w_query, folded.b_query, folded.w_out,
+              folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask, shift)
+
+
+def use_plain_form(hidden_size: int, bottleneck: int) -> bool:
+    return bottleneck > PLAIN_FORM_RATIO * hidden_size
+
+
+def run_site(site, adapter_input, residual, query, *, backend: str, temperature: float, dropout_p: float,
+             keep_mask):
+    """Shared body of the module and the functional form; returns (out, probs) in the input's shape.
+
+    ``site`` provides: ``hidden_size``, ``bottleneck``, ``num_adapters``, ``residual_before``,
+    ``anchor_param`` (a parameter, for the dtype/device check), and ``adapter_weights(dtype)``,
+    ``fusion_weights(dtype)``, ``folded(dtype)``, ``plain_folded(dtype)``,
+    ``reference(a, res, c, temperature, dropout_p, keep_mask)``.
+    """
+    dev = adapter_input.device.type if isinstance(adapter_input, torch.Tensor) else "cpu"
+    autocast_on = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+    check_site_inputs(site.hidden_size, adapter_input, residual, query, site.anchor_param, autocast_on)
+    dtype = torch.get_autocast_dtype(dev) if autocast_on else adapter_input.dtype
+    hidden = site.hidden_size
+    lead = adapter_input.shape[:-1]
+    a = adapter_input.reshape(-1, hidden)
+    res = residual.reshape(-1, hidden)
+    c = a if query is None else query.reshape(-1, hidden)
+    n_tokens = a.shape[0]
+    if keep_mask is not None:
+        if keep_mask.dtype != torch.bool or keep_mask.shape != (*lead, site.num_adapters):
+            raise ValueError(f"dropout_mask must be a bool tensor of shape {(*lead, site.num_adapters)}, got "
+                             f"{keep_mask.dtype} {tuple(keep_mask.shape)}")
+        keep_mask = keep_mask.reshape(n_tokens, site.num_adapters)
+    name, op = resolve_backend(backend, a.device, dtype, n_tokens)
+    if name == "reference":
+        out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask)
+    else:
+        if autocast_on:
+            a, res = a.to(dtype), res.to(dtype)
+            c = a if query is None else c.to(dtype)
+        seed = draw_seed() if (dropout_p > 0 and keep_mask is None) else 0
+        with torch.autocast(dev, enabled=False) if autocast_on else contextlib.nullcontext():
+            wdtype = acc_dtype(dtype)  # folded weights: fp32 for half activations (see ops.FUSION_SCHEMA)
+            if name == "torch" and use_plain_form(hidden, site.bottleneck):
+                if dropout_p > 0 and keep_mask is None:
+                    keep_mask = hash_keep_mask(seed, n_tokens, site.num_adapters, dropout_p, device=a.device)
+                out, probs = _plain_form(site.plain_folded(wdtype), site.adapter_weights(wdtype), a, res, c,
+                                         temperature=temperature, dropout_p=dropout_p, keep_mask=keep_mask,
+                                         residual_before=site.residual_before, fusion=site.fusion_weights(wdtype))
+            else:
+                out, probs = run_folded(op, site.folded(wdtype), a, res, c, fusion=site.fusion_weights(wdtype),
+                                        residual_before=site.residual_before, temperature=temperature,
+                                        dropout_p=dropout_p, seed=seed, keep_mask=keep_mask)
+    return out.reshape(*lead, hidden), probs.reshape(*lead, probs.shape[-1])
+
+
+def adapter_fusion(
+    adapter_input: torch.Tensor,
+    residual: torch.Tensor,
+    query: Optional[torch.Tensor] = None,
+    *,
+    down_weights: Sequence[torch.Tensor],
+    down_biases: Sequence[Optional[torch.Tensor]],
+    up_weights: Sequence[torch.Tensor],
+    up_biases: Sequence[Optional[torch.Tensor]],
+    activations: Union[str, Sequence[str]] = "relu",
+    scalings: Union[float, Sequence[object]] = 1.0,
+    ln_weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    ln_biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    query_weight: Optional[torch.Tensor] = None,
+    query_bias: Optional[torch.Tensor] = None,
+    key_weight: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
+    value_weight: Optional[torch.Tensor] = None,
+    residual_before: bool = False,
+    temperature: float = 1.0,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    return_probs: bool = False,
+):
+    """One AdapterFusion site from explicit parameters (the functional form of FusedAdapterFusion).
+
+    Adapter ``n``: ``up_n = scaling_n * (up_weights[n] @ act_n(down_weights[n] @ [LN_n](x) + b) + b)``.
+    A fusion weight left ``None`` turns its flag off (identity), as AdapterHub's
+    ``query``/``key``/``value`` flags do. ``dropout_p > 0`` applies logit dropout (training
+    mode): with ``dropout_mask`` (bool, (..., N)) that draw is replayed. Returns ``out`` or
+    ``(out, probs)``; ``out`` is ``o + residual`` (``o`` alone under ``residual_before``, which
+    adds the residual to every adapter output first).
+    """
+    n = len(down_weights)
+    if not (len(down_biases) == len(up_weights) == len(up_biases) == n) or n == 0:
+        raise ValueError(f"adapter_fusion: expected equally long, non-empty down/up weight and bias lists, got "
+                         f"{len(down_weights)}, {len(down_biases)}, {len(up_weights)}, {len(up_biases)}")
+    acts = [activations] * n if isinstance(activations, str) else list(activations)
+    scal = [scalings] * n if not isinstance(scalings, (list, tuple)) else list(scalings)
+    lnw = list(ln_weights) if ln_weights is not None else [None] * n
+    lnb = list(ln_biases) if ln_biases is not None else [None] * n
+    if not (len(acts) == len(scal) == len(lnw) == len(lnb) == n):
+        raise ValueError(f"adapter_fusion: activations, scalings and LN lists must have {n} entries (one per adapter)")
+    hidden = up_weights[0].shape[0]
+    if ln_weights is not None and ln_biases is None:
+        raise ValueError("adapter_fusion: ln_weights given without ln_biases")
+    codes = [activation_code(a) for a in acts]
+    weights = [AdapterWeights(down_weights[i], down_biases[i], up_weights[i], up_biases[i], scal[i], lnw[i], lnb[i],
+                              codes[i], lnw[i] is not None) for i in range(n)]
+    for i, w in enumerate(weights):
+        r = w.down_weight.shape[0]
+        if w.down_weight.shape != (r, hidden) or w.up_weight.shape != (hidden, r):
+            raise ValueError(f"adapter {i}: expected down weight ({r}, {hidden}) and up weight ({hidden}, {r}), got "
+                             f"{tuple(w.down_weight.shape)} and {tuple(w.up_weight.shape)}")
+    site = _ExplicitSite(weights, FusionWeights(query_weight, query_bias, key_weight, key_bias, value_weight),
+                         residual_before)
+    out, probs = run_site(site, adapter_input, residual, query, backend=backend, temperature=temperature,
+                          dropout_p=dropout_p, keep_mask=dropout_mask)
+    if return_probs:
+        return out, probs.to(out.dtype)
+    return out
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) else t
+
+
+class _ExplicitSite:
+    """The site protocol of :func:`run_site` over explicit tensors (no cache: folds every call)."""
+
+    def __init__(self, weights: Sequence[AdapterWeights], fusion: FusionWeights, residual_before: bool):
+        self.weights, self.fusion, self.residual_before = list(weights), fusion, residual_before
+        self.hidden_size = weights[0].up_weight.shape[0]
+        self.bottleneck = sum(w.down_weight.shape[0] for w in weights)
+        self.num_adapters = len(weights)
+        self.anchor_param = weights[0].up_weight
+
+    def adapter_weights(self, dtype):
+        return [AdapterWeights(*(_cast(t, dtype) for t in (w.down_weight, w.down_bias, w.up_weight, w.up_bias,
+                                                            w.scaling, w.ln_weight, w.ln_bias)),
+                               w.activation, w.ln_before) for w in self.weights]
+
+    def fusion_weights(self, dtype):
+        f = self.fusion
+        return FusionWeights(*(_cast(t, dtype) for t in (f.query_weight, f.query_bias, f.key_weight, f.key_bias,
+                                                         f.value_weight)))
+
+    def folded(self, dtype):
+        return fold(self.weights, self.fusion, dtype)
+
+    def plain_folded(self, dtype):
+        return fold_plain(self.fusion, dtype)
+
+    def reference(self, a, res, c, temperature, dropout_p, keep_mask):
+        f = self.fusion
+
+        def lin(w, b):
+            return None if w is None else (lambda x: F.linear(x, w, b))
+
+        return reference_fusion(a, res, c, [_FunctionalAdapter(w) for w in self.weights], lin(f.query_weight, f.query_bias),
+                                lin(f.key_weight, f.key_bias), lin(f.value_weight, None),
+                                residual_before=self.residual_before, temperature=temperature, dropout_p=dropout_p,
+                                keep_mask=keep_mask, training=dropout_p > 0)
+
+
+class _FunctionalAdapter:
+    """AdapterHub's adapter forward (returns the scaled up projection) from explicit weights."""
+
+    def __init__(self, w: AdapterWeights):
+        self.w = w
+
+    def __call__(self, x):
+        w = self.w
+        if w.ln_before:
+            x = F.layer_norm(x, (x.shape[-1],), w.ln_weight, w.ln_bias, eps=1e-5)
+        z = apply_activation(F.linear(x, w.down_weight, w.down_bias), w.activation)
+        return F.linear(z, w.up_weight, w.up_bias) * w.scaling
+
+
+def fusion_regularization_loss(module_or_model: torch.nn.Module) -> torch.Tensor:
+    """AdapterHub's ``get_fusion_regularization_loss``: ``0.01 * sum ||I - W_V||_F^2`` over every
+    fusion value matrix that is trained (``requires_grad``), fused or AdapterHub's own."""
+    total = None
+    for mod in module_or_model.modules():
+        value = getattr(mod, "value", None)
+        is_fusion = type(mod).__name__ in ("FusedAdapterFusion", "BertFusion")
+        if not is_fusion or not isinstance(value, torch.nn.Linear) or not value.weight.requires_grad:
+            continue
+        w = value.weight
+        eye = torch.eye(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+        term = 0.01 * (eye - w).pow(2).sum()
+        total = term if total is None else total + term
+    if total is None:
+        p = next(module_or_model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else "cpu")
+    return total

@@ -1,0 +1,244 @@
+"""Drop-in modules: a bottleneck adapter laid out like AdapterHub's, and a fused fusion site.
+
+Parameter names map one-to-one onto AdapterHub's (``adapters.<name>.adapter_down.0`` ...,
+``query``/``key``/``value``), and every backend uses these same parameters; folded weights
+live only in a cache that is keyed on the parameters' identity, storage, version counter,
+dtype, device and ``requires_grad``, so optimizer steps, ``load_state_dict``, ``.to()``,
+``.half()`` and in-place edits under ``no_grad`` all invalidate it. (Writes through ``.data``
+bypass the version counter; call :meth:`FusedAdapterFusion.invalidate_fold_cache` after those.)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .activations import activation_code, reference_activation
+from .config import AdapterConfig, FusionConfig
+from .dispatch import BACKENDS
+from .fold import AdapterWeights, FusionWeights, fold
+from .functional import fold_plain, run_site
+from .reference import reference_fusion
+
+__all__ = ["BottleneckAdapter", "FusedAdapterFusion"]
+
+
+def _init_bert(module: nn.Module) -> None:
+    # AdapterHub's Adapter.init_bert_weights
+    if isinstance(module, nn.Linear):
+        module.weight.data.normal_(mean=0.0, std=0.02)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+
+
+class BottleneckAdapter(nn.Module):
+    """AdapterHub's sequential bottleneck adapter (its ``Adapter``), as fusion consumes it.
+
+    ``forward(x)`` returns the scaled up-projection ``scaling * adapter_up(adapter_down(x))``:
+    what AdapterHub stacks into the fusion's keys and values (its ``up``).
+    """
+
+    def __init__(self, hidden_size: int, config: AdapterConfig = AdapterConfig(), default_activation: str = "relu"):
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.bottleneck_size = config.width(hidden_size)
+        self.activation_name = config.activation(default_activation)
+        layers = []
+        if config.ln_before:
+            layers.append(nn.LayerNorm(hidden_size))
+        layers.append(nn.Linear(hidden_size, self.bottleneck_size))
+        layers.append(reference_activation(self.activation_name))
+        self.adapter_down = nn.Sequential(*layers)
+        self.adapter_up = nn.Linear(self.bottleneck_size, hidden_size)
+        if config.scaling == "learned":
+            self.scaling = nn.Parameter(torch.ones(1))
+        elif config.scaling == "channel":
+            self.scaling = nn.Parameter(torch.ones(hidden_size))
+        else:
+            self.scaling = float(config.scaling)
+        self.adapter_down.apply(_init_bert)
+        self.adapter_up.apply(_init_bert)
+
+    @property
+    def down(self) -> nn.Linear:
+        return self.adapter_down[1 if self.config.ln_before else 0]
+
+    @property
+    def layer_norm(self) -> Optional[nn.LayerNorm]:
+        return self.adapter_down[0] if self.config.ln_before else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter_up(self.adapter_down(x)) * self.scaling
+
+    def weights(self) -> AdapterWeights:
+        ln = self.layer_norm
+        return AdapterWeights(self.down.weight, self.down.bias, self.adapter_up.weight, self.adapter_up.bias,
+                              self.scaling, None if ln is None else ln.weight, None if ln is None else ln.bias,
+                              activation_code(self.activation_name), ln is not None)
+
+
+AdaptersSpec = Union[Sequence[AdapterConfig], Mapping[str, AdapterConfig]]
+
+
+class FusedAdapterFusion(nn.Module):
+    """N bottleneck adapters and AdapterHub's fusion attention over them, as one site.
+
+    ``forward(adapter_input, residual, query=None, *, return_probs=False)`` takes tensors of shape
+    (..., H) and returns the site's output before the sub-layer's ``LN(. + x)``: ``o + residual``
+    (``o`` alone under ``residual_before``); with ``return_probs``, ``(out, p)``, ``p`` (..., N).
+
+    ``backend``: ``"auto"`` (the dispatch table), ``"reference"`` (eager, AdapterHub's op
+    sequence), ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
+    ``attention_dropout``: the model's attention dropout, which AdapterHub uses when the
+    fusion config's ``dropout_prob`` is None or 0.
+    """
+
+    def __init__(self, hidden_size: int, adapters: AdaptersSpec, fusion: Union[str, dict, FusionConfig] = "dynamic",
+                 backend: str = "auto", *, default_activation: str = "relu", attention_dropout: float = 0.1):
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if isinstance(adapters, Mapping):
+            items = list(adapters.items())
+        elif isinstance(adapters, (list, tuple)):
+            items = [(str(i), cfg) for i, cfg in enumerate(adapters)]
+        else:
+            raise TypeError(f"adapters must be a sequence or a mapping of AdapterConfig, got {type(adapters).__name__}")
+        if not items:
+            raise ValueError("adapters must name at least one AdapterConfig")
+        for name, cfg in items:
+            if not isinstance(cfg, AdapterConfig):
+                raise TypeError(f"adapter {name!r}: expected an AdapterConfig, got {type(cfg).__name__}")
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(f"adapter names must be non-empty strings without '.', got {name!r}")
+        self.hidden_size = hidden_size
+        self.fusion_config = FusionConfig.load(fusion)
+        self.backend = backend
+        self.adapters = nn.ModuleDict({name: BottleneckAdapter(hidden_size, cfg, default_activation) for name, cfg in items})
+        cfg = self.fusion_config
+        self.query = nn.Linear(hidden_size, hidden_size) if cfg.query else None
+        self.key = nn.Linear(hidden_size, hidden_size) if cfg.key else None
+        self.value = nn.Linear(hidden_size, hidden_size, bias=False) if cfg.value else None
+        for lin in (self.query, self.key, self.value):
+            if lin is not None:
+                lin.apply(_init_bert)
+        if cfg.value and cfg.value_initialized:
+            with torch.no_grad():
+                self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
+        self.dropout_p = cfg.effective_dropout(attention_dropout)
+        # AdapterHub's BertFusion.T: a plain attribute (not saved) lowered on every forward call.
+        self.T = 50.0 if cfg.temperature else 1.0
+        self.reduction = self.T / 1000.0
+        self._fold_cache = None
+
+    # ------------------------------------------------------------------ properties and helpers
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+        self._backend = name
+
+    @property
+    def adapter_names(self):
+        return list(self.adapters.keys())
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def bottleneck(self) -> int:
+        return sum(a.bottleneck_size for a in self.adapters.values())
+
+    @property
+    def residual_before(self) -> bool:
+        return self.fusion_config.residual_before
+
+    @property
+    def anchor_param(self) -> torch.Tensor:
+        return next(iter(self.adapters.values())).adapter_up.weight
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, adapters={self.adapter_names}, backend={self.backend!r}, "
+                f"dropout_p={self.dropout_p}")
+
+    def invalidate_fold_cache(self) -> None:
+        self._fold_cache = None
+
+    def step_temperature(self) -> float:
+        """The temperature for this call; lowers the stored one as AdapterHub does (every call)."""
+        t = self.T
+        self.T = max(self.T - self.reduction, 1.0)
+        return t
+
+    # ------------------------------------------------------------------ the site protocol (run_site)
+    def adapter_weights(self, dtype=None):
+        ws = [a.weights() for a in self.adapters.values()]
+        if dtype is None:
+            return ws
+        cast = (lambda t: t.to(dtype) if isinstance(t, torch.Tensor) else t)
+        return [AdapterWeights(cast(w.down_weight), cast(w.down_bias), cast(w.up_weight), cast(w.up_bias),
+                               cast(w.scaling), cast(w.ln_weight), cast(w.ln_bias), w.activation, w.ln_before)
+                for w in ws]
+
+    def fusion_weights(self, dtype=None):
+        def get(lin, attr):
+            if lin is None:
+                return None
+            t = getattr(lin, attr)
+            return None if t is None else (t if dtype is None else t.to(dtype))
+
+        return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
+                             get(self.key, "bias"), get(self.value, "weight"))
+
+    def _cache_key(self, tag, dtype):
+        params = tuple(self.parameters())
+        return (tag, dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad) for p in params))
+
+    def _cached(self, tag, dtype, make):
+        # Training needs the fold under autograd (gradients reach the fusion and adapter weights).
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return make()
+        if torch.compiler.is_compiling():
+            return make()
+        key = self._cache_key(tag, dtype)
+        cache = self._fold_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            value = make()
+        self._fold_cache = (key, value)
+        return value
+
+    def folded(self, dtype):
+        return self._cached("folded", dtype, lambda: fold(self.adapter_weights(), self.fusion_weights(), dtype))
+
+    def plain_folded(self, dtype):
+        return self._cached("plain", dtype, lambda: fold_plain(self.fusion_weights(), dtype))
+
+    def reference(self, a, res, c, temperature, dropout_p, keep_mask):
+        return reference_fusion(a, res, c, list(self.adapters.values()), self.query, self.key, self.value,
+                                residual_before=self.residual_before, temperature=temperature, dropout_p=dropout_p,
+                                keep_mask=keep_mask, training=self.training)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, adapter_input: torch.Tensor, residual: torch.Tensor, query: Optional[torch.Tensor] = None, *,
+                return_probs: bool = False, dropout_mask: Optional[torch.Tensor] = None):
+        """``dropout_mask`` (bool, (..., N)): replay this logit-dropout draw (training mode only)."""
+        temperature = self.step_temperature()
+        dropout_p = self.dropout_p if self.training else 0.0
+        out, probs = run_site(self, adapter_input, residual, query, backend=self.backend, temperature=temperature,
+                              dropout_p=dropout_p, keep_mask=dropout_mask if self.training else None)
+        if return_probs:
+            return out, probs.to(out.dtype)
+        return out

@@ -1,0 +1,323 @@
+"""The fused AdapterFusion op: one schema, implemented by every fast backend.
+
+Semantics (per row ``m`` of M tokens; ``N`` adapters; segment ``n`` is columns
+``segments[n]:segments[n+1]`` of the ``R = segments[N]`` bottleneck columns)::
+
+    xq = xd if xq is None
+    zp   = xd @ w_down.T + b_down                       # (M, R)   GEMM1, adapter half
+    t    = xq @ w_query.T + b_query                     # (M, R+N) GEMM1, query half
+    z[:, seg n] = act[n](zp[:, seg n])
+    logit[n] = sum_{j in seg n} t[j] * z[j] + t[R + n]  # (M, N), fp32 accumulation
+    if dropout_p > 0:                                   # training-mode logit dropout
+        keep = keep_mask if keep_mask is not None else hash_keep_mask(seed, M, N, dropout_p)
+        logit = where(keep, (logit + logit_shift[:, None]) / (1 - dropout_p), 0)
+    p = softmax(logit / temperature)                     # fp32, max subtracted
+    w = [p[seg(j)] * z[j] for j < R] ++ [p[n] for n < N] # (M, R+N)
+    out = w @ w_out.T + residual                         # (M, H)   GEMM2
+    return out (dtype of xd), p (float32; float64 for float64 inputs)
+
+Dtypes: activations (``xd``, ``xq``, ``residual``) share one floating dtype; the folded weights
+(DESIGN.md §2, made by :mod:`fusedadapter.fold`) and ``logit_shift`` are in its accumulation dtype
+(:func:`acc_dtype`: float32 for fp16/bf16/fp32, float64 for float64), so that their gradients are
+never rounded to half precision before the fold's backward (which multiplies them by fusion
+matrices, amplifying any rounding). Kernels may round weight tiles to half for tensor cores. ``segments`` and
+``activations`` are static int lists (N+1 offsets, N codes from
+:mod:`fusedadapter.activations`), so a mixed set of widths and activations is one op call.
+``logit_shift`` (M,) is AdapterHub's per-row key-bias term ``kappa``; it cancels in softmax
+and only matters under dropout, so callers pass it only then.
+
+Backends register ``fusedadapter::fusion_<backend>`` with :data:`FUSION_SCHEMA`. The ``torch``
+backend is ``CompositeImplicitAutograd`` (plain aten ops: autograd, double backward,
+``torch.compile`` and ``torch.export`` see through it); kernel backends register an opaque op
+with a fake implementation and a backward op (:func:`register_kernel_op`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .activations import apply_activation
+
+__all__ = [
+    "FUSION_SCHEMA",
+    "FUSION_BACKWARD_SCHEMA",
+    "fusion_torch",
+    "hash_keep_mask",
+    "check_fusion_args",
+    "register_kernel_op",
+    "fusion_torch_backward",
+]
+
+FUSION_SCHEMA = (
+    "(Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, Tensor w_query, "
+    "Tensor? b_query, Tensor w_out, int[] segments, int[] activations, float temperature=1.0, "
+    "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None) -> (Tensor, Tensor)"
+)
+
+# Gradients, in order: xd, xq, residual, w_down, b_down, w_query, b_query, w_out, logit_shift.
+# `needs` has one flag per gradient; a gradient not needed comes back as an empty tensor.
+FUSION_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor? grad_probs, Tensor probs, Tensor xd, Tensor? xq, Tensor w_down, "
+    "Tensor? b_down, Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, int[] activations, "
+    "float temperature, float dropout_p, int seed, Tensor? keep_mask, Tensor? logit_shift, bool[] needs) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+_LIB = torch.library.Library("fusedadapter", "DEF")
+
+# ---------------------------------------------------------------------------------------------
+# Dropout mask from (seed, row, adapter): a counter-based hash every backend can compute, so a
+# training step is replayable (forward and backward see the same mask) and comparable across
+# backends. lowbias32 (Chris Wellons' 32-bit integer hash), applied twice.
+# ---------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic masked to 32 bits; products wrap in int64 but the low 32 bits are exact.
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def hash_uniform(seed: int, idx: torch.Tensor) -> torch.Tensor:
+    """uniform in [0, 1) from ``lowbias32(idx ^ lowbias32(seed))`` (24 random bits), float32."""
+    s = _lowbias32(torch.tensor(int(seed) & _M32, dtype=torch.int64, device=idx.device))
+    x = _lowbias32(idx.to(torch.int64) ^ s)
+    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def hash_keep_mask(seed: int, m: int, n: int, dropout_p: float, device=None) -> torch.Tensor:
+    """Boolean (m, n) keep-mask of the op's dropout: ``keep[r, k] = u(seed, r*n + k) >= p``."""
+    idx = torch.arange(m * n, dtype=torch.int64, device=device).view(m, n)
+    return hash_uniform(seed, idx) >= dropout_p
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks shared by every backend (cheap: shapes and dtypes only, no data access).
+# ---------------------------------------------------------------------------------------------
+def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
+                      temperature, dropout_p, keep_mask, logit_shift) -> Tuple[int, int, int]:
+    """Validate the op's arguments; return (M, R, N)."""
+    if xd.dim() != 2:
+        raise ValueError(f"fusion op: xd must be 2-D (tokens, features), got shape {tuple(xd.shape)}")
+    if not xd.is_floating_point():
+        raise TypeError(f"fusion op: xd must be floating point, got {xd.dtype}")
+    n = len(activations)
+    if n < 1 or len(segments) != n + 1:
+        raise ValueError(f"fusion op: expected len(segments) == len(activations) + 1 >= 2, got {len(segments)} and {n}")
+    if segments[0] != 0 or any(b <= a for a, b in zip(segments[:-1], segments[1:])):
+        raise ValueError(f"fusion op: segments must start at 0 and strictly increase, got {list(segments)}")
+    r = int(segments[-1])
+    m, kd = xd.shape
+    kq = kd if xq is None else xq.shape[-1]
+    if xq is not None and (xq.dim() != 2 or xq.shape[0] != m):
+        raise ValueError(f"fusion op: xq must have shape ({m}, K), got {tuple(xq.shape)}")
+    if tuple(w_down.shape) != (r, kd):
+        raise ValueError(f"fusion op: w_down must have shape ({r}, {kd}), got {tuple(w_down.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (r,):
+        raise ValueError(f"fusion op: b_down must have shape ({r},), got {tuple(b_down.shape)}")
+    if tuple(w_query.shape) != (r + n, kq):
+        raise ValueError(f"fusion op: w_query must have shape ({r + n}, {kq}), got {tuple(w_query.shape)}")
+    if b_query is not None and tuple(b_query.shape) != (r + n,):
+        raise ValueError(f"fusion op: b_query must have shape ({r + n},), got {tuple(b_query.shape)}")
+    if w_out.dim() != 2 or w_out.shape[1] != r + n:
+        raise ValueError(f"fusion op: w_out must have shape (H, {r + n}), got {tuple(w_out.shape)}")
+    h = w_out.shape[0]
+    if residual is not None and tuple(residual.shape) != (m, h):
+        raise ValueError(f"fusion op: residual must have shape ({m}, {h}), got {tuple(residual.shape)}")
+    acc = _acc_dtype(xd.dtype)
+    tensors = {"xq": (xq, xd.dtype), "residual": (residual, xd.dtype), "w_down": (w_down, acc),
+               "b_down": (b_down, acc), "w_query": (w_query, acc), "b_query": (b_query, acc), "w_out": (w_out, acc),
+               "logit_shift": (logit_shift, acc)}
+    for name, (t, want) in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != want:
+            raise TypeError(f"fusion op: {name} has dtype {t.dtype}, expected {want} (activations share xd's dtype "
+                            f"{xd.dtype}; weights and logit_shift are in its accumulation dtype {acc})")
+        if t.device != xd.device:
+            raise ValueError(f"fusion op: {name} is on {t.device}, expected {xd.device} (the device of xd)")
+    if not temperature > 0:
+        raise ValueError(f"fusion op: temperature must be > 0, got {temperature}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fusion op: dropout_p must be in [0, 1), got {dropout_p}")
+    if keep_mask is not None and (tuple(keep_mask.shape) != (m, n) or keep_mask.dtype != torch.bool):
+        raise ValueError(f"fusion op: keep_mask must be a bool tensor of shape ({m}, {n}), got "
+                         f"{keep_mask.dtype} {tuple(keep_mask.shape)}")
+    if logit_shift is not None and tuple(logit_shift.shape) != (m,):
+        raise ValueError(f"fusion op: logit_shift must have shape ({m},), got {tuple(logit_shift.shape)}")
+    for code in activations:
+        if not 0 <= int(code) <= 8:
+            raise ValueError(f"fusion op: unknown activation code {code}; expected 0..8")
+    return m, r, n
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The op's accumulation dtype for activations of ``dtype``: float64 for float64, else float32.
+    Folded weights, ``logit_shift`` and the returned probabilities use it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_acc_dtype = acc_dtype
+
+
+def _segment_activation(zp: torch.Tensor, segments: Sequence[int], activations: Sequence[int]) -> torch.Tensor:
+    # Merge runs of adjacent segments with the same activation: one call in the common case.
+    runs: List[Tuple[int, int, int]] = []
+    for k, code in enumerate(activations):
+        lo, hi = segments[k], segments[k + 1]
+        if runs and runs[-1][2] == code:
+            runs[-1] = (runs[-1][0], hi, code)
+        else:
+            runs.append((lo, hi, code))
+    if len(runs) == 1:
+        return apply_activation(zp, runs[0][2])
+    return torch.cat([apply_activation(zp[:, lo:hi], code) for lo, hi, code in runs], dim=1)
+
+
+def _segment_ids(segments: Sequence[int], device) -> torch.Tensor:
+    widths = torch.tensor([b - a for a, b in zip(segments[:-1], segments[1:])], device=device)
+    return torch.repeat_interleave(torch.arange(len(widths), device=device), widths)
+
+
+def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
+                 temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None):
+    """The op in plain torch ops (the ``torch`` backend; see the module docstring)."""
+    segments = [int(s) for s in segments]
+    activations = [int(a) for a in activations]
+    m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments,
+                                activations, temperature, dropout_p, keep_mask, logit_shift)
+    acc = _acc_dtype(xd.dtype)
+    # Half-precision activations are computed with fp32 intermediates, as a kernel's fp32
+    # accumulators hold them: rounding GEMM1's outputs or GEMM2's input gradient to bf16 (bf16
+    # F.linear calls) cost up to ~8x the reference's bf16 error in the DESIGN §4 oracle, through
+    # the softmax over unscaled logits and its backward. Weights already arrive in fp32.
+    xd_c = xd.to(acc)
+    zp = F.linear(xd_c, w_down, b_down)
+    t = F.linear(xd_c if xq is None else xq.to(acc), w_query, b_query)
+    z = _segment_activation(zp, segments, activations)
+    y, e = t[:, :r], t[:, r:]
+    yz = y * z
+    equal_widths = len({b - a for a, b in zip(segments[:-1], segments[1:])}) == 1
+    if equal_widths:
+        logits = yz.view(m, n, r // n).sum(-1)
+    else:
+        logits = torch.zeros(m, n, dtype=acc, device=xd.device).index_add(1, _segment_ids(segments, xd.device), yz)
+    logits = logits + e
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            keep_mask = hash_keep_mask(seed, m, n, dropout_p, device=xd.device)
+        if logit_shift is not None:
+            logits = logits + logit_shift[:, None]
+        logits = torch.where(keep_mask, logits * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc, device=xd.device))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if equal_widths:
+        pz = (probs.unsqueeze(-1) * z.view(m, n, r // n)).view(m, r)
+    else:
+        pz = probs.index_select(1, _segment_ids(segments, xd.device)) * z
+    wmix = torch.cat([pz, probs], dim=1)
+    if residual is None:
+        out = F.linear(wmix, w_out)
+    else:
+        out = torch.addmm(residual.to(acc), wmix, w_out.t())
+    return out.to(xd.dtype), probs
+
+
+def fusion_torch_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
+                          segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs):
+    """The op's backward by autograd through :func:`fusion_torch` (a slow oracle for kernel backwards)."""
+    with torch.enable_grad():
+        leaves = [xd, xq, None, w_down, b_down, w_query, b_query, w_out, logit_shift]
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in leaves]
+        res = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device, requires_grad=True)
+        leaves[2] = res
+        out, p = fusion_torch(leaves[0], leaves[1], res, *leaves[3:8], segments, activations, temperature,
+                              dropout_p, seed, keep_mask, leaves[8])
+        inputs = [t for t in leaves if t is not None]
+        outs, grads_in = [out], [grad_out]
+        if grad_probs is not None:
+            outs.append(p)
+            grads_in.append(grad_probs)
+        got = torch.autograd.grad(outs, inputs, grads_in, allow_unused=True)
+    it = iter(got)
+    result = []
+    for i, t in enumerate(leaves):
+        g = next(it) if t is not None else None
+        if g is None or not needs[i]:
+            g = torch.empty(0, dtype=xd.dtype, device=xd.device)
+        result.append(g)
+    return tuple(result)
+
+
+_LIB.define("fusion_torch" + FUSION_SCHEMA)
+_LIB.impl("fusion_torch", fusion_torch, "CompositeImplicitAutograd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel backends: an opaque forward op, a backward op, a fake (meta) implementation of each, and
+# the autograd formula tying them together. One helper, so every backend gets the same plumbing.
+# ---------------------------------------------------------------------------------------------
+def _fusion_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
+                 temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None):
+    return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], len(activations)), dtype=_acc_dtype(xd.dtype))
+
+
+def _fusion_backward_fake(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
+                          segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs):
+    like = [xd, xq, grad_out, w_down, b_down, w_query, b_query, w_out, logit_shift]
+    return tuple(t.new_empty(t.shape) if (t is not None and needs[i]) else xd.new_empty((0,)) for i, t in enumerate(like))
+
+
+def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib=None, define: bool = True):
+    """Register ``fusedadapter::<name>`` (+ ``<name>_backward``) with the shared schema.
+
+    ``forward_impls``/``backward_impls`` map a dispatch key ("CPU", "CUDA") to a function with the
+    schema's signature. ``define=False`` when C++ already defined the ops (then ``lib`` is the
+    namespace's "FRAGMENT" library and only fakes and autograd are added here).
+    Returns the forward OpOverloadPacket.
+    """
+    ns = "fusedadapter"
+    lib = lib or _LIB
+    if define:
+        lib.define(name + FUSION_SCHEMA)
+        lib.define(name + "_backward" + FUSION_BACKWARD_SCHEMA)
+    for key, fn in forward_impls.items():
+        lib.impl(name, fn, key)
+    for key, fn in backward_impls.items():
+        lib.impl(name + "_backward", fn, key)
+    qual = f"{ns}::{name}"
+    torch.library.register_fake(qual, _fusion_fake, lib=lib)
+    torch.library.register_fake(qual + "_backward", _fusion_backward_fake, lib=lib)
+    fwd = getattr(torch.ops.fusedadapter, name)
+    bwd = getattr(torch.ops.fusedadapter, name + "_backward")
+
+    def setup_context(ctx, inputs, output):
+        (xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
+         temperature, dropout_p, seed, keep_mask, logit_shift) = inputs
+        ctx.save_for_backward(xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, output[1])
+        ctx.static = (list(segments), list(activations), float(temperature), float(dropout_p), int(seed))
+        ctx.has_res = residual is not None
+
+    def backward(ctx, grad_out, grad_probs):
+        xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, probs = ctx.saved_tensors
+        segments, activations, temperature, dropout_p, seed = ctx.static
+        ni = ctx.needs_input_grad
+        needs = [ni[0], ni[1] and xq is not None, ni[2] and ctx.has_res, ni[3], ni[4] and b_down is not None,
+                 ni[5], ni[6] and b_query is not None, ni[7], ni[14] and logit_shift is not None]
+        if grad_out is None:
+            grad_out = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device)
+        grads = bwd(grad_out.contiguous(), grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
+                    segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs)
+        g = [gi if needs[i] else None for i, gi in enumerate(grads)]
+        return (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], None, None, None, None, None, None, g[8])
+
+    torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
+    return fwd

@@ -1,0 +1,40 @@
+"""Test setup: the Triton interpreter on machines without CUDA, seeds, shared fixtures."""
+
+import os
+
+
+def _cuda_present() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing is a broken install
+        return False
+
+
+# Must happen before any Triton kernel is defined (i.e. before fusedadapter.kernels is imported),
+# and only when no CUDA device is present: on a GPU the kernels run natively.
+if not _cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+def adapters_available() -> bool:
+    try:
+        import adapters  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+requires_adapterhub = pytest.mark.skipif(not adapters_available(), reason="needs the `adapters` package (AdapterHub env)")
+requires_cuda = pytest.mark.skipif(not _cuda_present(), reason="needs a CUDA device")
