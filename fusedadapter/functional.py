@@ -246,7 +246,7 @@ def adapter_fusion(
     lnb = list(ln_biases) if ln_biases is not None else [None] * n
     if not (len(acts) == len(scal) == len(lnw) == len(lnb) == n):
         raise ValueError(f"adapter_fusion: activations, scalings and LN lists must have {n} entries (one per adapter)")
-    hidden = up_weights[0].shape[0]
+    hidden = adapter_input.shape[-1] if isinstance(adapter_input, torch.Tensor) else up_weights[0].shape[0]
     if ln_weights is not None and ln_biases is None:
         raise ValueError("adapter_fusion: ln_weights given without ln_biases")
     codes = [activation_code(a) for a in acts]

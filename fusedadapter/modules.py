@@ -51,7 +51,10 @@ class BottleneckAdapter(nn.Module):
         self.activation_name = config.activation(default_activation)
         layers = []
         if config.ln_before:
-            layers.append(nn.LayerNorm(hidden_size))
+            # AdapterHub registers this LayerNorm twice (adapter_norm_before and adapter_down.0);
+            # so do we, so that state_dict keys map one-to-one.
+            self.adapter_norm_before = nn.LayerNorm(hidden_size)
+            layers.append(self.adapter_norm_before)
         layers.append(nn.Linear(hidden_size, self.bottleneck_size))
         layers.append(reference_activation(self.activation_name))
         self.adapter_down = nn.Sequential(*layers)
