@@ -66,13 +66,20 @@ def _run(site, backend, dtype, inputs, train, grads):
 
 def check_parity(backend: str, site, dtype: torch.dtype, *, lead=(3, 7), separate_query=False, train=False,
                  grads=True, scale=1.0, seed=1, adapter_grads=None):
-    """``adapter_grads`` (default: only in float64) also checks the gradients of the adapters' own
-    weights. AdapterFusion training (stage 2) freezes the adapters; for joint training at fp32/bf16
-    those gradients are not within the oracle on every site (README, Reliability)."""
+    """``adapter_grads`` (default: all dtypes but float32) also checks the gradients of the adapters'
+    own weights. AdapterFusion training (stage 2) freezes the adapters; for joint training at
+    float32 those gradients exceeded the oracle's bound on 8 of 30 random sites (worst 3.7x), where
+    the folded and the eager algorithm round at different places and neither is more accurate
+    (README, Reliability). float64 and bf16 (fp32 intermediates) hold."""
     if adapter_grads is None:
-        adapter_grads = dtype == torch.float64
+        adapter_grads = dtype != torch.float32
     inputs = make_inputs(site, lead, separate_query=separate_query, seed=seed, scale=scale)
-    truth = _run(site, "reference", torch.float64, inputs, train, grads)
+    # DESIGN §4: truth is the float64 reference "on the same inputs and weights", i.e. on the values
+    # the backend at `dtype` actually sees (weights and inputs rounded to `dtype`), so the oracle
+    # measures arithmetic error, not the rounding of the test's float64 draws.
+    rounded = copy.deepcopy(site).to(dtype).double()
+    inputs = tuple(None if t is None else (t.to(dtype).double() if t.is_floating_point() else t) for t in inputs)
+    truth = _run(rounded, "reference", torch.float64, inputs, train, grads)
     ref = _run(site, "reference", dtype, inputs, train, grads)
     got = _run(site, backend, dtype, inputs, train, grads)
     assert set(got) == set(truth)
