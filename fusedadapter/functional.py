@@ -100,7 +100,8 @@ def _plain_form(folded_fusion: dict, adapters: Sequence[AdapterWeights], a, res,
     u = torch.stack(ups, dim=1)  # (M, N, H)
     if residual_before:
         u = u + res.unsqueeze(1)
-    qk = F.linear(c, folded_fusion["w_qk"], folded_fusion["b_qk"])  # W_K^T (W_Q c + b_Q)
+    # W_K^T (W_Q c + b_Q); the identity when both flags are off
+    qk = c if folded_fusion["w_qk"] is None else F.linear(c, folded_fusion["w_qk"], folded_fusion["b_qk"])
     logits = torch.bmm(u, qk.unsqueeze(-1)).squeeze(-1)
     if dropout_p > 0:
         shift = (c @ folded_fusion["shift_weight"] + folded_fusion["shift_bias"]) if folded_fusion["shift_weight"] is not None else None
