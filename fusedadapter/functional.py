@@ -187,7 +187,13 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
         if autocast_on:
             a, res = a.to(dtype), res.to(dtype)
             c = a if query is None else c.to(dtype)
-        seed = draw_seed() if (dropout_p > 0 and keep_mask is None) else 0
+        seed = 0
+        if dropout_p > 0 and keep_mask is None:
+            if torch.compiler.is_compiling():
+                # In a compiled graph, draw the mask in-graph (a host seed would need .item()).
+                keep_mask = torch.rand(n_tokens, site.num_adapters, device=a.device) >= dropout_p
+            else:
+                seed = draw_seed()
         with torch.autocast(dev, enabled=False) if autocast_on else contextlib.nullcontext():
             wdtype = acc_dtype(dtype)  # folded weights: fp32 for half activations (see ops.FUSION_SCHEMA)
             if name == "torch" and use_plain_form(hidden, site.bottleneck):

@@ -184,8 +184,10 @@ def _segment_activation(zp: torch.Tensor, segments: Sequence[int], activations: 
 
 
 def _segment_ids(segments: Sequence[int], device) -> torch.Tensor:
-    widths = torch.tensor([b - a for a, b in zip(segments[:-1], segments[1:])], device=device)
-    return torch.repeat_interleave(torch.arange(len(widths), device=device), widths)
+    # Built from the static offsets (not repeat_interleave on a tensor, whose output shape depends
+    # on data and breaks torch.compile graphs).
+    ids = [k for k in range(len(segments) - 1) for _ in range(segments[k + 1] - segments[k])]
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
