@@ -1,0 +1,240 @@
+"""``python -m benchmarks [PRESET | model | table | report | device-summary] [options]``.
+
+With no arguments: the ``quick`` preset, a CPU sweep (< 3 minutes on 2 cores) that prints the
+table and writes ``results.csv``, ``results.json``, ``summary.md`` and PNG plots to ``bench-out/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .grids import PRESETS, preset, sweep
+from .layer import run_layer
+from .providers import MODES, SITE_PROVIDERS, SiteSpec
+from .report import format_console, markdown_summary, paired_ratio, write_plots
+from .results import ResultWriter, load_rows
+
+DEFAULT_OUT = "bench-out"
+
+
+def _latest(rows: List[dict]) -> List[dict]:
+    """One row per (kernel, provider, mode, metric, point): the latest (a folder may hold several runs)."""
+    keep: Dict[tuple, dict] = {}
+    for r in rows:
+        cfg = {k: v for k, v in (r.get("config") or {}).items() if k not in ("samples_ms", "error", "hwm_reset")}
+        key = (r.get("kernel"), r.get("provider"), r.get("mode"), r.get("metric"), r.get("device_type"),
+               json.dumps(cfg, sort_keys=True, default=str))
+        if key not in keep or str(r.get("timestamp", "")) >= str(keep[key].get("timestamp", "")):
+            keep[key] = r
+    return list(keep.values())
+
+
+def _finish(rows, out: Path, *, title: str, command: str, skipped, plots: bool, notes=()) -> str:
+    paths = write_plots(rows, out) if plots else []
+    md = markdown_summary(rows, title=title, command=command, skipped=skipped, plots=paths, notes=notes)
+    (out / "summary.md").write_text(md)
+    return md
+
+
+def _headline(rows) -> List[str]:
+    """Issue-2 lines: torch/reference speedup and reference vs AdapterHub, per mode, from paired repeats."""
+    lines = []
+    by = {}
+    for r in rows:
+        if r.get("kernel") == "fusion_site" and r.get("metric") == "time" and r.get("median"):
+            by[(r["mode"], r["provider"], r["config"]["tokens"])] = r
+    for (mode, prov, tokens), r in sorted(by.items()):
+        ref = by.get((mode, "reference", tokens))
+        if ref is None or prov == "reference":
+            continue
+        q = paired_ratio(ref["config"]["samples_ms"], r["config"]["samples_ms"])
+        if prov == "adapterhub":
+            ratio = ref["median"] / r["median"]
+            lines.append(f"reference vs AdapterHub's own site, {mode}, {tokens} tokens: t_reference / t_adapterhub = "
+                         f"{ratio:.3f} (median {ref['median']:.2f} ms vs {r['median']:.2f} ms; paired p20-p80 "
+                         f"{q['p20']:.3f}-{q['p80']:.3f}; within +-15%: {'yes' if 0.85 <= ratio <= 1.15 else 'NO'})")
+        else:
+            lines.append(f"{prov} vs reference, {mode}, {tokens} tokens: {ref['median'] / r['median']:.1f}x faster "
+                         f"(median {r['median']:.2f} ms vs {ref['median']:.2f} ms; paired ratio p20-p80 "
+                         f"{q['p20']:.1f}-{q['p80']:.1f}x)")
+    return lines
+
+
+def _add_layer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: bench-out/)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the preset's; cpu)")
+    p.add_argument("--providers", nargs="+", choices=SITE_PROVIDERS, help="subset of providers (default: all that run)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="subset of modes")
+    p.add_argument("--repeats", type=int, help="interleaved repeats (>= 5 for committed results)")
+    p.add_argument("--min-sample-s", type=float, help="minimum seconds one sample lasts (inner iterations)")
+    p.add_argument("--rss", choices=("none", "max", "all"), help="per-provider subprocess peak RSS: at no point, "
+                   "at the point with the most tokens (max), or at all points (CPU only)")
+    p.add_argument("--budget-s", type=float, help="start no new point after this many seconds")
+    p.add_argument("--tokens", type=int, nargs="+", help="custom sweep: token counts (replaces the preset's grid)")
+    p.add_argument("--n", type=int, nargs="+", help="custom sweep: adapter counts")
+    p.add_argument("--hidden", type=int, nargs="+", help="custom sweep: hidden sizes")
+    p.add_argument("--reduction", type=int, nargs="+", help="custom sweep: reduction factors (width = H // reduction)")
+    p.add_argument("--dtype", nargs="+", help="custom sweep: dtypes (float32, bfloat16, float16)")
+    p.add_argument("--base", default=None, help='custom sweep base point as JSON, e.g. \'{"tokens": 256, "hidden": 768}\'')
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
+    p.add_argument("--allow-interpreter", action="store_true", help="time Triton on CPU through its interpreter")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _layer(name: str, args, argv: List[str]) -> int:
+    overrides = dict(device=args.device, providers=args.providers, modes=tuple(args.modes) if args.modes else None,
+                     repeats=args.repeats, min_sample_s=args.min_sample_s, rss=args.rss, budget_s=args.budget_s,
+                     allow_interpreter=args.allow_interpreter or None, progress=not args.no_progress,
+                     threads=args.threads)
+    points, opts = preset(name, **overrides)
+    if any(v for v in (args.tokens, args.n, args.hidden, args.reduction, args.dtype)) or args.base:
+        base = points[0].spec
+        if args.base:
+            base = replace(base, **json.loads(args.base))
+        points = sweep(base, tokens=args.tokens or (), n=args.n or (), hidden=args.hidden or (),
+                       reduction=args.reduction or (), dtype=args.dtype or ())
+    if opts.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    if opts.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"preset {name!r} needs a CUDA device, and torch sees none here", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    writer = ResultWriter(out)
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
+    opts.extra_config = {"preset": name}
+    t0 = time.monotonic()
+    print(f"fusedadapter benchmarks: preset {name!r}, {len(points)} point(s), modes {list(opts.modes)}, "
+          f"{opts.repeats} interleaved repeats, device {opts.device}; writing to {out}/", flush=True)
+    rows, skipped = run_layer(points, opts, sink=writer.add)
+    for p, why in skipped.items():
+        print(f"  skipped provider {p}: {why}")
+    notes = [f"preset `{name}`: {PRESETS[name]['help']}", f"wall time {time.monotonic() - t0:.0f} s"]
+    if opts.device == "cpu":
+        notes.append("Triton on CPU runs only through its interpreter (a test tool): never timed here.")
+    head = _headline(rows) if name == "site-768" else []
+    md = _finish(rows, out, title=f"fusedadapter benchmark: {name}", command=command, skipped=skipped,
+                 plots=not args.no_plots, notes=notes + head)
+    print()
+    print(format_console(rows))
+    for line in head:
+        print(line)
+    errors = [r for r in rows if r["metric"] == "error"]
+    if errors:
+        print(f"\n{len(errors)} provider error(s): see {out / 'summary.md'}")
+    print(f"\nwrote {writer.csv_path}, {writer.json_path}, {out / 'summary.md'} and plots "
+          f"({time.monotonic() - t0:.0f} s)")
+    return 0
+
+
+def _model(args, argv) -> int:
+    from .models import ModelSpec, run_models
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    writer = ResultWriter(out)
+    specs = [ModelSpec(model=m, batch=args.batch, seq=args.seq, n=args.n_adapters, r=args.r, dtype=args.dtype)
+             for m in args.models]
+    rows, skipped = run_models(specs, device=args.device, providers=args.providers, modes=tuple(args.modes),
+                               repeats=args.repeats, warmup=args.warmup, sink=writer.add)
+    for p, why in skipped.items():
+        print(f"  skipped provider {p}: {why}")
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
+    md = markdown_summary(rows, title="fusedadapter benchmark: model level", command=command, skipped=skipped)
+    (out / "summary-model.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _table(args) -> int:
+    from .table import write_table
+
+    data = write_table(args.results, args.output)
+    print(json.dumps(data["table"], indent=1))
+    print(f"wrote {args.output} from {len(data['sources'])} result file(s)")
+    return 0
+
+
+def _report(args) -> int:
+    out = Path(args.folder)
+    rows = _latest(load_rows(out))
+    if not rows:
+        raise SystemExit(f"no results.json under {out}")
+    md = _finish(rows, out, title=args.title, command=args.command or "(several commands; see config.preset)",
+                 skipped=None, plots=not args.no_plots, notes=_headline(rows))
+    print(format_console(rows))
+    print(f"\nwrote {out / 'summary.md'}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["quick"] + argv
+    if argv and argv[0] == "_rss":  # internal: one provider's peak RSS in a fresh process
+        from .layer import rss_worker
+
+        print(json.dumps(rss_worker(argv[1])))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="subcommand")
+    for name, p in PRESETS.items():
+        sp = sub.add_parser(name, help=p["help"])
+        _add_layer_args(sp)
+    mp = sub.add_parser("model", help="model level: bare vs patched vs AdapterHub (BERT-base, small Llama)")
+    mp.add_argument("--out", default=DEFAULT_OUT)
+    mp.add_argument("--device", default="cpu")
+    from .models import MODELS
+
+    mp.add_argument("--models", nargs="+", default=["bert-base", "llama-small"], choices=MODELS)
+    mp.add_argument("--batch", type=int, default=8)
+    mp.add_argument("--seq", type=int, default=128)
+    mp.add_argument("--n-adapters", type=int, default=8)
+    mp.add_argument("--r", type=int, default=48)
+    mp.add_argument("--dtype", default="float32")
+    mp.add_argument("--providers", nargs="+")
+    mp.add_argument("--modes", nargs="+", default=["nograd", "train"], choices=["nograd", "train"])
+    mp.add_argument("--repeats", type=int, default=5)
+    mp.add_argument("--warmup", type=int, default=1)
+    mp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    tp = sub.add_parser("table", help="regenerate fusedadapter/dispatch_table.json from benchmarks/results/")
+    from .table import RESULTS_DIR, TABLE_PATH
+
+    tp.add_argument("--results", default=str(RESULTS_DIR))
+    tp.add_argument("--output", default=str(TABLE_PATH))
+    rp = sub.add_parser("report", help="rewrite summary.md and plots from the results.json in a folder")
+    rp.add_argument("folder")
+    rp.add_argument("--title", default="fusedadapter benchmark results")
+    rp.add_argument("--command", default=None, help="the command(s) that produced the results, for the summary")
+    rp.add_argument("--no-plots", action="store_true")
+    dp = sub.add_parser("device-summary", help="(device_check.sh) summarise a GPU run into OUTDIR/summary.{json,md}")
+    dp.add_argument("outdir")
+    args = parser.parse_args(argv)
+    if args.subcommand in PRESETS:
+        return _layer(args.subcommand, args, argv)
+    if args.subcommand == "model":
+        return _model(args, argv)
+    if args.subcommand == "table":
+        return _table(args)
+    if args.subcommand == "report":
+        return _report(args)
+    if args.subcommand == "device-summary":
+        from .devicecheck import summarize
+
+        return summarize(args.outdir)
+    parser.print_help()
+    return 2
