@@ -1,0 +1,34 @@
+"""Triton kernels of fusedadapter (installed as ``fusedadapter.kernels``).
+
+:func:`load_triton_op` is the ``triton`` backend's loader (``fusedadapter.dispatch``): it returns
+``torch.ops.fusedadapter.fusion_triton``, the op of ``fusedadapter/ops.py``'s schema, or raises
+:class:`fusedadapter.dispatch.BackendUnavailable` saying why it cannot run. Importing this package
+does not import Triton; the kernels are defined (and the op registered) on first load.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["load_triton_op"]
+
+
+def load_triton_op(device):
+    """The ``fusion_triton`` op for ``device``: CUDA natively; CPU only when ``TRITON_INTERPRET=1`` was set
+    before the kernels were first imported (the Triton interpreter, for tests)."""
+    from ..dispatch import BackendUnavailable
+
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend 'triton' needs the `triton` package (pip install 'fusedadapter[triton]'): "
+                                 f"{exc}") from exc
+    try:
+        from . import fusion
+    except ImportError as exc:  # e.g. a Triton too old for the kernels
+        raise BackendUnavailable(f"backend 'triton': the kernels could not be loaded: {exc}") from exc
+    reason = fusion.unsupported_reason(device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend 'triton' cannot run on {device}: {reason}")
+    return torch.ops.fusedadapter.fusion_triton
