@@ -1,0 +1,450 @@
+// CPU kernels of the `cpu` backend; see cpu_kernels.h. Every x86 kernel carries its own
+// target attribute and runs only after a run-time CPU check, so the file builds with plain
+// `-O3` for any x86-64 (and, without the x86 parts, for other architectures).
+#include "cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "fusion_common.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define FA_X86 1
+#include <immintrin.h>
+#else
+#define FA_X86 0
+#endif
+
+namespace fusedadapter {
+namespace cpu {
+
+// ============================================================================ ISA selection
+namespace {
+
+int detect_isa() {
+#if FA_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("fma");
+  if (!avx512) return kGeneric;
+  return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
+#else
+  return kGeneric;
+#endif
+}
+
+int env_isa_cap() {
+  const char* s = std::getenv("FUSEDADAPTER_CPU_ISA");
+  if (s == nullptr || *s == '\0') return kAvx512Bf16;
+  std::string v(s);
+  for (auto& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (v == "generic" || v == "0" || v == "none") return kGeneric;
+  if (v == "avx512" || v == "1") return kAvx512;
+  return kAvx512Bf16;
+}
+
+std::atomic<int> g_isa_cap{-1};
+
+}  // namespace
+
+int detected_isa() {
+  static const int isa = detect_isa();
+  return isa;
+}
+
+int active_isa() {
+  int cap = g_isa_cap.load(std::memory_order_relaxed);
+  if (cap < 0) {
+    cap = env_isa_cap();
+    g_isa_cap.store(cap, std::memory_order_relaxed);
+  }
+  return std::min(detected_isa(), cap);
+}
+
+void set_isa_cap(int cap) { g_isa_cap.store(cap < 0 ? env_isa_cap() : cap, std::memory_order_relaxed); }
+
+Tuning& tuning() {
+  static Tuning t;
+  return t;
+}
+
+// ============================================================================ bf16 rounding
+// Round-to-nearest-even with NaN -> quiet NaN, bit-identical to c10::BFloat16(float).
+static inline uint16_t f32_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (f != f) return 0x7FC0;
+  return static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+static inline float bf16_bits_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if FA_X86
+#define FA_TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FA_TGT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+#define FA_INLINE inline __attribute__((always_inline))
+
+// SLEEF's AVX-512 float functions, which libtorch_cpu exports (ATen's own vectorised math). Weak:
+// a torch build without them leaves these null and the epilogue uses scalar libm.
+extern "C" {
+FA_TGT_AVX512 __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+FA_TGT_AVX512 __m512 Sleef_tanhf16_u10(__m512) __attribute__((weak));
+FA_TGT_AVX512 __m512 Sleef_erff16_u10(__m512) __attribute__((weak));
+}
+
+typedef int32_t fa_i32_alias __attribute__((may_alias));
+
+FA_TGT_AVX512 static FA_INLINE __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// 16 floats -> 16 bf16 (RNE, NaN -> 0x7FC0), AVX-512F only.
+FA_TGT_AVX512 static FA_INLINE __m256i cvt_f32_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i out = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(out);
+}
+
+FA_TGT_AVX512 static FA_INLINE __m512 cvt_bf16_f32(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// ---------------------------------------------------------------------------- activations
+FA_TGT_AVX512 static FA_INLINE __m512 v_sigmoid_of_neg_exp(__m512 e) {  // 1 / (1 + e)
+  return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+FA_TGT_AVX512 static FA_INLINE __m512 v_act(int code, __m512 x) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 half = _mm512_set1_ps(0.5f);
+  switch (code) {
+    case kRelu:
+      return _mm512_max_ps(zero, x);  // max(0, NaN) = NaN, as torch.relu
+    case kGelu:
+      return _mm512_mul_ps(_mm512_mul_ps(half, x),
+                           _mm512_add_ps(one, Sleef_erff16_u10(_mm512_mul_ps(x, _mm512_set1_ps(float(kSqrtHalf))))));
+    case kGeluNew: {
+      const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+      const __m512 inner =
+          _mm512_mul_ps(_mm512_set1_ps(float(kSqrt2OverPi)), _mm512_fmadd_ps(_mm512_set1_ps(float(kGeluNewC)), x3, x));
+      return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, Sleef_tanhf16_u10(inner)));
+    }
+    case kSwish:
+      return _mm512_div_ps(x, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_sub_ps(zero, x))));
+    case kTanh:
+      return Sleef_tanhf16_u10(x);
+    case kSigmoid:
+      return v_sigmoid_of_neg_exp(Sleef_expf16_u10(_mm512_sub_ps(zero, x)));
+    case kLeakyRelu: {
+      const __mmask16 pos = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ);
+      return _mm512_mask_mov_ps(_mm512_mul_ps(x, _mm512_set1_ps(float(kLeakySlope))), pos, x);
+    }
+    case kQuickGelu:
+      return _mm512_mul_ps(
+          x, v_sigmoid_of_neg_exp(Sleef_expf16_u10(_mm512_mul_ps(_mm512_set1_ps(-float(kQuickGeluA)), x))));
+    default:
+      return x;
+  }
+}
+
+FA_TGT_AVX512 static void avx512_act_span(int code, const float* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 x = _mm512_maskz_loadu_ps(m, in + i);
+    _mm512_mask_storeu_ps(out + i, m, v_act(code, x));
+  }
+}
+
+FA_TGT_AVX512 static float avx512_dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+FA_TGT_AVX512 static void avx512_scale_f32(float p, const float* z, float* out, int64_t n) {
+  const __m512 vp = _mm512_set1_ps(p);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(vp, _mm512_maskz_loadu_ps(m, z + i)));
+  }
+}
+
+FA_TGT_AVX512 static void avx512_scale_bf16(float p, const float* z, uint16_t* out, int64_t n) {
+  const __m512 vp = _mm512_set1_ps(p);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m256i h = cvt_f32_bf16(_mm512_mul_ps(vp, _mm512_maskz_loadu_ps(m, z + i)));
+    _mm256_mask_storeu_epi16(out + i, m, h);
+  }
+}
+
+static const F32Ops kAvx512Ops = {avx512_act_span, avx512_dot, avx512_scale_f32, avx512_scale_bf16};
+#endif  // FA_X86
+
+const F32Ops* f32_ops() {
+#if FA_X86
+  static const bool sleef = Sleef_expf16_u10 != nullptr && Sleef_tanhf16_u10 != nullptr && Sleef_erff16_u10 != nullptr;
+  if (sleef && active_isa() >= kAvx512) return &kAvx512Ops;
+#endif
+  return nullptr;
+}
+
+// ============================================================================ stores
+// One output element: v (+ bias) (+ residual) -> C as float or bf16.
+static inline void store_scalar(float v, int64_t m, int64_t n, const float* bias, const void* res, Elem res_t,
+                                int64_t ldr, void* C, Elem c_t, int64_t ldc) {
+  if (bias) v += bias[n];
+  if (res_t == Elem::kF32) v += static_cast<const float*>(res)[m * ldr + n];
+  if (res_t == Elem::kBF16) v += bf16_bits_to_f32(static_cast<const uint16_t*>(res)[m * ldr + n]);
+  if (c_t == Elem::kF32)
+    static_cast<float*>(C)[m * ldc + n] = v;
+  else
+    static_cast<uint16_t*>(C)[m * ldc + n] = f32_to_bf16_bits(v);
+}
+
+#if FA_X86
+// ============================================================================ fp32 small-M GEMM
+template <int MR, int NR>
+FA_TGT_AVX512 static FA_INLINE void small_block(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                                                float* sums) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 b[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) b[j] = _mm512_loadu_ps(B + j * ldb + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_loadu_ps(A + r * lda + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = tail_mask(K - k);
+    __m512 b[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) b[j] = _mm512_maskz_loadu_ps(m, B + j * ldb + k);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_maskz_loadu_ps(m, A + r * lda + k);
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) sums[r * NR + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+template <int MR>
+FA_TGT_AVX512 static void small_rows(int64_t m0, int64_t n0, int64_t n1, int64_t K, const float* A, int64_t lda,
+                                     const float* B, int64_t ldb, const float* bias, const void* res, Elem res_t,
+                                     int64_t ldr, void* C, Elem c_t, int64_t ldc) {
+  // 16 accumulators (or fewer) of MR rows x NR weight rows; NR weight rows stream once per MR rows.
+  constexpr int NR = MR == 1 ? 8 : (MR == 2 ? 8 : (MR == 3 ? 5 : (MR == 4 ? 4 : (MR == 5 ? 3 : 2))));
+  float sums[MR * NR];
+  const float* a = A + m0 * lda;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    small_block<MR, NR>(K, a, lda, B + n * ldb, ldb, sums);
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) store_scalar(sums[r * NR + j], m0 + r, n + j, bias, res, res_t, ldr, C, c_t, ldc);
+  }
+  for (; n < n1; ++n) {
+    small_block<MR, 1>(K, a, lda, B + n * ldb, ldb, sums);
+    for (int r = 0; r < MR; ++r) store_scalar(sums[r], m0 + r, n, bias, res, res_t, ldr, C, c_t, ldc);
+  }
+}
+
+using SmallRowsFn = void (*)(int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                             const float*, const void*, Elem, int64_t, void*, Elem, int64_t);
+static const SmallRowsFn kSmallRows[8] = {small_rows<1>, small_rows<2>, small_rows<3>, small_rows<4>,
+                                          small_rows<5>, small_rows<6>, small_rows<7>, small_rows<8>};
+#endif  // FA_X86
+
+bool gemm_small_f32(int64_t M, int64_t Nout, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc) {
+#if FA_X86
+  if (active_isa() < kAvx512) return false;
+  if (M <= 0 || Nout <= 0) return true;
+  // Split the weight rows across threads: each thread streams its share of B once per 8 rows.
+  const int64_t grain = std::max<int64_t>(32, (int64_t{1} << 16) / std::max<int64_t>(K * M, 1));
+  at::parallel_for(0, Nout, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mr = std::min<int64_t>(8, M - m0);
+      kSmallRows[mr - 1](m0, n0, n1, K, A, lda, B, ldb, bias, res, res_t, ldr, C, c_t, ldc);
+    }
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+// ============================================================================ bf16 packed GEMM
+int64_t packed_b_bf16_elems(int64_t Nout, int64_t K) { return ((Nout + 31) / 32) * ((K + 1) / 2) * 64; }
+
+#if FA_X86
+// One panel: 32 weight rows (output columns) -> [k pair][32 columns][2].
+FA_TGT_AVX512 static void pack_panel(const float* B, int64_t ldb, int64_t Nout, int64_t K, int64_t panel,
+                                     uint16_t* out) {
+  const int64_t Kp = (K + 1) / 2;
+  int32_t* dst = reinterpret_cast<int32_t*>(out + panel * Kp * 64);
+  const __m512i stride = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(32));
+  for (int64_t j = 0; j < 32; ++j) {
+    const int64_t n = panel * 32 + j;
+    if (n >= Nout) {
+      for (int64_t p = 0; p < Kp; ++p) dst[p * 32 + j] = 0;
+      continue;
+    }
+    const float* row = B + n * ldb;
+    // 32 floats (16 k pairs) at a time: round to bf16, then scatter the pairs down the panel.
+    for (int64_t k = 0; k < K; k += 32) {
+      const int64_t rem = K - k;
+      const __mmask16 m0 = tail_mask(rem), m1 = rem > 16 ? tail_mask(rem - 16) : static_cast<__mmask16>(0);
+      const __m256i lo = cvt_f32_bf16(_mm512_maskz_loadu_ps(m0, row + k));
+      const __m256i hi = cvt_f32_bf16(_mm512_maskz_loadu_ps(m1, row + k + 16));
+      const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 16 int32 = 16 k pairs
+      const int64_t p0 = k / 2;
+      const int64_t np = std::min<int64_t>(16, Kp - p0);
+      _mm512_mask_i32scatter_epi32(dst + p0 * 32 + j, tail_mask(np), stride, pairs, 4);
+    }
+  }
+}
+#endif
+
+bool pack_b_bf16(const float* B, int64_t ldb, int64_t Nout, int64_t K, uint16_t* out) {
+#if FA_X86
+  if (active_isa() < kAvx512Bf16) return false;
+  const int64_t panels = (Nout + 31) / 32;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) pack_panel(B, ldb, Nout, K, p, out);
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if FA_X86
+// MR rows x 32 columns, whole K: 2*MR accumulators, one vdpbf16ps per (row, 16 columns, k pair).
+template <int MR>
+FA_TGT_BF16 static void bf16_block(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t m0,
+                                   int64_t n0, int64_t Nout, const float* bias, const void* res, Elem res_t,
+                                   int64_t ldr, void* C, Elem c_t, int64_t ldc) {
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  const fa_i32_alias* arow[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) arow[r] = reinterpret_cast<const fa_i32_alias*>(A + (m0 + r) * lda);
+  const __m512i* bp = reinterpret_cast<const __m512i*>(Bp);
+  for (int64_t p = 0; p < Kp; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + 2 * p);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + 2 * p + 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(arow[r][p]);
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], a, b0);
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], a, b1);
+    }
+  }
+  const __mmask16 k0 = tail_mask(Nout - n0), k1 = Nout - n0 > 16 ? tail_mask(Nout - n0 - 16) : 0;
+  __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+  if (bias) {
+    bias0 = _mm512_maskz_loadu_ps(k0, bias + n0);
+    bias1 = _mm512_maskz_loadu_ps(k1, bias + n0 + 16);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    __m512 v0 = _mm512_add_ps(acc0[r], bias0), v1 = _mm512_add_ps(acc1[r], bias1);
+    const int64_t m = m0 + r;
+    if (res_t == Elem::kF32) {
+      const float* rr = static_cast<const float*>(res) + m * ldr + n0;
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(k0, rr));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(k1, rr + 16));
+    } else if (res_t == Elem::kBF16) {
+      const uint16_t* rr = static_cast<const uint16_t*>(res) + m * ldr + n0;
+      v0 = _mm512_add_ps(v0, cvt_bf16_f32(_mm256_maskz_loadu_epi16(k0, rr)));
+      v1 = _mm512_add_ps(v1, cvt_bf16_f32(_mm256_maskz_loadu_epi16(k1, rr + 16)));
+    }
+    if (c_t == Elem::kF32) {
+      float* cc = static_cast<float*>(C) + m * ldc + n0;
+      _mm512_mask_storeu_ps(cc, k0, v0);
+      _mm512_mask_storeu_ps(cc + 16, k1, v1);
+    } else {
+      uint16_t* cc = static_cast<uint16_t*>(C) + m * ldc + n0;
+      _mm256_mask_storeu_epi16(cc, k0, cvt_f32_bf16(v0));
+      _mm256_mask_storeu_epi16(cc + 16, k1, cvt_f32_bf16(v1));
+    }
+  }
+}
+
+using Bf16BlockFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
+                             const float*, const void*, Elem, int64_t, void*, Elem, int64_t);
+constexpr int kBf16MR = 12;
+static const Bf16BlockFn kBf16Blocks[kBf16MR] = {bf16_block<1>, bf16_block<2>,  bf16_block<3>,  bf16_block<4>,
+                                                 bf16_block<5>, bf16_block<6>,  bf16_block<7>,  bf16_block<8>,
+                                                 bf16_block<9>, bf16_block<10>, bf16_block<11>, bf16_block<12>};
+#endif
+
+bool gemm_bf16_packed(int64_t M, int64_t Nout, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                      const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc) {
+#if FA_X86
+  if (active_isa() < kAvx512Bf16) return false;
+  if (M <= 0 || Nout <= 0) return true;
+  const int64_t Kp = (K + 1) / 2;
+  const int64_t panels = (Nout + 31) / 32;
+  const int64_t row_blocks = (M + kBf16MR - 1) / kBf16MR;
+  auto run = [&](int64_t rb0, int64_t rb1, int64_t p0, int64_t p1) {
+    // Groups of 4 row blocks share each weight panel while it is in cache.
+    for (int64_t g = rb0; g < rb1; g += 4) {
+      const int64_t g1 = std::min(g + 4, rb1);
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint16_t* panel = Bp + p * Kp * 64;
+        for (int64_t rb = g; rb < g1; ++rb) {
+          const int64_t m0 = rb * kBf16MR;
+          const int64_t mr = std::min<int64_t>(kBf16MR, M - m0);
+          kBf16Blocks[mr - 1](Kp, A, lda, panel, m0, p * 32, Nout, bias, res, res_t, ldr, C, c_t, ldc);
+        }
+      }
+    }
+  };
+  if (row_blocks >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) { run(b0, b1, 0, panels); });
+  } else {
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { run(0, row_blocks, p0, p1); });
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fusedadapter

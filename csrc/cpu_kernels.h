@@ -1,0 +1,60 @@
+// Raw-pointer CPU kernels behind the `cpu` backend (fusion_cpu.cpp).
+//
+// x86-64 kernels are compiled with per-function target attributes (AVX-512F, AVX512-BF16) and
+// chosen at run time, so the extension needs no -march flag and runs on any x86-64 CPU (the
+// generic paths use ATen's BLAS instead). Nothing here allocates or throws.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedadapter {
+namespace cpu {
+
+// Instruction-set levels, in order. The active level is min(detected, cap); the cap comes from
+// FUSEDADAPTER_CPU_ISA at load time or `fusedadapter::_cpu_config` (tests).
+enum Isa : int { kGeneric = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+
+int detected_isa();
+int active_isa();
+void set_isa_cap(int cap);
+
+// Tuning: the fp32 small-M GEMM runs up to `small_m_max` rows; the bf16 GEMMs from `bf16_min_m`
+// rows (fewer rows take the fp32 path on upcast activations: packing the weights costs more).
+struct Tuning {
+  int64_t small_m_max = 16;
+  int64_t bf16_min_m = 32;
+};
+Tuning& tuning();
+
+// Vectorised math used by the epilogue (AVX-512 when active, else nullptr: use the scalar code).
+// act_span: out[i] = act(code, in[i]); dot: sum a[i] b[i]; axpy-like scale: out[i] = p * z[i].
+struct F32Ops {
+  void (*act_span)(int code, const float* in, float* out, int64_t n);
+  float (*dot)(const float* a, const float* b, int64_t n);
+  void (*scale_f32)(float p, const float* z, float* out, int64_t n);
+  void (*scale_bf16)(float p, const float* z, uint16_t* out, int64_t n);  // RNE to bf16
+};
+// nullptr when the active ISA has no vector implementation.
+const F32Ops* f32_ops();
+
+// ------------------------------------------------------------------ fp32 small-M GEMM (AVX-512)
+// C[m, n] = sum_k A[m, k] B[n, k] (+ bias[n]) (+ res[m, n]) for m < M, n < Nout: a weight-streaming
+// kernel for few rows (each weight row read once per 8 rows of A), B row-major (Nout, K) as
+// torch's Linear weights are. Residual and output are float or bf16 (uint16 bits).
+// Returns false (and does nothing) when the AVX-512 kernel is not active.
+enum class Elem : int { kNone = 0, kF32 = 1, kBF16 = 2 };
+bool gemm_small_f32(int64_t M, int64_t Nout, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc);
+
+// ------------------------------------------------------------------ bf16 GEMM (AVX512-BF16)
+// B (Nout, K) float rows rounded to bf16 (RNE) and packed into panels of 32 columns, k in pairs
+// (the vdpbf16ps layout). K is rounded up to even (zero pad); Nout to a multiple of 32.
+int64_t packed_b_bf16_elems(int64_t Nout, int64_t K);
+bool pack_b_bf16(const float* B, int64_t ldb, int64_t Nout, int64_t K, uint16_t* out);
+// C[m, n] = sum_k A[m, k] Bp[k, n] (+ bias[n]) (+ res[m, n]), fp32 accumulation. A bf16 (M, K)
+// with lda >= K rounded up to even and, for odd K, a zero in column K. Output float or bf16.
+bool gemm_bf16_packed(int64_t M, int64_t Nout, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                      const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc);
+
+}  // namespace cpu
+}  // namespace fusedadapter

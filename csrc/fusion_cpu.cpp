@@ -1,0 +1,451 @@
+// The `cpu` backend: fusedadapter::fusion_cpu and fusion_cpu_backward (schema: fusion_common.h,
+// semantics: fusedadapter/ops.py).
+//
+// Forward = GEMM1 [xd | xq] -> [zp | t] (fp32 or fp64 out), one fused epilogue pass over the rows
+// (activation per segment, segmented dots, dropout, softmax over N, p-scaling), GEMM2 + residual.
+// GEMMs, by dtype and row count M:
+//   fp64                      ATen BLAS (at::addmm)
+//   fp32, M <= small_m_max    AVX-512 weight-streaming kernel (cpu_kernels.cpp), else at::addmm
+//   bf16, M >= bf16_min_m     AVX512-BF16 kernels: weights rounded to bf16 (RNE), fp32 accumulation
+//                             and fp32 GEMM1 outputs (never rounded before the epilogue), the
+//                             GEMM2 input p*z rounded to bf16; else the fp32 path on upcast rows
+//   fp16 (and no AVX-512)     the fp32 path through at::addmm on upcast rows
+// Backward: always fp32/fp64 from scratch (GEMM1 and softmax recomputed with the exact weights; the
+// saved probs are not reused), epilogue backward fused in one pass, the rest ATen GEMMs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "fusion_common.h"
+#include "fusion_host.h"
+
+namespace fusedadapter {
+namespace {
+
+using cpu::Elem;
+using cpu::F32Ops;
+
+// ------------------------------------------------------------------------------------ helpers
+template <typename T>
+struct ScalarMath {
+  static void act(int code, const T* in, T* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = act_forward<T>(code, in[i]);
+  }
+  static T dot(const T* a, const T* b, int64_t n) {
+    T s = T(0);
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+  }
+};
+
+inline uint16_t to_bf16_bits(float f) {
+  const c10::BFloat16 h(f);
+  return h.x;
+}
+
+// Softmax over n logits in place (max subtracted), in T.
+template <typename T>
+inline void softmax_inplace(T* x, int64_t n) {
+  T mx = x[0];
+  for (int64_t k = 1; k < n; ++k) mx = x[k] > mx ? x[k] : mx;
+  T sum = T(0);
+  for (int64_t k = 0; k < n; ++k) {
+    x[k] = std::exp(x[k] - mx);
+    sum += x[k];
+  }
+  const T inv = T(1) / sum;
+  for (int64_t k = 0; k < n; ++k) x[k] *= inv;
+}
+
+// The logits of one row -> probabilities: dropout (keep mask or hash), temperature, softmax.
+template <typename T>
+struct Dropout {
+  double p = 0.0;
+  const bool* keep = nullptr;   // (M, N) contiguous, or null: hash
+  const T* shift = nullptr;     // (M,) or null
+  uint32_t key = 0;
+  T scale = T(1);
+  bool on() const { return p > 0.0; }
+  bool keep_at(int64_t m, int64_t n, int64_t N) const {
+    return keep ? keep[m * N + n] : hash_keep(key, m * N + n, static_cast<float>(p));
+  }
+};
+
+template <typename T>
+inline void logits_to_probs(T* l, int64_t m, int64_t N, const Dropout<T>& dr, T temperature) {
+  if (dr.on()) {
+    const T s = dr.shift ? dr.shift[m] : T(0);
+    for (int64_t n = 0; n < N; ++n) l[n] = dr.keep_at(m, n, N) ? (l[n] + s) * dr.scale : T(0);
+  }
+  for (int64_t n = 0; n < N; ++n) l[n] = l[n] / temperature;
+  softmax_inplace(l, N);
+}
+
+// ------------------------------------------------------------------------------------ epilogue
+// Rows [0, M): z = act(zp) per segment, logits, probs, w = [p_seg * z | p] (W = T or bf16 bits).
+template <typename T, typename W>
+void epilogue_forward(const SegmentInfo& seg, int64_t M, const T* zp, int64_t ldzp, const T* t, int64_t ldt,
+                      T* probs, W* w, int64_t ldw, T temperature, const Dropout<T>& dr, const F32Ops* ops) {
+  const int64_t R = seg.r(), N = seg.n();
+  const int64_t grain = std::max<int64_t>(1, 8192 / (R + N));
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+    std::vector<T> z(static_cast<size_t>(R));
+    std::vector<T> l(static_cast<size_t>(N));
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* zr = zp + m * ldzp;
+      const T* tr = t + m * ldt;
+      for (const auto& run : seg.runs) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (ops) {
+            ops->act_span(run.code, zr + run.lo, z.data() + run.lo, run.hi - run.lo);
+            continue;
+          }
+        }
+        ScalarMath<T>::act(run.code, zr + run.lo, z.data() + run.lo, run.hi - run.lo);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t lo = seg.offsets[n], hi = seg.offsets[n + 1];
+        T d;
+        if constexpr (std::is_same_v<T, float>) {
+          d = ops ? ops->dot(tr + lo, z.data() + lo, hi - lo) : ScalarMath<T>::dot(tr + lo, z.data() + lo, hi - lo);
+        } else {
+          d = ScalarMath<T>::dot(tr + lo, z.data() + lo, hi - lo);
+        }
+        l[n] = d + tr[R + n];
+      }
+      logits_to_probs(l.data(), m, N, dr, temperature);
+      T* pr = probs + m * N;
+      W* wr = w + m * ldw;
+      for (int64_t n = 0; n < N; ++n) {
+        const T p = l[n];
+        pr[n] = p;
+        const int64_t lo = seg.offsets[n], hi = seg.offsets[n + 1];
+        if constexpr (std::is_same_v<W, uint16_t>) {
+          if (ops) {
+            ops->scale_bf16(p, z.data() + lo, wr + lo, hi - lo);
+          } else {
+            for (int64_t j = lo; j < hi; ++j) wr[j] = to_bf16_bits(p * z[j]);
+          }
+          wr[R + n] = to_bf16_bits(p);
+        } else {
+          if constexpr (std::is_same_v<T, float>) {
+            if (ops) {
+              ops->scale_f32(p, z.data() + lo, wr + lo, hi - lo);
+              wr[R + n] = p;
+              continue;
+            }
+          }
+          for (int64_t j = lo; j < hi; ++j) wr[j] = p * z[j];
+          wr[R + n] = p;
+        }
+      }
+    }
+  });
+}
+
+// Backward epilogue (T = float or double), rows [0, M). Inputs: zp (M, R), t (M, R+N) recomputed,
+// dw = grad_out @ w_out (M, R+N), gp (M, N) or null. Outputs: dzp (M, R), dt (M, R+N),
+// wmix (M, R+N) or null, dshift (M) or null.
+template <typename T>
+void epilogue_backward(const SegmentInfo& seg, int64_t M, const T* zp, const T* t, const T* dw, const T* gp, T* dzp,
+                       T* dt, T* wmix, T* dshift, T temperature, const Dropout<T>& dr) {
+  const int64_t R = seg.r(), N = seg.n(), RN = R + N;
+  const int64_t grain = std::max<int64_t>(1, 4096 / RN);
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+    std::vector<T> z(static_cast<size_t>(R)), da(static_cast<size_t>(R));
+    std::vector<T> p(static_cast<size_t>(N)), dp(static_cast<size_t>(N)), keep(static_cast<size_t>(N));
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* zr = zp + m * R;
+      const T* tr = t + m * RN;
+      const T* dwr = dw + m * RN;
+      for (int64_t n = 0; n < N; ++n) {
+        const int code = seg.codes[n];
+        T l = T(0);
+        for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) {
+          act_forward_grad<T>(code, zr[j], z[j], da[j]);
+          l += tr[j] * z[j];
+        }
+        p[n] = l + tr[R + n];
+      }
+      if (dr.on()) {
+        const T s = dr.shift ? dr.shift[m] : T(0);
+        for (int64_t n = 0; n < N; ++n) {
+          keep[n] = dr.keep_at(m, n, N) ? dr.scale : T(0);
+          p[n] = keep[n] != T(0) ? (p[n] + s) * dr.scale : T(0);
+        }
+      }
+      for (int64_t n = 0; n < N; ++n) p[n] = p[n] / temperature;
+      softmax_inplace(p.data(), N);
+      T sdp = T(0);
+      for (int64_t n = 0; n < N; ++n) {
+        T acc = gp ? gp[m * N + n] : T(0);
+        for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) acc += dwr[j] * z[j];
+        dp[n] = acc + dwr[R + n];
+        sdp += p[n] * dp[n];
+      }
+      T* dzr = dzp + m * R;
+      T* dtr = dt + m * RN;
+      T* wr = wmix ? wmix + m * RN : nullptr;
+      if (dshift) {
+        // d/d shift = sum_n dl_n = (scale / T) sum_{kept} p_n (dp_n - sdp), rewritten as
+        // (scale / T) (P_drop * S_kept - P_kept * S_drop) with P = sum p, S = sum p dp: exactly 0
+        // when nothing is dropped (the direct sum is all cancellation).
+        T p_keep = T(0), p_drop = T(0), s_keep = T(0), s_drop = T(0);
+        for (int64_t n = 0; n < N; ++n) {
+          if (!dr.on() || keep[n] != T(0)) {
+            p_keep += p[n];
+            s_keep += p[n] * dp[n];
+          } else {
+            p_drop += p[n];
+            s_drop += p[n] * dp[n];
+          }
+        }
+        dshift[m] = dr.on() ? dr.scale * (p_drop * s_keep - p_keep * s_drop) / temperature : T(0);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        T dl = p[n] * (dp[n] - sdp) / temperature;
+        if (dr.on()) dl = dl * keep[n];
+        const T pn = p[n];
+        for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) {
+          dtr[j] = dl * z[j];
+          dzr[j] = (pn * dwr[j] + dl * tr[j]) * da[j];
+          if (wr) wr[j] = pn * z[j];
+        }
+        dtr[R + n] = dl;
+        if (wr) wr[R + n] = pn;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------ GEMMs
+// out (M, Nout, row stride ldo) = x @ w.T (+ b), through ATen BLAS.
+void addmm_into(const at::Tensor& out_view, const at::Tensor& x, const at::Tensor& w, const OptTensor& b) {
+  at::Tensor o = out_view;
+  if (b.has_value()) {
+    at::addmm_out(o, *b, x, w.t());
+  } else {
+    at::mm_out(o, x, w.t());
+  }
+}
+
+template <typename T>
+Dropout<T> make_dropout(double dropout_p, int64_t seed, const at::Tensor& keep, const at::Tensor& shift) {
+  Dropout<T> dr;
+  dr.p = dropout_p;
+  if (dropout_p > 0.0) {
+    dr.keep = keep.defined() ? keep.data_ptr<bool>() : nullptr;
+    dr.shift = shift.defined() ? shift.data_ptr<T>() : nullptr;
+    dr.key = hash_seed_key(seed);
+    dr.scale = static_cast<T>(1.0 / (1.0 - dropout_p));
+  }
+  return dr;
+}
+
+at::Tensor padded_even_bf16(const at::Tensor& x) {
+  // The bf16 kernel reads A in k pairs: an odd K gets a zero column.
+  if (x.size(1) % 2 == 0) return x.contiguous();
+  auto out = at::zeros({x.size(0), x.size(1) + 1}, x.options());
+  out.narrow(1, 0, x.size(1)).copy_(x);
+  return out;
+}
+
+const uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// ------------------------------------------------------------------------------------ forward
+std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual,
+                                              const at::Tensor& w_down, const OptTensor& b_down,
+                                              const at::Tensor& w_query, const OptTensor& b_query,
+                                              const at::Tensor& w_out, c10::IntArrayRef segments,
+                                              c10::IntArrayRef activations, double temperature, double dropout_p,
+                                              int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift) {
+  const FusionDims d = check_fusion_args("fusion_cpu", c10::DeviceType::CPU, xd, xq, residual, w_down, b_down, w_query,
+                                         b_query, w_out, segments, activations, temperature, dropout_p, keep_mask,
+                                         logit_shift);
+  const SegmentInfo seg(segments, activations);
+  const int64_t M = d.M, R = d.R, N = d.N, H = d.H, RN = R + N;
+  const auto adt = xd.scalar_type();
+  const auto acc = acc_type_of(adt);
+  auto probs = at::empty({M, N}, xd.options().dtype(acc));
+  auto out = at::empty({M, H}, xd.options());
+  if (M == 0) return {out, probs};
+  const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
+  const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  const at::Tensor wd = w_down.contiguous(), wq = w_query.contiguous(), wo = w_out.contiguous();
+  const OptTensor bd = b_down.has_value() ? OptTensor(b_down->contiguous()) : OptTensor();
+  const OptTensor bq = b_query.has_value() ? OptTensor(b_query->contiguous()) : OptTensor();
+
+  if (acc == at::kDouble) {
+    const at::Tensor xdc = xd.contiguous();
+    const at::Tensor xqc = xq.has_value() ? xq->contiguous() : xdc;
+    auto buf = at::empty({M, 2 * R + N}, xd.options());
+    addmm_into(buf.narrow(1, 0, R), xdc, wd, bd);
+    addmm_into(buf.narrow(1, R, RN), xqc, wq, bq);
+    auto w = at::empty({M, RN}, xd.options());
+    const auto dr = make_dropout<double>(dropout_p, seed, keep, shift);
+    double* b = buf.data_ptr<double>();
+    epilogue_forward<double, double>(seg, M, b, 2 * R + N, b + R, 2 * R + N, probs.data_ptr<double>(),
+                                     w.data_ptr<double>(), RN, temperature, dr, nullptr);
+    if (residual.has_value()) {
+      at::addmm_out(out, *residual, w, wo.t());
+    } else {
+      at::mm_out(out, w, wo.t());
+    }
+    return {out, probs};
+  }
+
+  const int isa = cpu::active_isa();
+  const auto& tune = cpu::tuning();
+  const F32Ops* ops = cpu::f32_ops();
+  const auto dr = make_dropout<float>(dropout_p, seed, keep, shift);
+  const int64_t ldb1 = 2 * R + N;
+
+  if (adt == at::kBFloat16 && isa >= cpu::kAvx512Bf16 && M >= tune.bf16_min_m) {
+    // bf16 x bf16 -> fp32 GEMMs (weights rounded to bf16 per call).
+    const at::Tensor xdp = padded_even_bf16(xd);
+    const at::Tensor xqp = xq.has_value() ? padded_even_bf16(*xq) : xdp;
+    auto wd_p = at::empty({cpu::packed_b_bf16_elems(R, d.Kd)}, xd.options());
+    auto wq_p = at::empty({cpu::packed_b_bf16_elems(RN, d.Kq)}, xd.options());
+    auto wo_p = at::empty({cpu::packed_b_bf16_elems(H, RN)}, xd.options());
+    auto u16 = [](at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+    cpu::pack_b_bf16(wd.data_ptr<float>(), d.Kd, R, d.Kd, u16(wd_p));
+    cpu::pack_b_bf16(wq.data_ptr<float>(), d.Kq, RN, d.Kq, u16(wq_p));
+    cpu::pack_b_bf16(wo.data_ptr<float>(), RN, H, RN, u16(wo_p));
+    auto buf = at::empty({M, ldb1}, xd.options().dtype(at::kFloat));
+    float* b = buf.data_ptr<float>();
+    cpu::gemm_bf16_packed(M, R, d.Kd, bf16_ptr(xdp), xdp.size(1), u16(wd_p), bd ? bd->data_ptr<float>() : nullptr,
+                          nullptr, Elem::kNone, 0, b, Elem::kF32, ldb1);
+    cpu::gemm_bf16_packed(M, RN, d.Kq, bf16_ptr(xqp), xqp.size(1), u16(wq_p), bq ? bq->data_ptr<float>() : nullptr,
+                          nullptr, Elem::kNone, 0, b + R, Elem::kF32, ldb1);
+    const int64_t ldw = RN + (RN % 2);
+    auto w = at::empty({M, ldw}, xd.options());
+    if (ldw != RN) w.narrow(1, RN, 1).zero_();
+    epilogue_forward<float, uint16_t>(seg, M, b, ldb1, b + R, ldb1, probs.data_ptr<float>(), u16(w), ldw,
+                                      static_cast<float>(temperature), dr, ops);
+    const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
+    cpu::gemm_bf16_packed(M, H, RN, bf16_ptr(w), ldw, u16(wo_p), nullptr, res.defined() ? bf16_ptr(res) : nullptr,
+                          res.defined() ? Elem::kBF16 : Elem::kNone, H, u16(out), Elem::kBF16, H);
+    return {out, probs};
+  }
+
+  // fp32 compute (fp32 activations, or half activations upcast).
+  const at::Tensor xd32 = xd.to(at::kFloat).contiguous();
+  const at::Tensor xq32 = xq.has_value() ? xq->to(at::kFloat).contiguous() : xd32;
+  const bool small = isa >= cpu::kAvx512 && M <= tune.small_m_max;
+  auto buf = at::empty({M, ldb1}, xd.options().dtype(at::kFloat));
+  float* b = buf.data_ptr<float>();
+  if (small) {
+    cpu::gemm_small_f32(M, R, d.Kd, xd32.data_ptr<float>(), d.Kd, wd.data_ptr<float>(), d.Kd,
+                        bd ? bd->data_ptr<float>() : nullptr, nullptr, Elem::kNone, 0, b, Elem::kF32, ldb1);
+    cpu::gemm_small_f32(M, RN, d.Kq, xq32.data_ptr<float>(), d.Kq, wq.data_ptr<float>(), d.Kq,
+                        bq ? bq->data_ptr<float>() : nullptr, nullptr, Elem::kNone, 0, b + R, Elem::kF32, ldb1);
+  } else {
+    addmm_into(buf.narrow(1, 0, R), xd32, wd, bd);
+    addmm_into(buf.narrow(1, R, RN), xq32, wq, bq);
+  }
+  auto w = at::empty({M, RN}, xd.options().dtype(at::kFloat));
+  epilogue_forward<float, float>(seg, M, b, ldb1, b + R, ldb1, probs.data_ptr<float>(), w.data_ptr<float>(), RN,
+                                 static_cast<float>(temperature), dr, ops);
+  const bool direct_out = adt == at::kFloat || adt == at::kBFloat16;
+  if (small && direct_out) {
+    const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
+    const Elem et = adt == at::kFloat ? Elem::kF32 : Elem::kBF16;
+    cpu::gemm_small_f32(M, H, RN, w.data_ptr<float>(), RN, wo.data_ptr<float>(), RN, nullptr,
+                        res.defined() ? res.data_ptr() : nullptr, res.defined() ? et : Elem::kNone, H,
+                        out.data_ptr(), et, H);
+    return {out, probs};
+  }
+  if (adt == at::kFloat) {
+    if (residual.has_value()) {
+      at::addmm_out(out, *residual, w, wo.t());
+    } else {
+      at::mm_out(out, w, wo.t());
+    }
+  } else {
+    at::Tensor o32 = residual.has_value() ? at::addmm(residual->to(at::kFloat), w, wo.t()) : at::mm(w, wo.t());
+    out.copy_(o32);
+  }
+  return {out, probs};
+}
+
+// ------------------------------------------------------------------------------------ backward
+Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_probs, const at::Tensor& probs,
+                          const at::Tensor& xd, const OptTensor& xq, const at::Tensor& w_down, const OptTensor& b_down,
+                          const at::Tensor& w_query, const OptTensor& b_query, const at::Tensor& w_out,
+                          c10::IntArrayRef segments, c10::IntArrayRef activations, double temperature,
+                          double dropout_p, int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
+                          c10::List<bool> needs_list) {
+  const FusionDims d =
+      check_fusion_args("fusion_cpu_backward", c10::DeviceType::CPU, xd, xq, std::nullopt, w_down, b_down, w_query,
+                        b_query, w_out, segments, activations, temperature, dropout_p, keep_mask, logit_shift);
+  const auto needs = check_backward_args("fusion_cpu_backward", d, grad_out, grad_probs, needs_list);
+  const int64_t M = d.M, R = d.R, N = d.N, RN = R + N;
+  const auto acc = acc_type_of(xd.scalar_type());
+  (void)probs;  // recomputed (exact weights), see the file comment
+  const SegmentInfo seg(segments, activations);
+  const auto opts = xd.options().dtype(acc);
+  const at::Tensor xdc = xd.to(acc).contiguous();
+  const at::Tensor xqc = xq.has_value() ? xq->to(acc).contiguous() : xdc;
+  const at::Tensor wd = w_down.contiguous(), wq = w_query.contiguous(), wo = w_out.contiguous();
+  auto zp = at::empty({M, R}, opts);
+  auto t = at::empty({M, RN}, opts);
+  auto dzp = at::empty({M, R}, opts);
+  auto dt = at::empty({M, RN}, opts);
+  at::Tensor go = grad_out.to(acc).contiguous();
+  at::Tensor dw = at::empty({M, RN}, opts);
+  at::Tensor wmix = needs[7] ? at::empty({M, RN}, opts) : at::Tensor();
+  at::Tensor dshift = (needs[8] && logit_shift.has_value()) ? at::empty({M}, opts) : at::Tensor();
+  const at::Tensor gp = grad_probs.has_value() ? grad_probs->to(acc).contiguous() : at::Tensor();
+  const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
+  const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  if (M > 0) {
+    addmm_into(zp, xdc, wd, b_down);
+    addmm_into(t, xqc, wq, b_query);
+    at::mm_out(dw, go, wo);
+    AT_DISPATCH_FLOATING_TYPES(acc, "fusion_cpu_backward", [&] {
+      const auto dr = make_dropout<scalar_t>(dropout_p, seed, keep, shift);
+      epilogue_backward<scalar_t>(seg, M, zp.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                                  gp.defined() ? gp.data_ptr<scalar_t>() : nullptr, dzp.data_ptr<scalar_t>(),
+                                  dt.data_ptr<scalar_t>(), wmix.defined() ? wmix.data_ptr<scalar_t>() : nullptr,
+                                  dshift.defined() ? dshift.data_ptr<scalar_t>() : nullptr,
+                                  static_cast<scalar_t>(temperature), dr);
+    });
+  } else {
+    zp.zero_(), t.zero_(), dzp.zero_(), dt.zero_();
+    if (wmix.defined()) wmix.zero_();
+  }
+  return assemble_grads(needs, grad_out, go, xd, xq, xdc, xqc, wd, b_down, wq, b_query, logit_shift, dzp, dt, wmix,
+                        dshift);
+}
+
+// Test and tuning hook: cap the instruction set (0 generic, 1 AVX-512, 2 AVX512-BF16; -1: back to
+// FUSEDADAPTER_CPU_ISA; -2: unchanged) and the GEMM row thresholds (-1: unchanged). Returns
+// [detected isa, active isa, small_m_max, bf16_min_m, sleef vector math available].
+std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_min_m) {
+  if (isa != -2) cpu::set_isa_cap(static_cast<int>(isa));
+  if (small_m_max >= 0) cpu::tuning().small_m_max = small_m_max;
+  if (bf16_min_m >= 0) cpu::tuning().bf16_min_m = bf16_min_m;
+  return {cpu::detected_isa(), cpu::active_isa(), cpu::tuning().small_m_max, cpu::tuning().bf16_min_m,
+          cpu::f32_ops() != nullptr ? 1 : 0};
+}
+
+}  // namespace
+}  // namespace fusedadapter
+
+TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
+  m.def("fusion_cpu" FA_FUSION_SCHEMA_ARGS);
+  m.def("fusion_cpu_backward" FA_FUSION_BACKWARD_SCHEMA_ARGS);
+  m.def("_cpu_config(int isa=-2, int small_m_max=-1, int bf16_min_m=-1) -> int[]", &fusedadapter::cpu_config);
+}
+
+TORCH_LIBRARY_IMPL(fusedadapter, CPU, m) {
+  m.impl("fusion_cpu", &fusedadapter::fusion_cpu);
+  m.impl("fusion_cpu_backward", &fusedadapter::fusion_cpu_backward);
+}

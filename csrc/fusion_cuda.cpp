@@ -1,0 +1,130 @@
+// The `cuda` backend: fusedadapter::fusion_cuda and fusion_cuda_backward (schema: fusion_common.h,
+// semantics: fusedadapter/ops.py).
+//
+// Forward: GEMM1 in cuBLAS through ATen, with fp32 (fp64) outputs even for fp16/bf16 activations
+// (at::mm's out_dtype form: half inputs, the folded weights rounded to the activation dtype for the
+// tensor cores, fp32 accumulation and fp32 results: GEMM1's outputs are never rounded to half
+// before the epilogue); the epilogue kernel writes probs and w = [p*z | p] in the activation dtype;
+// GEMM2 + residual in cuBLAS (fp32 accumulation). Backward: everything in the accumulation dtype,
+// GEMM1 and the softmax recomputed with the exact weights, one epilogue kernel, ATen GEMMs.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "fusion_common.h"
+#include "fusion_cuda.h"
+#include "fusion_host.h"
+
+namespace fusedadapter {
+namespace {
+
+cuda::SegParams make_seg(c10::IntArrayRef segments, c10::IntArrayRef activations, const char* op) {
+  const int64_t n = static_cast<int64_t>(activations.size());
+  TORCH_CHECK_VALUE(n <= cuda::kMaxAdapters, op, ": at most ", cuda::kMaxAdapters, " adapters, got ", n);
+  TORCH_CHECK_VALUE(segments.back() < (int64_t{1} << 31), op, ": bottleneck too large");
+  cuda::SegParams s{};
+  s.n = static_cast<int>(n);
+  s.r = static_cast<int>(segments.back());
+  for (int64_t k = 0; k <= n; ++k) s.offsets[k] = static_cast<int>(segments[k]);
+  for (int64_t k = 0; k < n; ++k) s.codes[k] = static_cast<int>(activations[k]);
+  return s;
+}
+
+cuda::DropParams make_drop(double dropout_p, int64_t seed, const at::Tensor& keep, const at::Tensor& shift) {
+  cuda::DropParams d{};
+  d.p = dropout_p;
+  d.scale = dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0;
+  d.key = hash_seed_key(seed);
+  d.keep = keep.defined() ? keep.data_ptr<bool>() : nullptr;
+  d.shift = shift.defined() ? shift.data_ptr() : nullptr;
+  return d;
+}
+
+// x @ w.T with the result in `acc`: half/bf16 x (weights rounded to x's dtype) -> fp32 via cuBLAS.
+at::Tensor gemm_acc(const at::Tensor& x, const at::Tensor& w, at::ScalarType acc) {
+  if (x.scalar_type() == acc) return at::mm(x, w.t());
+  return at::mm(x, w.to(x.scalar_type()).t(), acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> fusion_cuda(const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual,
+                                               const at::Tensor& w_down, const OptTensor& b_down,
+                                               const at::Tensor& w_query, const OptTensor& b_query,
+                                               const at::Tensor& w_out, c10::IntArrayRef segments,
+                                               c10::IntArrayRef activations, double temperature, double dropout_p,
+                                               int64_t seed, const OptTensor& keep_mask,
+                                               const OptTensor& logit_shift) {
+  const FusionDims d = check_fusion_args("fusion_cuda", c10::DeviceType::CUDA, xd, xq, residual, w_down, b_down,
+                                         w_query, b_query, w_out, segments, activations, temperature, dropout_p,
+                                         keep_mask, logit_shift);
+  const c10::cuda::CUDAGuard guard(xd.device());
+  const auto seg = make_seg(segments, activations, "fusion_cuda");
+  const auto adt = xd.scalar_type();
+  const auto acc = acc_type_of(adt);
+  const int64_t M = d.M, N = d.N, RN = d.R + d.N;
+  auto probs = at::empty({M, N}, xd.options().dtype(acc));
+  if (M == 0) return {at::empty({0, d.H}, xd.options()), probs};
+  const at::Tensor xdc = xd.contiguous();
+  const at::Tensor xqc = xq.has_value() ? xq->contiguous() : xdc;
+  const at::Tensor zp = gemm_acc(xdc, w_down, acc);
+  const at::Tensor t = gemm_acc(xqc, w_query, acc);
+  const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
+  const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  const OptTensor bd = b_down.has_value() ? OptTensor(b_down->contiguous()) : OptTensor();
+  const OptTensor bq = b_query.has_value() ? OptTensor(b_query->contiguous()) : OptTensor();
+  auto w = at::empty({M, RN}, xd.options());
+  cuda::forward_epilogue(zp, t, bd, bq, probs, w, seg, temperature, make_drop(dropout_p, seed, keep, shift));
+  const at::Tensor wo = w_out.scalar_type() == adt ? w_out : w_out.to(adt);
+  at::Tensor out = residual.has_value() ? at::addmm(*residual, w, wo.t()) : at::mm(w, wo.t());
+  return {out, probs};
+}
+
+Grads fusion_cuda_backward(const at::Tensor& grad_out, const OptTensor& grad_probs, const at::Tensor& probs,
+                           const at::Tensor& xd, const OptTensor& xq, const at::Tensor& w_down,
+                           const OptTensor& b_down, const at::Tensor& w_query, const OptTensor& b_query,
+                           const at::Tensor& w_out, c10::IntArrayRef segments, c10::IntArrayRef activations,
+                           double temperature, double dropout_p, int64_t seed, const OptTensor& keep_mask,
+                           const OptTensor& logit_shift, c10::List<bool> needs_list) {
+  const FusionDims d =
+      check_fusion_args("fusion_cuda_backward", c10::DeviceType::CUDA, xd, xq, std::nullopt, w_down, b_down, w_query,
+                        b_query, w_out, segments, activations, temperature, dropout_p, keep_mask, logit_shift);
+  const auto needs = check_backward_args("fusion_cuda_backward", d, grad_out, grad_probs, needs_list);
+  const int64_t M = d.M, R = d.R, RN = d.R + d.N;
+  (void)probs;  // recomputed with the exact weights
+  const c10::cuda::CUDAGuard guard(xd.device());
+  const auto seg = make_seg(segments, activations, "fusion_cuda_backward");
+  const auto acc = acc_type_of(xd.scalar_type());
+  const auto opts = xd.options().dtype(acc);
+  const at::Tensor xdc = xd.to(acc).contiguous();
+  const at::Tensor xqc = xq.has_value() ? xq->to(acc).contiguous() : xdc;
+  const at::Tensor zp = at::mm(xdc, w_down.t());
+  const at::Tensor t = at::mm(xqc, w_query.t());
+  const at::Tensor go = grad_out.to(acc).contiguous();
+  const at::Tensor dw = at::mm(go, w_out);
+  const at::Tensor gp = grad_probs.has_value() ? grad_probs->to(acc).contiguous() : at::Tensor();
+  const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
+  const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  const OptTensor bd = b_down.has_value() ? OptTensor(b_down->contiguous()) : OptTensor();
+  const OptTensor bq = b_query.has_value() ? OptTensor(b_query->contiguous()) : OptTensor();
+  at::Tensor dzp = at::zeros({M, R}, opts), dt = at::zeros({M, RN}, opts);
+  at::Tensor wmix = needs[7] ? at::zeros({M, RN}, opts) : at::Tensor();
+  at::Tensor dshift = (needs[8] && logit_shift.has_value()) ? at::zeros({M}, opts) : at::Tensor();
+  cuda::backward_epilogue(zp, t, bd, bq, dw, gp, dzp, dt, wmix, dshift, seg, temperature,
+                          make_drop(dropout_p, seed, keep, shift));
+  return assemble_grads(needs, grad_out, go, xd, xq, xdc, xqc, w_down, b_down, w_query, b_query, logit_shift, dzp,
+                        dt, wmix, dshift);
+}
+
+}  // namespace
+}  // namespace fusedadapter
+
+TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
+  m.def("fusion_cuda" FA_FUSION_SCHEMA_ARGS);
+  m.def("fusion_cuda_backward" FA_FUSION_BACKWARD_SCHEMA_ARGS);
+}
+
+TORCH_LIBRARY_IMPL(fusedadapter, CUDA, m) {
+  m.impl("fusion_cuda", &fusedadapter::fusion_cuda);
+  m.impl("fusion_cuda_backward", &fusedadapter::fusion_cuda_backward);
+}
