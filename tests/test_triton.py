@@ -54,6 +54,15 @@ def _sites_on_cpu_kernels_on_gpu(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _fixed_gpu_configs(monkeypatch):
+    """On a GPU, one fixed config per kernel (GPU_DEFAULT): autotuning compiles every config for every
+    kernel variant the tests create, too slow for a device check; test_gpu_autotune covers it."""
+    if ON_GPU:
+        monkeypatch.setattr(fusion, "CONFIG_OVERRIDE", dict(configs.GPU_DEFAULT))
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _poison():
     """DESIGN §4: fresh kernel outputs start as NaN, so an element a kernel fails to write shows."""
     old = fusion.POISON_OUTPUTS
@@ -385,6 +394,33 @@ def test_dot_size_check_catches_a_small_block(gpu_min_dot_size, monkeypatch):
         _run_every_kernel()
 
 
+def _nvidia_toolchain() -> bool:
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and os.path.exists(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin",
+                                                            "ptxas"))
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels are compiled for real by the other tests")
+@pytest.mark.skipif(not _nvidia_toolchain(), reason="needs Triton's bundled ptxas")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    # what the interpreter cannot check: the compiled path (types, GPU dot shapes, shared memory)
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fusedadapter.kernels.aot_check", "--quick", "--arch", "90"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if " smem " in line]
+    assert len(rows) == 4, proc.stdout  # one per kernel
+    for row in rows:  # the bf16 GEMMs became Hopper warp-group MMAs
+        assert int(row[row.index("wgmma") + 1]) > 0, proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # Availability and bad inputs
 # ---------------------------------------------------------------------------------------------
@@ -443,21 +479,38 @@ def test_gpu_parity_small_sites(dtype, train):
         check_parity("triton", site, dtype, train=train, seed=seed + 1)
 
 
+GPU_BIG = [  # hidden, widths, lead, dtype, train; the reference runs on CPU, the kernels on CUDA
+    (768, [48] * 8, (4, 257), torch.bfloat16, True),  # the issue's target shape (fewer tokens)
+    (1024, [64, 32, 16, 8], (3, 111), torch.bfloat16, False),
+    (776, [16, 40, 24], (2, 150), torch.float16, True),
+    (4096, [64] * 4, (1, 64), torch.bfloat16, False),
+    (768, [8 + (i % 5) for i in range(32)], (2, 75), torch.bfloat16, True),
+]
+
+
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("hidden,widths,lead", [
-    (768, [48] * 8, (4, 257)),
-    (1024, [64, 32, 16, 8], (3, 333)),
-    (776, [16, 40, 24], (2, 500)),
-    (4096, [64] * 4, (1, 300)),
-    (768, [8 + (i % 5) for i in range(32)], (2, 150)),
-], ids=["h768_n8", "h1024_mixed", "h776_odd", "h4096", "h768_n32"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_parity_big_shapes(hidden, widths, lead, dtype):
+@pytest.mark.parametrize("case", GPU_BIG, ids=["h768_n8", "h1024_mixed", "h776_fp16", "h4096", "h768_n32"])
+def test_gpu_parity_big_shapes(case):
+    hidden, widths, lead, dtype, train = case
     acts = [ACTS[1 + i % 8] for i in range(len(widths))]
-    site = make_site(hidden, widths, acts, seed=len(widths))  # reference on CPU, kernels on CUDA (bridge)
-    check_parity("triton", site, dtype, lead=lead, train=True)
-    check_parity("triton", site, dtype, lead=lead)
+    site = make_site(hidden, widths, acts, seed=len(widths))
+    check_parity("triton", site, dtype, lead=lead, train=train)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_autotune(monkeypatch):
+    if not fusion.AUTOTUNE:
+        pytest.skip("FUSEDADAPTER_TRITON_AUTOTUNE=0")
+    monkeypatch.setattr(fusion, "CONFIG_OVERRIDE", {})
+    for dtype in (torch.bfloat16, torch.float32):
+        args = _op_args(1000, 768, [48] * 8, 768, dtype=dtype, dropout_p=0.1, seed=2, shift=True)
+        got = _grads(OP, args)
+        want = _grads(torch.ops.fusedadapter.fusion_torch, args)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
 
 
 @requires_cuda
