@@ -71,6 +71,11 @@ def _variants(name, quick):
         out.append(("bf16 operands", "bf16", {}))
         if not quick:
             out.append(("fp32 operands", "fp32", {}))
+    if not quick:  # float64 runs on its own small config (configs.FP64_CONFIG)
+        first = dict(out[0][2])
+        if "SPLIT_WQ" in first:
+            first["SPLIT_WQ"] = False
+        out.append(("fp64", "fp64", first))
     return out
 
 
@@ -99,7 +104,8 @@ def run(arch: int = 90, quick: bool = False):
 
     kernels = {"fwd_gemm1": fusion._fwd_gemm1_kernel, "fwd_gemm2": fusion._fwd_gemm2_kernel,
                "bwd_epilogue": fusion._bwd_epilogue_kernel, "mm": fusion._mm_kernel}
-    tl_types = {"bf16": ("*bf16", tl.bfloat16), "fp32": ("*fp32", tl.float32), "fp16": ("*fp16", tl.float16)}
+    tl_types = {"bf16": ("*bf16", tl.bfloat16), "fp32": ("*fp32", tl.float32), "fp16": ("*fp16", tl.float16),
+                "fp64": ("*fp64", tl.float64)}
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     target = GPUTarget("cuda", arch, 32)
     limit = _SMEM_LIMIT.get(arch // 10, 99 * 1024)
@@ -108,8 +114,8 @@ def run(arch: int = 90, quick: bool = False):
         cfgs = configs.GPU_CONFIGS[name][:1] if quick else configs.GPU_CONFIGS[name]
         for label, dt, flags in _variants(name, quick):
             act_ptr, act_tl = tl_types[dt]
-            acc_ptr, acc_tl = ("*fp32", tl.float32)
-            for cfg in cfgs:
+            acc_ptr, acc_tl = tl_types["fp64"] if dt == "fp64" else tl_types["fp32"]
+            for cfg in ([configs.FP64_CONFIG[name]] if dt == "fp64" else cfgs):
                 consts = dict(flags, ACC=acc_tl, DOT=act_tl, **{k: cfg[k] for k in configs.BLOCK_KEYS[name]})
                 sig = {}
                 for arg in fn.arg_names:

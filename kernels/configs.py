@@ -67,6 +67,15 @@ GPU_CONFIGS: Dict[str, List[dict]] = {
     ],
 }
 
+# float64 on a GPU (a correctness path: fp64 dots run on FMA units): small tiles, so that the
+# operand buffers fit in shared memory (the fp32/bf16 tiles above would need up to 256 KiB in fp64).
+FP64_CONFIG: Dict[str, dict] = {
+    "fwd_gemm1": _cfg(_G1, (32, 32, 32), 4, 2),
+    "fwd_gemm2": _cfg(_G2, (32, 64, 32), 4, 2),
+    "bwd_epilogue": _cfg(_BE, (32, 32, 32), 4, 2),
+    "mm": _cfg(_MM, (64, 64, 32), 4, 2),
+}
+
 # Used on a GPU when autotuning is switched off (FUSEDADAPTER_TRITON_AUTOTUNE=0).
 GPU_DEFAULT: Dict[str, dict] = {name: cfgs[0] for name, cfgs in GPU_CONFIGS.items()}
 
@@ -106,5 +115,6 @@ def all_configs() -> Dict[str, List[dict]]:
     out = {name: list(cfgs) for name, cfgs in GPU_CONFIGS.items()}
     for name in out:
         out[name].append(GPU_DEFAULT[name])
+        out[name].append(FP64_CONFIG[name])
         out[name].append(INTERPRET_CONFIG[name])
     return out

@@ -533,6 +533,8 @@ class _Launcher:
 
     def __call__(self, grid, *args, **meta):
         cfg = CONFIG_OVERRIDE.get(self.name)
+        if not INTERPRET and meta.get("DOT") == tl.float64:
+            cfg = _configs.FP64_CONFIG[self.name]  # the fast paths' tiles do not fit in shared memory in fp64
         if cfg is None and self.tuned is not None:
             return self.tuned[grid](*args, **meta)
         if cfg is None:
