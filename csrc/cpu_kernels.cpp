@@ -305,75 +305,95 @@ bool gemm_small_f32(int64_t M, int64_t Nout, int64_t K, const float* A, int64_t 
 #endif
 }
 
-// ============================================================================ bf16 packed GEMM
+// ============================================================================ packed GEMMs
+// B (Nout, K) is packed per call into panels of 32 output columns: fp32 [k][32], bf16 [k pair][32][2].
 int64_t packed_b_bf16_elems(int64_t Nout, int64_t K) { return ((Nout + 31) / 32) * ((K + 1) / 2) * 64; }
+int64_t packed_b_f32_elems(int64_t Nout, int64_t K) { return ((Nout + 31) / 32) * K * 32; }
 
 #if FA_X86
-// One panel: 32 weight rows (output columns) -> [k pair][32 columns][2].
-FA_TGT_AVX512 static void pack_panel(const float* B, int64_t ldb, int64_t Nout, int64_t K, int64_t panel,
-                                     uint16_t* out) {
-  const int64_t Kp = (K + 1) / 2;
-  int32_t* dst = reinterpret_cast<int32_t*>(out + panel * Kp * 64);
-  const __m512i stride = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(32));
-  for (int64_t j = 0; j < 32; ++j) {
-    const int64_t n = panel * 32 + j;
-    if (n >= Nout) {
-      for (int64_t p = 0; p < Kp; ++p) dst[p * 32 + j] = 0;
+// In-register transpose of a 16 x 16 matrix of 32-bit elements (rows r[0..15] -> columns r[0..15]).
+FA_TGT_AVX512 static FA_INLINE void transpose16(__m512i r[16]) {
+  __m512i t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: column 4L + c of rows 4i..4i+3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  __m512i out[16];
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    const __m512i x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i x2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i x3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    out[c] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+    out[8 + c] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+    out[4 + c] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+    out[12 + c] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) r[c] = out[c];
+}
+
+// 16 weight rows n0.. (fewer at the end: zero rows) x 16 k (fp32) or 16 k pairs (bf16) -> 16 vectors,
+// one per k (pair), holding the 16 rows; stored at panel offset j (0 or 16).
+template <bool BF16>
+FA_TGT_AVX512 static void pack_tile(const float* B, int64_t ldb, int64_t rows, int64_t K, int64_t k0, int32_t* dst,
+                                    int64_t j) {
+  __m512i r[16];
+  const int64_t width = BF16 ? 32 : 16;  // B elements per row of the tile
+  const int64_t rem = K - k0;
+  const int64_t cols = std::min<int64_t>(width, rem);  // valid k
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i >= rows) {
+      r[i] = _mm512_setzero_si512();
       continue;
     }
-    const float* row = B + n * ldb;
-    // 32 floats (16 k pairs) at a time: round to bf16, then scatter the pairs down the panel.
-    for (int64_t k = 0; k < K; k += 32) {
-      const int64_t rem = K - k;
-      const __mmask16 m0 = tail_mask(rem), m1 = rem > 16 ? tail_mask(rem - 16) : static_cast<__mmask16>(0);
-      const __m256i lo = cvt_f32_bf16(_mm512_maskz_loadu_ps(m0, row + k));
-      const __m256i hi = cvt_f32_bf16(_mm512_maskz_loadu_ps(m1, row + k + 16));
-      const __m512i pairs = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // 16 int32 = 16 k pairs
-      const int64_t p0 = k / 2;
-      const int64_t np = std::min<int64_t>(16, Kp - p0);
-      _mm512_mask_i32scatter_epi32(dst + p0 * 32 + j, tail_mask(np), stride, pairs, 4);
+    const float* row = B + i * ldb + k0;
+    if constexpr (BF16) {
+      const __mmask16 m0 = tail_mask(cols), m1 = cols > 16 ? tail_mask(cols - 16) : static_cast<__mmask16>(0);
+      const __m256i lo = cvt_f32_bf16(_mm512_maskz_loadu_ps(m0, row));
+      const __m256i hi = cvt_f32_bf16(_mm512_maskz_loadu_ps(m1, row + 16));
+      r[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    } else {
+      r[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(tail_mask(cols), row));
     }
   }
+  transpose16(r);
+  const int64_t n_out = BF16 ? (cols + 1) / 2 : cols;  // k (pairs) present in this tile
+  for (int64_t c = 0; c < n_out; ++c) _mm512_storeu_si512(dst + c * 32 + j, r[c]);
 }
-#endif
 
-bool pack_b_bf16(const float* B, int64_t ldb, int64_t Nout, int64_t K, uint16_t* out) {
-#if FA_X86
-  if (active_isa() < kAvx512Bf16) return false;
+template <bool BF16>
+static void pack_b(const float* B, int64_t ldb, int64_t Nout, int64_t K, void* out) {
+  const int64_t kk = BF16 ? (K + 1) / 2 : K;  // k (pairs) per panel
   const int64_t panels = (Nout + 31) / 32;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) pack_panel(B, ldb, Nout, K, p, out);
+  const int64_t step = BF16 ? 32 : 16;
+  at::parallel_for(0, panels * 2, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {  // half panels: 16 weight rows
+      const int64_t panel = h / 2, j = (h % 2) * 16, n0 = panel * 32 + j;
+      int32_t* dst = static_cast<int32_t*>(out) + panel * kk * 32;
+      const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, Nout - n0));
+      for (int64_t k0 = 0; k0 < K; k0 += step) {
+        pack_tile<BF16>(B + n0 * ldb, ldb, rows, K, k0, dst + (k0 / (BF16 ? 2 : 1)) * 32, j);
+      }
+    }
   });
-  return true;
-#else
-  return false;
-#endif
 }
 
-#if FA_X86
-// MR rows x 32 columns, whole K: 2*MR accumulators, one vdpbf16ps per (row, 16 columns, k pair).
+// Store an MR x 32 tile: + bias, + residual, as float or bf16, columns masked at Nout.
 template <int MR>
-FA_TGT_BF16 static void bf16_block(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t m0,
-                                   int64_t n0, int64_t Nout, const float* bias, const void* res, Elem res_t,
-                                   int64_t ldr, void* C, Elem c_t, int64_t ldc) {
-  __m512 acc0[MR], acc1[MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  const fa_i32_alias* arow[MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) arow[r] = reinterpret_cast<const fa_i32_alias*>(A + (m0 + r) * lda);
-  const __m512i* bp = reinterpret_cast<const __m512i*>(Bp);
-  for (int64_t p = 0; p < Kp; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + 2 * p);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + 2 * p + 1);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(arow[r][p]);
-      acc0[r] = _mm512_dpbf16_ps(acc0[r], a, b0);
-      acc1[r] = _mm512_dpbf16_ps(acc1[r], a, b1);
-    }
-  }
+FA_TGT_AVX512 static FA_INLINE void store_tile(const __m512 (&acc0)[MR], const __m512 (&acc1)[MR], int64_t m0,
+                                               int64_t n0, int64_t Nout, const float* bias, const void* res,
+                                               Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc) {
   const __mmask16 k0 = tail_mask(Nout - n0), k1 = Nout - n0 > 16 ? tail_mask(Nout - n0 - 16) : 0;
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
   if (bias) {
@@ -405,32 +425,81 @@ FA_TGT_BF16 static void bf16_block(int64_t Kp, const uint16_t* A, int64_t lda, c
   }
 }
 
-using Bf16BlockFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t,
-                             const float*, const void*, Elem, int64_t, void*, Elem, int64_t);
-constexpr int kBf16MR = 12;
-static const Bf16BlockFn kBf16Blocks[kBf16MR] = {bf16_block<1>, bf16_block<2>,  bf16_block<3>,  bf16_block<4>,
-                                                 bf16_block<5>, bf16_block<6>,  bf16_block<7>,  bf16_block<8>,
-                                                 bf16_block<9>, bf16_block<10>, bf16_block<11>, bf16_block<12>};
-#endif
-
-bool gemm_bf16_packed(int64_t M, int64_t Nout, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
-                      const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc) {
-#if FA_X86
-  if (active_isa() < kAvx512Bf16) return false;
-  if (M <= 0 || Nout <= 0) return true;
+// MR rows x 32 columns over the whole K. bf16: one vdpbf16ps per (row, 16 columns, k pair).
+template <int MR>
+FA_TGT_BF16 static void bf16_block(int64_t K, const void* Av, int64_t lda, const void* Bpv, int64_t m0, int64_t n0,
+                                   int64_t Nout, const float* bias, const void* res, Elem res_t, int64_t ldr, void* C,
+                                   Elem c_t, int64_t ldc) {
+  const uint16_t* A = static_cast<const uint16_t*>(Av);
   const int64_t Kp = (K + 1) / 2;
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  const fa_i32_alias* arow[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) arow[r] = reinterpret_cast<const fa_i32_alias*>(A + (m0 + r) * lda);
+  const __m512i* bp = static_cast<const __m512i*>(Bpv);
+  for (int64_t p = 0; p < Kp; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + 2 * p);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + 2 * p + 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(arow[r][p]);
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], a, b0);
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], a, b1);
+    }
+  }
+  store_tile<MR>(acc0, acc1, m0, n0, Nout, bias, res, res_t, ldr, C, c_t, ldc);
+}
+
+// fp32: one FMA per (row, 16 columns, k), A broadcast from memory.
+template <int MR>
+FA_TGT_AVX512 static void f32_block(int64_t K, const void* Av, int64_t lda, const void* Bpv, int64_t m0, int64_t n0,
+                                    int64_t Nout, const float* bias, const void* res, Elem res_t, int64_t ldr, void* C,
+                                    Elem c_t, int64_t ldc) {
+  const float* A = static_cast<const float*>(Av) + m0 * lda;
+  const float* bp = static_cast<const float*>(Bpv);
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(bp + 32 * k);
+    const __m512 b1 = _mm512_loadu_ps(bp + 32 * k + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+  store_tile<MR>(acc0, acc1, m0, n0, Nout, bias, res, res_t, ldr, C, c_t, ldc);
+}
+
+using BlockFn = void (*)(int64_t, const void*, int64_t, const void*, int64_t, int64_t, int64_t, const float*,
+                         const void*, Elem, int64_t, void*, Elem, int64_t);
+constexpr int kMR = 12;
+static const BlockFn kBf16Blocks[kMR] = {bf16_block<1>, bf16_block<2>,  bf16_block<3>,  bf16_block<4>,
+                                         bf16_block<5>, bf16_block<6>,  bf16_block<7>,  bf16_block<8>,
+                                         bf16_block<9>, bf16_block<10>, bf16_block<11>, bf16_block<12>};
+static const BlockFn kF32Blocks[kMR] = {f32_block<1>, f32_block<2>,  f32_block<3>,  f32_block<4>,
+                                        f32_block<5>, f32_block<6>,  f32_block<7>,  f32_block<8>,
+                                        f32_block<9>, f32_block<10>, f32_block<11>, f32_block<12>};
+
+static void gemm_packed(const BlockFn* blocks, int64_t panel_elems, size_t elem_size, int64_t M, int64_t Nout,
+                        int64_t K, const void* A, int64_t lda, const void* Bp, const float* bias, const void* res,
+                        Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc) {
   const int64_t panels = (Nout + 31) / 32;
-  const int64_t row_blocks = (M + kBf16MR - 1) / kBf16MR;
+  const int64_t row_blocks = (M + kMR - 1) / kMR;
   auto run = [&](int64_t rb0, int64_t rb1, int64_t p0, int64_t p1) {
     // Groups of 4 row blocks share each weight panel while it is in cache.
     for (int64_t g = rb0; g < rb1; g += 4) {
       const int64_t g1 = std::min(g + 4, rb1);
       for (int64_t p = p0; p < p1; ++p) {
-        const uint16_t* panel = Bp + p * Kp * 64;
+        const void* panel = static_cast<const char*>(Bp) + p * panel_elems * elem_size;
         for (int64_t rb = g; rb < g1; ++rb) {
-          const int64_t m0 = rb * kBf16MR;
-          const int64_t mr = std::min<int64_t>(kBf16MR, M - m0);
-          kBf16Blocks[mr - 1](Kp, A, lda, panel, m0, p * 32, Nout, bias, res, res_t, ldr, C, c_t, ldc);
+          const int64_t m0 = rb * kMR;
+          const int64_t mr = std::min<int64_t>(kMR, M - m0);
+          blocks[mr - 1](K, A, lda, panel, m0, p * 32, Nout, bias, res, res_t, ldr, C, c_t, ldc);
         }
       }
     }
@@ -440,6 +509,48 @@ bool gemm_bf16_packed(int64_t M, int64_t Nout, int64_t K, const uint16_t* A, int
   } else {
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) { run(0, row_blocks, p0, p1); });
   }
+}
+#endif  // FA_X86
+
+bool pack_b_bf16(const float* B, int64_t ldb, int64_t Nout, int64_t K, uint16_t* out) {
+#if FA_X86
+  if (active_isa() < kAvx512Bf16) return false;
+  pack_b<true>(B, ldb, Nout, K, out);
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool pack_b_f32(const float* B, int64_t ldb, int64_t Nout, int64_t K, float* out) {
+#if FA_X86
+  if (active_isa() < kAvx512) return false;
+  pack_b<false>(B, ldb, Nout, K, out);
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool gemm_bf16_packed(int64_t M, int64_t Nout, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                      const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc) {
+#if FA_X86
+  if (active_isa() < kAvx512Bf16) return false;
+  if (M > 0 && Nout > 0)
+    gemm_packed(kBf16Blocks, ((K + 1) / 2) * 64, sizeof(uint16_t), M, Nout, K, A, lda, Bp, bias, res, res_t, ldr, C,
+                c_t, ldc);
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool gemm_f32_packed(int64_t M, int64_t Nout, int64_t K, const float* A, int64_t lda, const float* Bp,
+                     const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc) {
+#if FA_X86
+  if (active_isa() < kAvx512) return false;
+  if (M > 0 && Nout > 0)
+    gemm_packed(kF32Blocks, K * 32, sizeof(float), M, Nout, K, A, lda, Bp, bias, res, res_t, ldr, C, c_t, ldc);
   return true;
 #else
   return false;

@@ -22,7 +22,8 @@ void set_isa_cap(int cap);
 // rows (fewer rows take the fp32 path on upcast activations: packing the weights costs more).
 struct Tuning {
   int64_t small_m_max = 16;
-  int64_t bf16_min_m = 32;
+  int64_t bf16_min_m = 16;
+  bool f32_use_blas = false;  // fp32 beyond small_m_max: ATen BLAS instead of the packed kernel
 };
 Tuning& tuning();
 
@@ -55,6 +56,13 @@ bool pack_b_bf16(const float* B, int64_t ldb, int64_t Nout, int64_t K, uint16_t*
 // with lda >= K rounded up to even and, for odd K, a zero in column K. Output float or bf16.
 bool gemm_bf16_packed(int64_t M, int64_t Nout, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                       const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc);
+
+// ------------------------------------------------------------------ fp32 packed GEMM (AVX-512)
+// The same blocking in fp32 (panels [k][32]) for many rows, where ATen's BLAS was measured slower.
+int64_t packed_b_f32_elems(int64_t Nout, int64_t K);
+bool pack_b_f32(const float* B, int64_t ldb, int64_t Nout, int64_t K, float* out);
+bool gemm_f32_packed(int64_t M, int64_t Nout, int64_t K, const float* A, int64_t lda, const float* Bp,
+                     const float* bias, const void* res, Elem res_t, int64_t ldr, void* C, Elem c_t, int64_t ldc);
 
 }  // namespace cpu
 }  // namespace fusedadapter

@@ -5,7 +5,8 @@
 // (activation per segment, segmented dots, dropout, softmax over N, p-scaling), GEMM2 + residual.
 // GEMMs, by dtype and row count M:
 //   fp64                      ATen BLAS (at::addmm)
-//   fp32, M <= small_m_max    AVX-512 weight-streaming kernel (cpu_kernels.cpp), else at::addmm
+//   fp32, M <= small_m_max    AVX-512 weight-streaming kernel (cpu_kernels.cpp), else the AVX-512
+//                             packed kernel (measured faster than ATen's BLAS here), else at::addmm
 //   bf16, M >= bf16_min_m     AVX512-BF16 kernels: weights rounded to bf16 (RNE), fp32 accumulation
 //                             and fp32 GEMM1 outputs (never rounded before the epilogue), the
 //                             GEMM2 input p*z rounded to bf16; else the fp32 path on upcast rows
@@ -336,16 +337,35 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
   }
 
   // fp32 compute (fp32 activations, or half activations upcast).
+  enum class Gemm { kSmall, kPacked, kBlas };
+  const Gemm kind = isa < cpu::kAvx512 ? Gemm::kBlas
+                    : M <= tune.small_m_max ? Gemm::kSmall
+                    : tune.f32_use_blas ? Gemm::kBlas
+                                        : Gemm::kPacked;
   const at::Tensor xd32 = xd.to(at::kFloat).contiguous();
   const at::Tensor xq32 = xq.has_value() ? xq->to(at::kFloat).contiguous() : xd32;
-  const bool small = isa >= cpu::kAvx512 && M <= tune.small_m_max;
+  const float* bdp = bd ? bd->data_ptr<float>() : nullptr;
+  const float* bqp = bq ? bq->data_ptr<float>() : nullptr;
   auto buf = at::empty({M, ldb1}, xd.options().dtype(at::kFloat));
   float* b = buf.data_ptr<float>();
-  if (small) {
-    cpu::gemm_small_f32(M, R, d.Kd, xd32.data_ptr<float>(), d.Kd, wd.data_ptr<float>(), d.Kd,
-                        bd ? bd->data_ptr<float>() : nullptr, nullptr, Elem::kNone, 0, b, Elem::kF32, ldb1);
-    cpu::gemm_small_f32(M, RN, d.Kq, xq32.data_ptr<float>(), d.Kq, wq.data_ptr<float>(), d.Kq,
-                        bq ? bq->data_ptr<float>() : nullptr, nullptr, Elem::kNone, 0, b + R, Elem::kF32, ldb1);
+  at::Tensor wo_p;
+  if (kind == Gemm::kSmall) {
+    cpu::gemm_small_f32(M, R, d.Kd, xd32.data_ptr<float>(), d.Kd, wd.data_ptr<float>(), d.Kd, bdp, nullptr,
+                        Elem::kNone, 0, b, Elem::kF32, ldb1);
+    cpu::gemm_small_f32(M, RN, d.Kq, xq32.data_ptr<float>(), d.Kq, wq.data_ptr<float>(), d.Kq, bqp, nullptr,
+                        Elem::kNone, 0, b + R, Elem::kF32, ldb1);
+  } else if (kind == Gemm::kPacked) {
+    const auto fopts = xd.options().dtype(at::kFloat);
+    auto wd_p = at::empty({cpu::packed_b_f32_elems(R, d.Kd)}, fopts);
+    auto wq_p = at::empty({cpu::packed_b_f32_elems(RN, d.Kq)}, fopts);
+    wo_p = at::empty({cpu::packed_b_f32_elems(H, RN)}, fopts);
+    cpu::pack_b_f32(wd.data_ptr<float>(), d.Kd, R, d.Kd, wd_p.data_ptr<float>());
+    cpu::pack_b_f32(wq.data_ptr<float>(), d.Kq, RN, d.Kq, wq_p.data_ptr<float>());
+    cpu::pack_b_f32(wo.data_ptr<float>(), RN, H, RN, wo_p.data_ptr<float>());
+    cpu::gemm_f32_packed(M, R, d.Kd, xd32.data_ptr<float>(), d.Kd, wd_p.data_ptr<float>(), bdp, nullptr, Elem::kNone, 0,
+                         b, Elem::kF32, ldb1);
+    cpu::gemm_f32_packed(M, RN, d.Kq, xq32.data_ptr<float>(), d.Kq, wq_p.data_ptr<float>(), bqp, nullptr,
+                         Elem::kNone, 0, b + R, Elem::kF32, ldb1);
   } else {
     addmm_into(buf.narrow(1, 0, R), xd32, wd, bd);
     addmm_into(buf.narrow(1, R, RN), xq32, wq, bq);
@@ -353,13 +373,19 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
   auto w = at::empty({M, RN}, xd.options().dtype(at::kFloat));
   epilogue_forward<float, float>(seg, M, b, ldb1, b + R, ldb1, probs.data_ptr<float>(), w.data_ptr<float>(), RN,
                                  static_cast<float>(temperature), dr, ops);
-  const bool direct_out = adt == at::kFloat || adt == at::kBFloat16;
-  if (small && direct_out) {
+  const bool direct_out = adt == at::kFloat || adt == at::kBFloat16;  // the kernels store float or bf16
+  if (kind != Gemm::kBlas && direct_out) {
     const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
     const Elem et = adt == at::kFloat ? Elem::kF32 : Elem::kBF16;
-    cpu::gemm_small_f32(M, H, RN, w.data_ptr<float>(), RN, wo.data_ptr<float>(), RN, nullptr,
-                        res.defined() ? res.data_ptr() : nullptr, res.defined() ? et : Elem::kNone, H,
-                        out.data_ptr(), et, H);
+    const void* rp = res.defined() ? res.data_ptr() : nullptr;
+    const Elem rt = res.defined() ? et : Elem::kNone;
+    if (kind == Gemm::kSmall) {
+      cpu::gemm_small_f32(M, H, RN, w.data_ptr<float>(), RN, wo.data_ptr<float>(), RN, nullptr, rp, rt, H,
+                          out.data_ptr(), et, H);
+    } else {
+      cpu::gemm_f32_packed(M, H, RN, w.data_ptr<float>(), RN, wo_p.data_ptr<float>(), nullptr, rp, rt, H,
+                           out.data_ptr(), et, H);
+    }
     return {out, probs};
   }
   if (adt == at::kFloat) {
@@ -426,14 +452,16 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
 }
 
 // Test and tuning hook: cap the instruction set (0 generic, 1 AVX-512, 2 AVX512-BF16; -1: back to
-// FUSEDADAPTER_CPU_ISA; -2: unchanged) and the GEMM row thresholds (-1: unchanged). Returns
-// [detected isa, active isa, small_m_max, bf16_min_m, sleef vector math available].
-std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_min_m) {
+// FUSEDADAPTER_CPU_ISA; -2: unchanged), the GEMM row thresholds and the fp32 BLAS switch (-1:
+// unchanged). Returns [detected isa, active isa, small_m_max, bf16_min_m, SLEEF vector math
+// available, f32_use_blas].
+std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_min_m, int64_t f32_blas) {
   if (isa != -2) cpu::set_isa_cap(static_cast<int>(isa));
   if (small_m_max >= 0) cpu::tuning().small_m_max = small_m_max;
   if (bf16_min_m >= 0) cpu::tuning().bf16_min_m = bf16_min_m;
+  if (f32_blas >= 0) cpu::tuning().f32_use_blas = f32_blas != 0;
   return {cpu::detected_isa(), cpu::active_isa(), cpu::tuning().small_m_max, cpu::tuning().bf16_min_m,
-          cpu::f32_ops() != nullptr ? 1 : 0};
+          cpu::f32_ops() != nullptr ? 1 : 0, cpu::tuning().f32_use_blas ? 1 : 0};
 }
 
 }  // namespace
@@ -442,7 +470,8 @@ std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_m
 TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
   m.def("fusion_cpu" FA_FUSION_SCHEMA_ARGS);
   m.def("fusion_cpu_backward" FA_FUSION_BACKWARD_SCHEMA_ARGS);
-  m.def("_cpu_config(int isa=-2, int small_m_max=-1, int bf16_min_m=-1) -> int[]", &fusedadapter::cpu_config);
+  m.def("_cpu_config(int isa=-2, int small_m_max=-1, int bf16_min_m=-1, int f32_blas=-1) -> int[]",
+        &fusedadapter::cpu_config);
 }
 
 TORCH_LIBRARY_IMPL(fusedadapter, CPU, m) {

@@ -36,14 +36,15 @@ def _cfg(*args):
     return list(torch.ops.fusedadapter._cpu_config(*args))
 
 
-# isa cap, small_m_max, bf16_min_m; see csrc/fusion_cpu.cpp
+# isa cap, small_m_max, bf16_min_m, f32_blas; see csrc/fusion_cpu.cpp
 PATHS = {
-    "generic": (0, 16, 32),
-    "small": (2, 10**6, 10**6),
-    "blas": (2, 0, 10**6),
-    "bf16": (2, 0, 0),
+    "generic": (0, 16, 16, 1),       # ATen BLAS + scalar epilogue
+    "small": (2, 10**6, 10**6, 0),   # AVX-512 small-M GEMM
+    "packed": (2, 0, 10**6, 0),      # AVX-512 packed fp32 GEMM
+    "blas": (2, 0, 10**6, 1),        # ATen BLAS + AVX-512 epilogue
+    "bf16": (2, 0, 0, 0),            # AVX512-BF16 GEMMs
 }
-NEEDS_ISA = {"generic": 0, "small": 1, "blas": 1, "bf16": 2}
+NEEDS_ISA = {"generic": 0, "small": 1, "packed": 1, "blas": 1, "bf16": 2}
 
 
 @pytest.fixture(params=list(PATHS))
@@ -54,7 +55,7 @@ def cpu_path(request, cpu_op):
     before = _cfg()
     _cfg(*PATHS[request.param])
     yield request.param
-    _cfg(-1, before[2], before[3])
+    _cfg(-1, before[2], before[3], before[5])
 
 
 def test_schema_matches_ops(cpu_op):
@@ -105,7 +106,7 @@ def epilogue_path(request, cpu_op):
     before = _cfg()
     _cfg(*PATHS[request.param])
     yield request.param
-    _cfg(-1, before[2], before[3])
+    _cfg(-1, before[2], before[3], before[5])
 
 
 @pytest.mark.parametrize("act", ACTS)
