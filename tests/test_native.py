@@ -448,3 +448,66 @@ def test_cuda_sources_compile():
     cmd = [sys.executable, "-m", "fusedadapter.csrc.compile_check", "--arch", "9.0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------------ CUDA (GPU only)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _check_parity_on(device, backend, site, dtype, *, lead=(3, 7), train=False, separate_query=False):
+    """tests/parity.py's oracle with the backend and the reference at `dtype` run on `device`
+    (truth: the float64 reference on CPU, on the values rounded to `dtype`)."""
+    import parity
+    from fusedadapter.testing import assert_oracle
+
+    inputs = make_inputs(site, lead, separate_query=separate_query)
+    rounded = copy.deepcopy(site).to(dtype).double()
+    inputs = tuple(None if t is None else (t.to(dtype).double() if t.is_floating_point() else t) for t in inputs)
+    truth = parity._run(rounded, "reference", torch.float64, inputs, train, True)
+    on_dev = tuple(None if t is None else t.to(device) for t in inputs)
+    site_dev = copy.deepcopy(site).to(device)
+    ref = parity._run(site_dev, "reference", dtype, on_dev, train, True)
+    got = parity._run(site_dev, backend, dtype, on_dev, train, True)
+    for key in truth:
+        if key.startswith("d_adapters.") and dtype == torch.float32:
+            continue
+        if got[key] is None or truth[key] is None:
+            continue
+        assert torch.isfinite(got[key]).all(), key
+        assert_oracle(got[key].cpu(), ref[key].cpu(), truth[key], dtype, what=f"{backend} {key}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_cuda_parity(dtype, train):
+    extension.load_native_op("cuda", "cuda")
+    for n, hidden in ((3, 40), (8, 64)):
+        site = make_site(hidden, [3 + (5 * i) % 11 for i in range(n)], [ACTS[i % len(ACTS)] for i in range(n)], seed=n)
+        _check_parity_on("cuda", "cuda", site, dtype, train=train)
+
+
+@requires_cuda
+def test_cuda_gradcheck_opcheck_and_dropout_replay():
+    op = extension.load_native_op("cuda", "cuda")
+    a = _op_args(5, 6, [2, 3, 2], 6, seed=3)
+    a = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    for v in a.values():
+        if isinstance(v, torch.Tensor):
+            v.requires_grad_(True)
+    shift = torch.randn(5, dtype=torch.float64, device="cuda", requires_grad=True)
+    names = ["xd", "xq", "residual", "w_down", "b_down", "w_query", "b_query", "w_out"]
+
+    def f(*ts):
+        b = dict(a)
+        b.update(zip(names, ts[:-1]))
+        return _call(torch.ops.fusedadapter.fusion_cuda, b, [1, 4, 5], 1.3, 0.3, 11, None, ts[-1])
+
+    assert torch.autograd.gradcheck(f, tuple(a[k] for k in names) + (shift,))
+    args = (a["xd"], a["xq"], a["residual"], a["w_down"], a["b_down"], a["w_query"], a["b_query"], a["w_out"],
+            a["segments"], [1, 4, 5], 1.0, 0.2, 3, None, shift)
+    torch.library.opcheck(op, args)
+    got = _call(torch.ops.fusedadapter.fusion_cuda, a, [1, 4, 5], 1.7, 0.4, 123, None, shift)
+    want = _call(torch.ops.fusedadapter.fusion_torch, a, [1, 4, 5], 1.7, 0.4, 123, None, shift)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
