@@ -311,7 +311,9 @@ def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib
     def backward(ctx, grad_out, grad_probs):
         xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, probs = ctx.saved_tensors
         segments, activations, temperature, dropout_p, seed = ctx.static
-        ni = ctx.needs_input_grad
+        # The dispatcher drops trailing arguments equal to their defaults (keep_mask, logit_shift
+        # left None), so needs_input_grad can be shorter than the schema.
+        ni = tuple(ctx.needs_input_grad) + (False,) * (15 - len(ctx.needs_input_grad))
         needs = [ni[0], ni[1] and xq is not None, ni[2] and ctx.has_res, ni[3], ni[4] and b_down is not None,
                  ni[5], ni[6] and b_query is not None, ni[7], ni[14] and logit_shift is not None]
         if grad_out is None:
