@@ -25,12 +25,13 @@ DEFAULT_OUT = "bench-out"
 
 
 def _latest(rows: List[dict]) -> List[dict]:
-    """One row per (kernel, provider, mode, metric, point): the latest (a folder may hold several runs)."""
+    """One row per (kernel, provider, mode, metric, device type, point): the latest (a folder may
+    hold several runs of the same points)."""
     keep: Dict[tuple, dict] = {}
     for r in rows:
-        cfg = {k: v for k, v in (r.get("config") or {}).items() if k not in ("samples_ms", "error", "hwm_reset")}
-        key = (r.get("kernel"), r.get("provider"), r.get("mode"), r.get("metric"), r.get("device_type"),
-               json.dumps(cfg, sort_keys=True, default=str))
+        cfg = r.get("config") or {}
+        point = tuple(cfg.get(k) for k in ("tokens", "hidden", "n", "r", "dtype", "model", "batch", "seq"))
+        key = (r.get("kernel"), r.get("provider"), r.get("mode"), r.get("metric"), r.get("device_type"), point)
         if key not in keep or str(r.get("timestamp", "")) >= str(keep[key].get("timestamp", "")):
             keep[key] = r
     return list(keep.values())
@@ -65,6 +66,22 @@ def _headline(rows) -> List[str]:
                          f"(median {r['median']:.2f} ms vs {ref['median']:.2f} ms; paired ratio p20-p80 "
                          f"{q['p20']:.1f}-{q['p80']:.1f}x)")
     return lines
+
+
+def _warn_if_busy(opts) -> None:
+    """On a CPU shared with other work, several torch threads wait on each other at every parallel
+    region (a descheduled thread stalls the rest for a time slice): timings then swing by 10-100x."""
+    import os
+
+    import torch
+
+    if opts.device != "cpu" or not hasattr(os, "getloadavg"):
+        return
+    threads = opts.threads or torch.get_num_threads()
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if threads > 1 and load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: with {threads} torch threads the timings will be "
+              f"noisy and slow; --threads 1 measures more steadily on a busy machine", file=sys.stderr)
 
 
 def _add_layer_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +131,7 @@ def _layer(name: str, args, argv: List[str]) -> int:
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     opts.extra_config = {"preset": name}
     t0 = time.monotonic()
+    _warn_if_busy(opts)
     print(f"fusedadapter benchmarks: preset {name!r}, {len(points)} point(s), modes {list(opts.modes)}, "
           f"{opts.repeats} interleaved repeats, device {opts.device}; writing to {out}/", flush=True)
     rows, skipped = run_layer(points, opts, sink=writer.add)

@@ -7,14 +7,17 @@
 #   1. env       GPU and versions -> OUTDIR/env.txt
 #   2. install   `pip install -e . --no-deps --no-build-isolation` (offline) if fusedadapter's
 #                kernels/csrc packages do not import from here
-#   3. build     the C++/CUDA extension ahead of time (python -m fusedadapter.extension), if present
+#   3. build     the C++ (cpu) and CUDA extensions ahead of time (python -m fusedadapter.extension),
+#                if present; a CUDA build that fails or runs out of time sets FUSEDADAPTER_SKIP_CUDA=1
+#                for the later steps (the cuda backend is then reported unavailable, not rebuilt)
 #   4. tests     pytest -m "not slow" on CUDA: tests/test_triton.py and tests/test_native.py first
 #                (if present), then the rest of tests/ -> OUTDIR/pytest.{log,xml}
 #   5. bench     python -m benchmarks gpu: the issue-3 target row (bf16, 16384 tokens, H=768, N=8,
 #                r=48) first, then the grid, within the time left -> OUTDIR/bench/
 #   6. summary   OUTDIR/summary.{json,md}: GPU, versions, commit, test counts, the target row
 #                (fraction of roofline, speedup vs reference and vs torch, fwd+bwd vs reference)
-# Budgets (seconds, override by environment): DC_TOTAL=470 DC_BUILD=150 DC_TESTS=200.
+# Budgets (seconds, override by environment): DC_TOTAL=470 (all steps), DC_BUILD=180 (CUDA build),
+# DC_TESTS=200 (tests; at least 150 s are kept for the benchmark).
 # PYTHON picks the interpreter (default python3). A copied tree without .git records no commit:
 # pass it as BENCH_GIT_COMMIT=<hash> (the results and the summary carry it).
 set -u
@@ -24,7 +27,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 TOTAL=${DC_TOTAL:-470}
-T_BUILD=${DC_BUILD:-150}
+T_BUILD=${DC_BUILD:-180}
 T_TESTS=${DC_TESTS:-200}
 START=$(date +%s)
 : > "$OUT/steps.tsv"
@@ -61,7 +64,14 @@ if ! "$PY" -c "import fusedadapter, fusedadapter.kernels, fusedadapter.csrc" >/d
   step install 120 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-index -q
 fi
 if "$PY" -c "import fusedadapter.extension" >/dev/null 2>&1; then
-  step build "$(min "$T_BUILD" "$(left)")" "$PY" -m fusedadapter.extension
+  step build-cpu 90 "$PY" -m fusedadapter.extension cpu
+  step build-cuda "$(min "$T_BUILD" "$(( $(left) - 200 ))")" "$PY" -m fusedadapter.extension cuda
+  if [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f2)" != "0" ]; then
+    # a failed or killed build (which may leave its lock file behind) is not retried by every later
+    # process: the cuda backend is recorded as unavailable and the rest goes on without it
+    echo "== the CUDA extension did not build: FUSEDADAPTER_SKIP_CUDA=1 from here on"
+    export FUSEDADAPTER_SKIP_CUDA=1
+  fi
 fi
 
 TESTS=()

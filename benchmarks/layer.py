@@ -43,6 +43,7 @@ KERNEL = "fusion_site"
 class Point:
     spec: SiteSpec
     x_name: str = "tokens"
+    modes: Optional[Tuple[str, ...]] = None   # None: the run's modes (LayerOptions.modes)
 
     @property
     def x_value(self):
@@ -225,7 +226,8 @@ def run_layer(points: Sequence[Point], opts: LayerOptions, sink=None) -> Tuple[L
             except Exception as exc:
                 rows.append(_error_row(point, "device", "roofline", exc, opts))
         timed: Dict[str, object] = {}
-        for mode in opts.modes:
+        modes = [m for m in opts.modes if point.modes is None or m in point.modes]
+        for mode in modes:
             if not live:
                 break
             steps = {}
@@ -262,7 +264,7 @@ def run_layer(points: Sequence[Point], opts: LayerOptions, sink=None) -> Tuple[L
                         rows.append(_error_row(point, p, mode, exc, opts))
             if spec.key() in rss_set and mode in opts.rss_modes:
                 rss_jobs.extend((point, p, mode) for p in samples)
-        if device.type == "cpu" and any(m in GRAD_MODES for m in opts.modes):
+        if device.type == "cpu" and any(m in GRAD_MODES for m in modes):
             for p in timed:
                 try:
                     rows.append(_rows(point, p, "forward", "saved_bytes", "bytes", _single(case.saved_bytes(p)), opts))

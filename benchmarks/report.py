@@ -275,7 +275,7 @@ def _plot(series, axis: str, metric: str, ylabel: str, path: Path, scale: float 
     written = []
     for group, modes in series.items():
         names = _order(modes, list(MODES))
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(names), figsize=(max(6.0, 4.2 * len(names)), 3.6), squeeze=False)
         for ax, mode in zip(axes[0], names):
             for prov in _order(modes[mode], PROVIDER_ORDER):
                 pts = sorted(modes[mode][prov], key=lambda t: t[0])
