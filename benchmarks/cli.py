@@ -98,7 +98,8 @@ def _add_layer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, nargs="+", help="custom sweep: adapter counts")
     p.add_argument("--hidden", type=int, nargs="+", help="custom sweep: hidden sizes")
     p.add_argument("--reduction", type=int, nargs="+", help="custom sweep: reduction factors (width = H // reduction)")
-    p.add_argument("--dtype", nargs="+", help="custom sweep: dtypes (float32, bfloat16, float16)")
+    p.add_argument("--dtype", nargs="+", help="custom sweep: dtypes (float32, bfloat16, float16); "
+                   "every sweep runs at each")
     p.add_argument("--base", default=None, help='custom sweep base point as JSON, e.g. \'{"tokens": 256, "hidden": 768}\'')
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
     p.add_argument("--allow-interpreter", action="store_true", help="time Triton on CPU through its interpreter")
@@ -116,8 +117,10 @@ def _layer(name: str, args, argv: List[str]) -> int:
         base = points[0].spec
         if args.base:
             base = replace(base, **json.loads(args.base))
-        points = sweep(base, tokens=args.tokens or (), n=args.n or (), hidden=args.hidden or (),
-                       reduction=args.reduction or (), dtype=args.dtype or ())
+        points = []
+        for dt in args.dtype or [base.dtype]:  # every sweep at every dtype given
+            points += sweep(replace(base, dtype=dt), tokens=args.tokens or (), n=args.n or (),
+                            hidden=args.hidden or (), reduction=args.reduction or ())
     if opts.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
     if opts.device.startswith("cuda"):
@@ -137,6 +140,7 @@ def _layer(name: str, args, argv: List[str]) -> int:
     rows, skipped = run_layer(points, opts, sink=writer.add)
     for p, why in skipped.items():
         print(f"  skipped provider {p}: {why}")
+    (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
     notes = [f"preset `{name}`: {PRESETS[name]['help']}", f"wall time {time.monotonic() - t0:.0f} s"]
     if opts.device == "cpu":
         notes.append("Triton on CPU runs only through its interpreter (a test tool): never timed here.")

@@ -113,7 +113,11 @@ def summarize(outdir) -> int:
     errors = [f"{r['provider']} {r['mode']} {r['config'].get('tokens')}x{r['config'].get('hidden')} "
               f"N={r['config'].get('n')} {r['config'].get('dtype')}: {r['config'].get('error')}"
               for r in rows if r.get("metric") == "error"]
+    skipped = {}
+    if (out / "bench" / "skipped.json").exists():
+        skipped = json.loads((out / "bench" / "skipped.json").read_text())
     data = {
+        "skipped_providers": skipped,
         "gpu": gpu, "versions": versions(), "git_commit": git_commit(), "steps": _steps(out), "pytest": _pytest(out),
         "target_point": TARGET, "targets": TARGETS, "rates_at_target": rates, "target": target_row(rows),
         "bench_rows": len(rows), "bench_errors": errors,
@@ -156,6 +160,8 @@ def summarize(outdir) -> int:
         lines.append(f"| {prov} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 3): " + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items())
               + "; the roofline target is checked on the no-grad forward."]
+    if skipped:
+        lines += ["", "Providers not run:"] + [f"- {p}: {why}" for p, why in skipped.items()]
     if errors:
         lines += ["", "## Benchmark errors", ""] + [f"- {e}" for e in errors[:40]]
     lines += ["", "Full grid: bench/summary.md (and bench/results.json, bench/results.csv)."]

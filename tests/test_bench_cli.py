@@ -121,3 +121,31 @@ def test_committed_dispatch_table_is_readable():
             assert set(buckets.values()) <= {"torch", "triton", "cuda", "cpu"}
             if dev == "cpu":
                 assert "triton" not in buckets.values()
+
+
+def test_device_summary_reads_the_target_row(tmp_path):
+    from benchmarks.devicecheck import TARGET, summarize
+    from benchmarks.results import ResultWriter, make_row
+
+    w = ResultWriter(tmp_path / "bench")
+    cfg = dict(TARGET)
+    rows = []
+    for prov, ms in (("reference", 10.0), ("torch", 1.0), ("triton", 0.4)):
+        for mode, f in (("nograd", 1.0), ("full", 3.0)):
+            rows.append(make_row(kernel="fusion_site", provider=prov, mode=mode, metric="time", unit="ms",
+                                 x_name="tokens", x_value=cfg["tokens"], p20=ms * f, median=ms * f, p80=ms * f,
+                                 config=cfg))
+    rows.append(make_row(kernel="fusion_site", provider="triton", mode="nograd", metric="roofline_fraction",
+                         unit="fraction", x_name="tokens", x_value=cfg["tokens"], p20=0.6, median=0.6, p80=0.6,
+                         config=cfg))
+    w.add(rows)
+    (tmp_path / "steps.tsv").write_text("tests\t0\t12\nbench\t0\t100\n")
+    assert summarize(tmp_path) == 0
+    data = json.loads((tmp_path / "summary.json").read_text())
+    tri = data["target"]["triton"]
+    assert tri["speedup_vs_reference_nograd"] == pytest.approx(25.0)
+    assert tri["speedup_vs_torch_nograd"] == pytest.approx(2.5)
+    assert tri["targets_met"] == {"roofline_fraction_nograd": True, "speedup_vs_reference_nograd": True,
+                                  "speedup_vs_torch_nograd": True, "speedup_vs_reference_full": True}
+    assert data["steps"][0] == {"step": "tests", "rc": 0, "seconds": 12.0}
+    assert "| triton |" in (tmp_path / "summary.md").read_text()
