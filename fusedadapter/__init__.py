@@ -9,6 +9,9 @@ from .config import AdapterConfig, FusionConfig
 from .dispatch import BACKENDS, BackendUnavailable, available_backends
 from .functional import adapter_fusion, fusion_regularization_loss
 from .modules import BottleneckAdapter, FusedAdapterFusion
+from .patching import patch, unpatch
+from .integrations.adapterhub import accelerate
+from .checkpoint import load_adapterhub, save_adapterhub
 
 __version__ = "0.1.0"
 
@@ -22,4 +25,9 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "available_backends",
+    "patch",
+    "unpatch",
+    "accelerate",
+    "load_adapterhub",
+    "save_adapterhub",
 ]

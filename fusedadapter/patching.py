@@ -1,0 +1,595 @@
+"""Drop-in patching of Hugging Face models: a fused AdapterFusion site at AdapterHub's places.
+
+``patch(model, adapters, fusion="dynamic", placement="seq_bn", backend="auto")`` adds one
+:class:`~fusedadapter.FusedAdapterFusion` per site to every transformer block; ``unpatch(model)``
+takes them out again (the model's own modules and forwards are never replaced, so the original
+outputs come back bit for bit).
+
+Where the sites sit, and what they are fed, is AdapterHub's (adapters 1.3.0, its model mixins
+and ``Adapter.pre_forward`` / ``post_forward``). Per site, with ``h`` the sub-layer output
+(dense + dropout) and ``x`` the sub-layer input (the residual stream):
+
+=================  ======================================  ==========================================
+placement          post-norm blocks (BERT family,           pre-norm / no-LN sub-layers (GPT-2, ViT,
+                   DistilBERT): model does ``LN(. + x)``    Llama, Mistral, Qwen2): model does ``. + x``
+=================  ======================================  ==========================================
+``seq_bn``         ``a = c = LN(h + x)``, ``res = h``       ``a = c = h + x``, ``res = h``
+``double_seq_bn``  ``a = c = res = h``                      ``a = c = res = h``
+=================  ======================================  ==========================================
+
+``query_before_ln=True`` makes ``c = h``. The site replaces ``h`` by the fusion output
+``o = W_V sum_n p_n u_n + res``, and the model's own code then finishes the sub-layer
+(``LN(o + x)`` or ``o + x``), exactly as AdapterHub's ``post_forward`` does. ``seq_bn`` has a site
+at the FFN output; ``double_seq_bn`` also one at the attention output, each with its own fusion.
+
+Mechanism: two module hooks per site, no forward is replaced. A forward pre-hook on a module
+whose input is ``x`` captures it; a forward hook on the module whose output is ``h`` swaps in
+the site's output. Both work on transformers 4.57 and 5.x (the per-architecture table below
+names the modules, with alternatives where the versions differ), and both are plain Python
+over module state, which ``torch.compile`` traces.
+
+Per-call options: :func:`collect_fusion_probs` (a context manager, AdapterHub's
+``output_adapter_fusion_attentions``) and :func:`set_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, FusionConfig
+from .modules import FusedAdapterFusion
+
+__all__ = ["patch", "unpatch", "collect_fusion_probs", "set_backend", "fusion_sites", "SUPPORTED_ARCHITECTURES",
+           "PLACEMENTS", "UnsupportedArchitecture", "is_patched"]
+
+LOCATIONS = ("mh_adapter", "output_adapter")  # AdapterHub's location keys
+_CHILD_NAMES = {"mh_adapter": "fusedadapter_attention", "output_adapter": "fusedadapter_output"}
+_RECORD_ATTR = "_fusedadapter_patch"
+
+
+class UnsupportedArchitecture(ValueError):
+    """``patch`` / ``load_adapterhub`` on a model type outside :data:`SUPPORTED_ARCHITECTURES`."""
+
+
+# --------------------------------------------------------------------------------------------
+# The per-architecture site table
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where one site sits inside a transformer block (paths relative to the block; "" = the block).
+
+    ``capture``: (module, positional index, keyword names) of the forward pre-hook whose argument is
+    ``x``. ``output``: the module whose output (or ``output[0]``) is ``h``. ``layer_norm``: the
+    sub-layer's own LayerNorm (post-norm) that AdapterHub passes to the adapter layer, or None.
+    ``ah_path``: where AdapterHub 1.3.0 keeps this site's ``BottleneckLayer`` (its parameter names).
+    ``requires``: modules that must exist for this alternative to apply (version differences).
+    """
+
+    capture: Tuple[str, int, Tuple[str, ...]]
+    output: str
+    layer_norm: Optional[str]
+    ah_path: str
+    requires: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    layers: Tuple[str, ...]          # candidate paths of the block list, relative to the base model
+    ah_layers: str                   # AdapterHub's (transformers 4.57) path of the block list
+    sites: Mapping[str, Tuple[SiteSpec, ...]]  # location -> alternatives, first match wins
+    post_norm: bool
+
+
+def _bert_like(name: str) -> ArchSpec:
+    return ArchSpec(
+        name=name, layers=("encoder.layer",), ah_layers="encoder.layer", post_norm=True,
+        sites={
+            "mh_adapter": (SiteSpec(("attention.output", 1, ("input_tensor",)), "attention.output.dropout",
+                                    "attention.output.LayerNorm", "attention.output"),),
+            "output_adapter": (SiteSpec(("output", 1, ("input_tensor",)), "output.dropout", "output.LayerNorm",
+                                        "output"),),
+        })
+
+
+def _decoder_like(name: str) -> ArchSpec:  # Llama, Mistral, Qwen2
+    return ArchSpec(
+        name=name, layers=("layers",), ah_layers="layers", post_norm=False,
+        sites={
+            "mh_adapter": (SiteSpec(("input_layernorm", 0, ("hidden_states",)), "self_attn", None,
+                                    "attention_adapters"),),
+            "output_adapter": (SiteSpec(("post_attention_layernorm", 0, ("hidden_states",)), "mlp", None,
+                                        "output_adapters"),),
+        })
+
+
+SUPPORTED_ARCHITECTURES: Dict[str, ArchSpec] = {
+    "bert": _bert_like("bert"),
+    "roberta": _bert_like("roberta"),
+    "xlm-roberta": _bert_like("xlm-roberta"),
+    "electra": _bert_like("electra"),
+    "distilbert": ArchSpec(
+        name="distilbert", layers=("transformer.layer",), ah_layers="transformer.layer", post_norm=True,
+        sites={
+            "mh_adapter": (SiteSpec(("", 0, ("hidden_states", "x")), "attention", "sa_layer_norm",
+                                    "attention_adapters"),),
+            "output_adapter": (SiteSpec(("ffn", 0, ("input",)), "ffn", "output_layer_norm", "output_adapters"),),
+        }),
+    "vit": ArchSpec(
+        name="vit", layers=("encoder.layer", "layers"), ah_layers="encoder.layer", post_norm=False,
+        sites={
+            # transformers 5.x: one block-level dropout after attention and after the MLP, called twice
+            "mh_adapter": (SiteSpec(("layernorm_before", 0, ("input",)), "dropout", None, "attention_adapters",
+                                    requires=("mlp", "dropout")),
+                           SiteSpec(("layernorm_before", 0, ("input",)), "attention", None, "attention_adapters",
+                                    requires=("output.dropout",))),
+            "output_adapter": (SiteSpec(("layernorm_after", 0, ("input",)), "dropout", None, "output.output_adapters",
+                                        requires=("mlp", "dropout")),
+                               SiteSpec(("layernorm_after", 0, ("input",)), "output.dropout", None,
+                                        "output.output_adapters", requires=("output.dropout",))),
+        }),
+    "gpt2": ArchSpec(
+        name="gpt2", layers=("h",), ah_layers="h", post_norm=False,
+        sites={
+            "mh_adapter": (SiteSpec(("ln_1", 0, ("input",)), "attn", None, "attention_adapters"),),
+            "output_adapter": (SiteSpec(("ln_2", 0, ("input",)), "mlp", None, "output_adapters"),),
+        }),
+    "llama": _decoder_like("llama"),
+    "mistral": _decoder_like("mistral"),
+    "qwen2": _decoder_like("qwen2"),
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """AdapterHub's ``BnConfig`` fields that decide a site's inputs (``pre_forward``)."""
+
+    name: str
+    locations: Tuple[str, ...]
+    default_activation: str
+    original_ln_before: bool
+    residual_before_ln: Union[bool, str]
+
+
+PLACEMENTS: Dict[str, Placement] = {
+    "seq_bn": Placement("seq_bn", ("output_adapter",), "relu", True, True),
+    "double_seq_bn": Placement("double_seq_bn", ("mh_adapter", "output_adapter"), "swish", False, True),
+}
+_PLACEMENT_ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn"}
+
+
+def _supported_list() -> str:
+    return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+
+
+def get_module(root: nn.Module, path: str) -> Optional[nn.Module]:
+    mod = root
+    if not path:
+        return mod
+    for part in path.split("."):
+        mod = getattr(mod, part, None) if not part.isdigit() else (mod[int(part)] if isinstance(mod, (nn.ModuleList, nn.Sequential)) and int(part) < len(mod) else None)
+        if mod is None or not isinstance(mod, nn.Module):
+            return None
+    return mod
+
+
+def arch_spec(model: nn.Module, *, what: str = "patch") -> ArchSpec:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise TypeError(f"fusedadapter.{what}: expected a Hugging Face PreTrainedModel with a .config, got "
+                        f"{type(model).__name__}")
+    spec = SUPPORTED_ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitecture(
+            f"fusedadapter.{what}: model type {model_type!r} ({type(model).__name__}) is not supported; supported "
+            f"architectures: {_supported_list()}")
+    return spec
+
+
+def find_layers(model: nn.Module, spec: ArchSpec) -> List[Tuple[str, nn.Module]]:
+    """[(full module name, block)] of the model's transformer blocks, in order."""
+    base = getattr(model, "base_model", model)
+    for path in spec.layers:
+        layers = get_module(base, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            names = {id(m): n for n, m in model.named_modules()}
+            return [(names[id(layer)], layer) for layer in layers]
+    raise UnsupportedArchitecture(
+        f"fusedadapter: could not find the transformer blocks of this {spec.name} model (looked for "
+        f"{' / '.join(spec.layers)} under {type(base).__name__}); is it a supported transformers version?")
+
+
+def resolve_site(layer: nn.Module, spec: ArchSpec, location: str) -> SiteSpec:
+    for alt in spec.sites[location]:
+        needed = (alt.capture[0], alt.output) + ((alt.layer_norm,) if alt.layer_norm else ()) + alt.requires
+        if all(get_module(layer, p) is not None for p in needed):
+            return alt
+    raise UnsupportedArchitecture(
+        f"fusedadapter: {spec.name} block {type(layer).__name__} does not have the modules of the {location} site "
+        f"({[a.output for a in spec.sites[location]]}); is it a supported transformers version?")
+
+
+def ah_prefix(model: nn.Module) -> str:
+    """The prefix AdapterHub's parameter names carry in this model ("" for a base model, else e.g. "bert.")."""
+    base_prefix = getattr(model, "base_model_prefix", "")
+    if base_prefix and hasattr(model, base_prefix) and isinstance(getattr(model, base_prefix), nn.Module):
+        return base_prefix + "."
+    return ""
+
+
+def _is_adapterhub_model(model: nn.Module) -> bool:
+    if hasattr(model, "adapters_config"):
+        return True
+    return any(type(m).__name__ == "BottleneckLayer" or hasattr(m, "adapter_fusion_layer") for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime: the hooks
+# --------------------------------------------------------------------------------------------
+class _SiteRuntime:
+    """One site's hook state (a plain object: not a module, so no extra parameter names)."""
+
+    def __init__(self, fusion: FusedAdapterFusion, layer_norm: Optional[nn.Module], layer_idx: int, location: str,
+                 original_ln_before: bool, residual_before_ln: Union[bool, str], fusion_name: str):
+        self.fusion = fusion
+        # Held outside the module tree (the model already owns it).
+        self.layer_norm = layer_norm
+        self.layer_idx = layer_idx
+        self.location = location
+        self.original_ln_before = bool(original_ln_before)
+        self.residual_before_ln = residual_before_ln
+        self.query_before_ln = bool(fusion.fusion_config.query_before_ln)
+        self.fusion_name = fusion_name
+        self.x: Optional[torch.Tensor] = None
+        self.armed = False
+        self.collector: Optional[dict] = None
+
+    def inputs(self, h: torch.Tensor, x: Optional[torch.Tensor]):
+        """AdapterHub's ``Adapter.pre_forward``: (adapter input, query or None for "same", residual)."""
+        residual = h if self.residual_before_ln is True else None
+        query = h if self.query_before_ln else None
+        a = h
+        if self.original_ln_before:
+            if self.layer_norm is not None:
+                s = h + x
+                if self.residual_before_ln == "post_add":
+                    residual = s
+                a = self.layer_norm(s)
+            elif x is not None:
+                a = h + x
+        if not self.residual_before_ln:
+            residual = a
+        return a, query, residual
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        x, self.x, self.armed = self.x, None, False
+        a, query, residual = self.inputs(h, x)
+        if self.collector is None:
+            return self.fusion(a, residual, query)
+        out, probs = self.fusion(a, residual, query, return_probs=True)
+        self.collector.setdefault(self.fusion_name, {}).setdefault(self.layer_idx, {})[self.location] = probs.detach()
+        return out
+
+
+def _capture_hook(runtime: _SiteRuntime, index: int, names: Tuple[str, ...], module, args, kwargs):
+    if len(args) > index:
+        x = args[index]
+    else:
+        x = None
+        for name in names:
+            if name in kwargs:
+                x = kwargs[name]
+                break
+    runtime.x = x
+    runtime.armed = True
+    return None
+
+
+def _output_hook(runtimes: Tuple[_SiteRuntime, ...], module, args, output):
+    for rt in runtimes:  # several sites may share one module (ViT 5.x block dropout): the armed one
+        if rt.armed:
+            if isinstance(output, torch.Tensor):
+                return rt.run(output)
+            if isinstance(output, (tuple, list)) and len(output) > 0 and isinstance(output[0], torch.Tensor):
+                return type(output)((rt.run(output[0]),) + tuple(output[1:]))
+            raise TypeError(f"fusedadapter: unexpected output {type(output).__name__} of {type(module).__name__} at "
+                            f"site {rt.location} of block {rt.layer_idx}")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Install / remove
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SitePlan:
+    """One site to install: its adapters (name -> AdapterConfig), fusion config and AdapterHub flags."""
+
+    layer_idx: int
+    location: str
+    adapters: Dict[str, AdapterConfig]
+    fusion: FusionConfig
+    default_activation: str
+    original_ln_before: bool
+    residual_before_ln: Union[bool, str]
+
+
+@dataclass
+class PatchRecord:
+    arch: str
+    fusion_name: str
+    adapter_names: List[str]
+    fusion_config: FusionConfig
+    placement: Optional[str]
+    backend: str
+    sites: List[dict] = field(default_factory=list)   # layer_idx, location, layer_name, child, runtime, ah_path
+    ah_configs: Dict[str, dict] = field(default_factory=dict)  # adapter name -> AdapterHub config dict (for save)
+
+
+def _model_dtype_device(layer: nn.Module):
+    for p in layer.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def attention_dropout_of(model: nn.Module) -> float:
+    # AdapterHub: fusion_config.dropout_prob or getattr(model_config, "attention_probs_dropout_prob", 0)
+    return float(getattr(model.config, "attention_probs_dropout_prob", 0) or 0)
+
+
+def install(model: nn.Module, plans: Sequence[SitePlan], *, fusion_name: str, adapter_names: Sequence[str],
+            fusion_config: FusionConfig, placement: Optional[str], backend: str) -> PatchRecord:
+    """Install the planned sites (shared by :func:`patch` and :func:`fusedadapter.load_adapterhub`).
+    Everything that can fail is checked before the model changes."""
+    spec = arch_spec(model)
+    if getattr(model, _RECORD_ATTR, None) is not None:
+        raise ValueError("fusedadapter.patch: the model is already patched; call fusedadapter.unpatch(model) first")
+    if _is_adapterhub_model(model):
+        raise ValueError("fusedadapter.patch: this model is set up by AdapterHub (adapters.init / *AdapterModel); "
+                         "use fusedadapter.accelerate(model) to run its Fuse with the fused op")
+    layers = find_layers(model, spec)
+    hidden = int(model.config.hidden_size)
+    att_dropout = attention_dropout_of(model)
+    # Resolve every site first (raises before any change).
+    resolved = []
+    for plan in plans:
+        if not 0 <= plan.layer_idx < len(layers):
+            raise ValueError(f"fusedadapter: block index {plan.layer_idx} out of range (model has {len(layers)})")
+        layer_name, layer = layers[plan.layer_idx]
+        site = resolve_site(layer, spec, plan.location)
+        child = _CHILD_NAMES[plan.location]
+        if hasattr(layer, child):
+            raise ValueError(f"fusedadapter: block {layer_name} already has an attribute {child!r}")
+        resolved.append((plan, layer_name, layer, site, child))
+    modules = []
+    # Parameters made under torch.inference_mode would be inference tensors (no version counter,
+    # never trainable): build them outside it.
+    with torch.inference_mode(False), torch.no_grad():
+        for plan, layer_name, layer, site, child in resolved:
+            fusion = FusedAdapterFusion(hidden, plan.adapters, plan.fusion, backend,
+                                        default_activation=plan.default_activation, attention_dropout=att_dropout)
+            dtype, device = _model_dtype_device(layer)
+            fusion.train(layer.training)  # a model in eval mode gets sites in eval mode (as AdapterHub does)
+            modules.append(fusion.to(device=device, dtype=dtype))
+
+    record = PatchRecord(arch=spec.name, fusion_name=fusion_name, adapter_names=list(adapter_names),
+                         fusion_config=fusion_config, placement=placement, backend=backend)
+    by_output: Dict[Tuple[int, str], List[_SiteRuntime]] = {}
+    output_modules: Dict[Tuple[int, str], nn.Module] = {}
+    for (plan, layer_name, layer, site, child), fusion in zip(resolved, modules):
+        layer.add_module(child, fusion)
+        ln = get_module(layer, site.layer_norm) if site.layer_norm else None
+        rt = _SiteRuntime(fusion, ln, plan.layer_idx, plan.location, plan.original_ln_before, plan.residual_before_ln,
+                          fusion_name)
+        cap_path, index, names = site.capture
+        get_module(layer, cap_path).register_forward_pre_hook(partial(_capture_hook, rt, index, tuple(names)),
+                                                              with_kwargs=True)
+        key = (plan.layer_idx, site.output)
+        by_output.setdefault(key, []).append(rt)
+        output_modules[key] = get_module(layer, site.output)
+        record.sites.append(dict(layer_idx=plan.layer_idx, location=plan.location, layer_name=layer_name, child=child,
+                                 runtime=rt, ah_path=site.ah_path, module=fusion))
+    for key, rts in by_output.items():
+        output_modules[key].register_forward_hook(partial(_output_hook, tuple(rts)))
+    object.__setattr__(model, _RECORD_ATTR, record)
+    return record
+
+
+def _normalize_adapters(adapters) -> Dict[str, AdapterConfig]:
+    if isinstance(adapters, Mapping):
+        items = list(adapters.items())
+    elif isinstance(adapters, (list, tuple)):
+        items = [(str(i), cfg) for i, cfg in enumerate(adapters)]
+    else:
+        raise TypeError(f"fusedadapter.patch: adapters must be a sequence or a mapping of AdapterConfig, got "
+                        f"{type(adapters).__name__}")
+    if not items:
+        raise ValueError("fusedadapter.patch: adapters must name at least one AdapterConfig")
+    out = {}
+    for name, cfg in items:
+        if not isinstance(cfg, AdapterConfig):
+            raise TypeError(f"fusedadapter.patch: adapter {name!r}: expected an AdapterConfig, got {type(cfg).__name__}")
+        if not isinstance(name, str) or not name or "." in name or "," in name:
+            raise ValueError(f"fusedadapter.patch: adapter names must be non-empty strings without '.' or ',', "
+                             f"got {name!r}")
+        out[name] = cfg
+    return out
+
+
+def _placement(placement: str) -> Placement:
+    key = _PLACEMENT_ALIASES.get(placement, placement)
+    if key not in PLACEMENTS:
+        raise ValueError(f"fusedadapter.patch: unknown placement {placement!r}; expected one of "
+                         f"{sorted(PLACEMENTS)} (or AdapterHub's aliases {sorted(_PLACEMENT_ALIASES)})")
+    return PLACEMENTS[key]
+
+
+def reduction_factor_for(hidden: int, width: int) -> float:
+    """A reduction factor ``rf`` with ``int(hidden // rf) == width`` (AdapterHub's width rule)."""
+    if width == hidden:
+        return 1
+    rf = hidden / width
+    if float(rf).is_integer():
+        rf = int(rf)
+        if int(hidden // rf) == width:
+            return rf
+        rf = float(rf)
+    for _ in range(64):
+        got = int(hidden // rf)
+        if got == width:
+            return rf
+        rf = math.nextafter(rf, 0.0 if got < width else math.inf)
+    raise ValueError(f"no reduction factor gives width {width} for hidden size {hidden}")
+
+
+def adapterhub_config_dict(cfg: AdapterConfig, hidden: int, placement: Placement) -> dict:
+    """The AdapterHub ``BnConfig`` dict (all 1.3.0 fields) for one of our adapters."""
+    from .checkpoint import bn_config_template
+
+    d = bn_config_template(placement.name)
+    d["reduction_factor"] = reduction_factor_for(hidden, cfg.width(hidden))
+    d["non_linearity"] = cfg.non_linearity if cfg.non_linearity is not None else placement.default_activation
+    d["scaling"] = cfg.scaling if isinstance(cfg.scaling, str) else float(cfg.scaling)
+    d["ln_before"] = bool(cfg.ln_before)
+    return d
+
+
+def patch(model: nn.Module, adapters, fusion: Union[str, Mapping, FusionConfig] = "dynamic",
+          placement: str = "seq_bn", backend: str = "auto") -> nn.Module:
+    """Add N adapters and a fused AdapterFusion site to every transformer block of ``model``, in place.
+
+    ``adapters``: a sequence (named "0", "1", ...) or a mapping name -> :class:`AdapterConfig`.
+    ``fusion``: ``"dynamic"`` | ``"static"`` | a dict | a :class:`FusionConfig`.
+    ``placement``: ``"seq_bn"`` (FFN output; default activation relu) or ``"double_seq_bn"``
+    (attention and FFN outputs, each site its own adapters and fusion; default activation swish).
+    ``backend``: as :class:`FusedAdapterFusion`. Sites are registered as ``fusedadapter_output`` /
+    ``fusedadapter_attention`` children of each block (new parameters, trainable); the model's
+    own parameters are left as they are. Returns ``model``.
+    """
+    spec = arch_spec(model)  # clear error for unsupported architectures first
+    place = _placement(placement)
+    cfgs = _normalize_adapters(adapters)
+    fusion_config = FusionConfig.load(fusion)
+    if backend != "auto":
+        from .dispatch import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"fusedadapter.patch: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    n_layers = len(find_layers(model, spec))
+    plans = [SitePlan(i, loc, dict(cfgs), fusion_config, place.default_activation, place.original_ln_before,
+                      place.residual_before_ln)
+             for i in range(n_layers) for loc in place.locations]
+    names = list(cfgs)
+    record = install(model, plans, fusion_name=",".join(names), adapter_names=names, fusion_config=fusion_config,
+                     placement=place.name, backend=backend)
+    hidden = int(model.config.hidden_size)
+    record.ah_configs = {n: adapterhub_config_dict(c, hidden, place) for n, c in cfgs.items()}
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _RECORD_ATTR, None) is not None
+
+
+def patch_record(model: nn.Module) -> Optional[PatchRecord]:
+    return getattr(model, _RECORD_ATTR, None)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove what :func:`patch` / :func:`fusedadapter.load_adapterhub` added (hooks and site modules),
+    or what :func:`fusedadapter.accelerate` changed on an AdapterHub model. Returns ``model``."""
+    record = getattr(model, _RECORD_ATTR, None)
+    undone = False
+    if record is not None:
+        # Remove our hooks by identity of their runtimes (not through the handles: a deep copy of
+        # a patched model carries copies of the hooks and runtimes).
+        runtimes = {id(s["runtime"]) for s in record.sites}
+        for module in model.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in [k for k, h in hooks.items() if _is_our_hook(h, runtimes)]:
+                    del hooks[key]
+                    module._forward_hooks_with_kwargs.pop(key, None)
+                    module._forward_hooks_always_called.pop(key, None)
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for site in record.sites:
+            layer = get_module(model, site["layer_name"]) if site["layer_name"] else model
+            if layer is not None and site["child"] in layer._modules:
+                del layer._modules[site["child"]]
+            site["runtime"].x = None
+        object.__delattr__(model, _RECORD_ATTR)
+        undone = True
+    from .integrations.adapterhub import _unaccelerate
+
+    undone = _unaccelerate(model) or undone
+    if not undone:
+        raise ValueError("fusedadapter.unpatch: the model is neither patched (fusedadapter.patch / load_adapterhub) "
+                         "nor accelerated (fusedadapter.accelerate)")
+    return model
+
+
+def _is_our_hook(hook, runtime_ids) -> bool:
+    if not isinstance(hook, partial) or hook.func not in (_capture_hook, _output_hook):
+        return False
+    first = hook.args[0]
+    rts = first if isinstance(first, tuple) else (first,)
+    return any(id(rt) in runtime_ids for rt in rts)
+
+
+def fusion_sites(model: nn.Module) -> List[Tuple[int, str, FusedAdapterFusion]]:
+    """[(block index, location key, site module)] of a patched model."""
+    record = getattr(model, _RECORD_ATTR, None)
+    if record is None:
+        raise ValueError("fusedadapter: the model is not patched")
+    return [(s["layer_idx"], s["location"], s["module"]) for s in record.sites]
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch the backend of every site of a patched (or accelerated) model."""
+    record = getattr(model, _RECORD_ATTR, None)
+    found = False
+    if record is not None:
+        for s in record.sites:
+            s["module"].backend = backend
+        record.backend = backend
+        found = True
+    from .integrations.adapterhub import _set_accelerated_backend
+
+    found = _set_accelerated_backend(model, backend) or found
+    if not found:
+        raise ValueError("fusedadapter.set_backend: the model is neither patched nor accelerated")
+    return model
+
+
+@contextlib.contextmanager
+def collect_fusion_probs(model: nn.Module) -> Iterator[Dict[str, Dict[int, Dict[str, torch.Tensor]]]]:
+    """Collect the fusion attention of every site while the block runs (AdapterHub's
+    ``output_adapter_fusion_attentions=True``)::
+
+        with collect_fusion_probs(model) as probs:
+            model(**batch)
+        probs[fusion_name][layer_idx]["output_adapter"]   # (B, T, N) tensor, detached
+
+    Same nesting as AdapterHub's ``adapter_fusion_attentions``; values are tensors on the
+    model's device (AdapterHub returns numpy arrays). Later calls inside the block overwrite.
+    """
+    record = getattr(model, _RECORD_ATTR, None)
+    if record is None:
+        raise ValueError("fusedadapter.collect_fusion_probs: the model is not patched")
+    store: Dict[str, Dict[int, Dict[str, torch.Tensor]]] = {}
+    runtimes = [s["runtime"] for s in record.sites]
+    previous = [rt.collector for rt in runtimes]
+    for rt in runtimes:
+        rt.collector = store
+    try:
+        yield store
+    finally:
+        for rt, prev in zip(runtimes, previous):
+            rt.collector = prev
