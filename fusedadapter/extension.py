@@ -13,7 +13,7 @@ Build knobs (environment variables, printed when a build starts; ``python -m
 fusedadapter.extension`` builds ahead of time and prints them):
 
 ``FUSEDADAPTER_BUILD_DIR``       build cache (default ``$TORCH_EXTENSIONS_DIR/fusedadapter`` or
-                                 ``~/.cache/fusedadapter``), one sub-folder per torch/CUDA/Python
+                                 ``~/.cache/fusedadapter``), one sub-folder per torch install
 ``FUSEDADAPTER_CUDA_ARCH_LIST``  CUDA architectures, default ``8.0;9.0`` (``+PTX`` adds PTX)
 ``FUSEDADAPTER_SKIP_CUDA``       ``1``: never build the CUDA extension (backend ``cuda`` unavailable)
 ``FUSEDADAPTER_CPU_ISA``         run-time cap on the CPU kernels: ``avx512bf16`` (default),
@@ -25,6 +25,7 @@ fusedadapter.extension`` builds ahead of time and prints them):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -60,7 +61,9 @@ def build_settings() -> Dict[str, object]:
         root = os.path.join(ext_dir, "fusedadapter") if ext_dir else os.path.join(Path.home(), ".cache", "fusedadapter")
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     cu = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    tag = f"torch{torch.__version__.split('+')[0]}-{cu}-{py}-{sysconfig.get_platform()}"
+    # one cache per torch install (two virtual environments must not rebuild each other's copy)
+    where = hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
+    tag = f"torch{torch.__version__.split('+')[0]}-{cu}-{py}-{sysconfig.get_platform()}-{where}"
     return {
         "build_dir": os.path.join(root, tag),
         "cuda_arch_list": os.environ.get("FUSEDADAPTER_CUDA_ARCH_LIST", "8.0;9.0"),
