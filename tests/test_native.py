@@ -148,6 +148,25 @@ def test_wide_site_like_the_benchmark(cpu_path):
         check_parity("cpu", site, dtype, lead=(4, 50), grads=False)
 
 
+def test_float16_runs_through_the_fp32_path(cpu_op):
+    site = make_site(24, [5, 7], ["gelu", "relu"], seed=2)
+    check_parity("cpu", site, torch.float16)
+    check_parity("cpu", site, torch.float16, train=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 13, 50])
+def test_paths_without_residual_or_query(cpu_path, dtype, m):
+    a = _op_args(m, 24, [4, 9, 3], 20, dtype=dtype, xq=False, residual=False, seed=m)
+    acts = [2, 1, 4]
+    got = _call(torch.ops.fusedadapter.fusion_cpu, a, acts)
+    want = _call(torch.ops.fusedadapter.fusion_torch, a, acts)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 kernels round the weights to bf16
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=tol * w.double().abs().max().item())
+
+
 def _op_args(m, kd, r_widths, h, dtype=torch.float64, xq=True, residual=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
