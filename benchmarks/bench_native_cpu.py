@@ -8,7 +8,9 @@ What is timed: ``FusedAdapterFusion.forward`` (H=768, N=8 adapters of width r=48
 and each call is the module's Python plus one op call. Backends alternate sample by sample
 (interleaved), each sample averages enough calls to last ~``--sample-ms``; the table shows the
 median per call with the 20th and 80th percentiles of the samples. Not a unit test: numbers
-depend on the machine and its load (2 shared cores here), so read them with their spread.
+depend on the machine and its load, so read them with their spread. On a shared machine whose
+cores are busy with other work, OpenMP regions of 2+ threads stall on descheduled threads (both
+backends, ms-long outliers); ``--threads 1`` then gives stable numbers.
 """
 
 from __future__ import annotations
