@@ -68,20 +68,28 @@ def _headline(rows) -> List[str]:
     return lines
 
 
-def _warn_if_busy(opts) -> None:
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _threads_for_busy_machine(opts) -> None:
     """On a CPU shared with other work, several torch threads wait on each other at every parallel
-    region (a descheduled thread stalls the rest for a time slice): timings then swing by 10-100x."""
+    region (a descheduled thread stalls the rest for a time slice): timings swing by 10-100x and a
+    run takes minutes longer. Unless --threads was given, such a run uses one thread (and says so;
+    the thread count is in every row's config)."""
     import os
 
     import torch
 
-    if opts.device != "cpu" or not hasattr(os, "getloadavg"):
+    if opts.device != "cpu" or opts.threads or not hasattr(os, "getloadavg"):
         return
-    threads = opts.threads or torch.get_num_threads()
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if threads > 1 and load > 0.5 * cores:
-        print(f"warning: load average {load:.1f} on {cores} cores: with {threads} torch threads the timings will be "
-              f"noisy and slow; --threads 1 measures more steadily on a busy machine", file=sys.stderr)
+    if torch.get_num_threads() > 1 and load > 0.5 * cores:
+        opts.threads = 1
+        print(f"note: load average {load:.1f} on {cores} cores (other work is running): timing with 1 torch thread, "
+              f"which measures steadily there; pass --threads N to override", file=sys.stderr)
 
 
 def _add_layer_args(p: argparse.ArgumentParser) -> None:
@@ -134,9 +142,11 @@ def _layer(name: str, args, argv: List[str]) -> int:
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     opts.extra_config = {"preset": name}
     t0 = time.monotonic()
-    _warn_if_busy(opts)
+    _threads_for_busy_machine(opts)
     print(f"fusedadapter benchmarks: preset {name!r}, {len(points)} point(s), modes {list(opts.modes)}, "
-          f"{opts.repeats} interleaved repeats, device {opts.device}; writing to {out}/", flush=True)
+          f"{opts.repeats} interleaved repeats, device {opts.device}"
+          + (f", {opts.threads or _torch_threads()} thread(s)" if opts.device == "cpu" else "")
+          + f"; writing to {out}/", flush=True)
     rows, skipped = run_layer(points, opts, sink=writer.add)
     for p, why in skipped.items():
         print(f"  skipped provider {p}: {why}")

@@ -101,7 +101,19 @@ class Step:
 @functools.lru_cache(maxsize=None)
 def _backends_on(device_type: str, index: Optional[int]) -> Tuple[Tuple[str, Optional[str]], ...]:
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
-    return tuple(fa.available_backends(device).items())
+    try:
+        return tuple(fa.available_backends(device).items())
+    except Exception:  # a backend whose loader fails with something else than BackendUnavailable
+        from fusedadapter.dispatch import fusion_op
+
+        out = {"reference": None}
+        for name in FAST_BACKENDS:
+            try:
+                fusion_op(name, device)
+                out[name] = None
+            except Exception as exc:
+                out[name] = f"{type(exc).__name__}: {exc}"
+        return tuple(out.items())
 
 
 def site_providers(device="cpu", requested: Optional[List[str]] = None, *, allow_interpreter: bool = False
