@@ -204,17 +204,17 @@ class FusedAdapterFusion(nn.Module):
         return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
                              get(self.key, "bias"), get(self.value, "weight"))
 
-    def _cache_key(self, tag, dtype):
-        params = tuple(self.parameters())
-        return (tag, dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad) for p in params))
-
     def _cached(self, tag, dtype, make):
+        params = list(self.parameters())  # one walk per call: this runs on every forward
         # Training needs the fold under autograd (gradients reach the fusion and adapter weights).
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return make()
-        if torch.compiler.is_compiling():
-            return make()
-        key = self._cache_key(tag, dtype)
+        if any(p.is_inference() for p in params):
+            # Inference tensors (made under inference_mode) have no version counter: an in-place
+            # edit could not be seen, so never serve them from the cache.
+            with torch.no_grad():
+                return make()
+        key = (tag, dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad) for p in params))
         cache = self._fold_cache
         if cache is not None and cache[0] == key:
             return cache[1]

@@ -154,3 +154,18 @@ def test_regularization_loss_trains_value_towards_identity():
     fa.fusion_regularization_loss(m).backward()
     opt.step()
     assert fa.fusion_regularization_loss(m).item() < before
+
+
+def test_module_converted_under_inference_mode_never_serves_stale_folds():
+    m = fresh()
+    a, res = inputs(m)
+    with torch.inference_mode():
+        m.double()  # parameters become inference tensors: no version counter
+        out = m(a.double(), res.double())
+        m.key.weight.mul_(2.0)  # an edit the version counter cannot see
+        edited = m(a.double(), res.double())
+        ref = copy.deepcopy(m)
+        ref.backend = "reference"
+        want = ref(a.double(), res.double())
+    assert not torch.equal(out, edited)
+    torch.testing.assert_close(edited, want, rtol=1e-12, atol=1e-12)
