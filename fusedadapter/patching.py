@@ -170,12 +170,14 @@ def _supported_list() -> str:
 
 
 def get_module(root: nn.Module, path: str) -> Optional[nn.Module]:
+    """The submodule at a dotted path ("" is ``root``; digits index a ModuleList), or None."""
     mod = root
-    if not path:
-        return mod
-    for part in path.split("."):
-        mod = getattr(mod, part, None) if not part.isdigit() else (mod[int(part)] if isinstance(mod, (nn.ModuleList, nn.Sequential)) and int(part) < len(mod) else None)
-        if mod is None or not isinstance(mod, nn.Module):
+    for part in path.split(".") if path else ():
+        if part.isdigit() and isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            mod = mod[int(part)] if int(part) < len(mod) else None
+        else:
+            mod = getattr(mod, part, None)
+        if not isinstance(mod, nn.Module):
             return None
     return mod
 

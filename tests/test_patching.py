@@ -302,3 +302,24 @@ def test_patch_inside_inference_mode_and_float64():
     assert all(p.dtype == torch.float64 and not p.is_inference() for _, _, s in fusion_sites(model)
                for p in s.parameters())
     fa.unpatch(model)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_gradient_checkpointing(arch):
+    """Recomputation runs the hooks again, in order: same gradients as without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(arch, dropout=False)
+        _perturbed_patch(model, "double_seq_bn", backend="torch")
+        if checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        y = last_hidden(model(**tiny_inputs(arch)))
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "fusedadapter" in n and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
