@@ -7,8 +7,8 @@ B=8, S=128 token ids, with 8 ``seq_bn`` adapters of width 48 fused (the ``dynami
 
 * ``bare``         the model without adapters
 * ``adapterhub``   AdapterHub's own eager ``Fuse`` (``adapters.init`` + 8 adapters + fusion)
-* ``accelerate``   the same AdapterHub model after ``fusedadapter.accelerate`` (backend auto)
-* ``patch``        the bare model after ``fusedadapter.patch`` (backend auto)
+* ``accelerate``   the same AdapterHub model after ``fusedadapter.accelerate`` (``--backend``, default auto)
+* ``patch``        the bare model after ``fusedadapter.patch`` (same backend)
 
 Repeats are interleaved (every round runs every variant, in a shuffled order) so that a busy
 machine slows all variants alike; the overhead is the median (p20, p80) over rounds of each
@@ -49,7 +49,7 @@ def _quantile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def build(with_adapterhub: bool):
+def build(with_adapterhub: bool, backend: str = "auto"):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def build(with_adapterhub: bool):
     names = [f"task{i}" for i in range(N_ADAPTERS)]
     patched = copy.deepcopy(bare)
     fa.patch(patched, {n: fa.AdapterConfig(bottleneck_size=WIDTH) for n in names}, fusion="dynamic",
-             placement="seq_bn", backend="auto")
+             placement="seq_bn", backend=backend)
     if with_adapterhub:
         import adapters
 
@@ -74,7 +74,7 @@ def build(with_adapterhub: bool):
         accelerated = copy.deepcopy(ah)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # the fused path must really be taken
-            fa.accelerate(accelerated, backend="auto")
+            fa.accelerate(accelerated, backend=backend)
         variants["adapterhub"] = ah
         variants["accelerate"] = accelerated
     variants["patch"] = patched
@@ -86,6 +86,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--backend", default="auto", help="fusedadapter backend of both fused variants (default auto)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -98,7 +99,7 @@ def main(argv=None):
         with_ah = False
         print("note: `adapters` is not installed: the AdapterHub variants are skipped", file=sys.stderr)
 
-    variants = build(with_ah)
+    variants = build(with_ah, args.backend)
     ids = torch.randint(1000, 30000, (B, S), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(B, S, dtype=torch.long)
 
@@ -127,7 +128,8 @@ def main(argv=None):
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"\nBERT-base shape, B={B}, S={S}, {N_ADAPTERS} seq_bn adapters r={WIDTH} fused, CPU float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved rounds"
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}, "
+          f"{args.repeats} interleaved rounds"
           + (f", load average {load[0]:.1f}" if load else ""))
     print(f"{'variant':<12} {'median s':>9} {'p20 s':>8} {'p80 s':>8} {'min s':>7}   {'overhead median':>15} {'p20':>7} "
           f"{'p80':>7} {'of mins':>8}")
@@ -146,7 +148,8 @@ def main(argv=None):
     if args.json:
         meta = {"shape": {"B": B, "S": S, "adapters": N_ADAPTERS, "width": WIDTH, "hidden": 768, "layers": 12},
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                "processor": platform.processor(), "load_average": load, "repeats": args.repeats}
+                "processor": platform.processor(), "load_average": load, "repeats": args.repeats,
+                "backend": args.backend}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
     return results
