@@ -774,7 +774,7 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
     h = w_out.shape[0]
     if tuple(grad_out.shape) != (m, h):
         raise ValueError(f"fusion_triton_backward: grad_out must have shape ({m}, {h}), got {tuple(grad_out.shape)}")
-    grads: List[torch.Tensor] = [xd.new_empty((0,))] * 9
+    grads: List[torch.Tensor] = [xd.new_empty((0,)) for _ in range(9)]  # distinct: outputs must not alias
     if needs[2]:
         grads[2] = grad_out.clone()
     need_g = any(needs[i] for i in (0, 1, 3, 4, 5, 6))
