@@ -19,12 +19,13 @@ namespace fusedadapter {
 #define FA_FUSION_SCHEMA_ARGS                                                                            \
   "(Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, Tensor w_query, "           \
   "Tensor? b_query, Tensor w_out, int[] segments, int[] activations, float temperature=1.0, "            \
-  "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None) -> (Tensor, Tensor)"
+  "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None, Tensor? adapter_mask=None) " \
+  "-> (Tensor, Tensor)"
 #define FA_FUSION_BACKWARD_SCHEMA_ARGS                                                                   \
   "(Tensor grad_out, Tensor? grad_probs, Tensor probs, Tensor xd, Tensor? xq, Tensor w_down, "            \
   "Tensor? b_down, Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, int[] activations, "  \
-  "float temperature, float dropout_p, int seed, Tensor? keep_mask, Tensor? logit_shift, bool[] needs) " \
-  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+  "float temperature, float dropout_p, int seed, Tensor? keep_mask, Tensor? logit_shift, bool[] needs, "  \
+  "Tensor? adapter_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 // Activation codes (fusedadapter/activations.py; part of the op schema, never renumber).
 enum Act : int {

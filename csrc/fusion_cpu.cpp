@@ -2,7 +2,8 @@
 // semantics: fusedadapter/ops.py).
 //
 // Forward = GEMM1 [xd | xq] -> [zp | t] (fp32 or fp64 out), one fused epilogue pass over the rows
-// (activation per segment, segmented dots, dropout, softmax over N, p-scaling), GEMM2 + residual.
+// (activation per segment, segmented dots, dropout, adapter mask, softmax over N, p-scaling), GEMM2 +
+// residual.
 // GEMMs, by dtype and row count M:
 //   fp64                      ATen BLAS (at::addmm)
 //   fp32, M <= small_m_max    AVX-512 weight-streaming kernel (cpu_kernels.cpp), else the AVX-512
@@ -65,12 +66,14 @@ inline void softmax_inplace(T* x, int64_t n) {
   for (int64_t k = 0; k < n; ++k) x[k] *= inv;
 }
 
-// The logits of one row -> probabilities: dropout (keep mask or hash), temperature, softmax.
+// The logits of one row -> probabilities: dropout (keep mask or hash), adapter mask, temperature,
+// softmax.
 template <typename T>
 struct Dropout {
   double p = 0.0;
   const bool* keep = nullptr;   // (M, N) contiguous, or null: hash
   const T* shift = nullptr;     // (M,) or null
+  const bool* allow = nullptr;  // adapter_mask (M, N) contiguous, or null (every adapter, no cost)
   uint32_t key = 0;
   T scale = T(1);
   bool on() const { return p > 0.0; }
@@ -79,12 +82,30 @@ struct Dropout {
   }
 };
 
+// Masked adapters' logits -> -inf (after dropout). False when the row masks every adapter: then
+// its probabilities are all 0 (set here), and the caller skips the softmax (it would be 0/0).
+template <typename T>
+inline bool mask_logits(T* l, int64_t m, int64_t N, const bool* allow) {
+  const bool* a = allow + m * N;
+  bool any = false;
+  for (int64_t n = 0; n < N; ++n) {
+    if (a[n]) {
+      any = true;
+    } else {
+      l[n] = -std::numeric_limits<T>::infinity();
+    }
+  }
+  if (!any) std::fill(l, l + N, T(0));
+  return any;
+}
+
 template <typename T>
 inline void logits_to_probs(T* l, int64_t m, int64_t N, const Dropout<T>& dr, T temperature) {
   if (dr.on()) {
     const T s = dr.shift ? dr.shift[m] : T(0);
     for (int64_t n = 0; n < N; ++n) l[n] = dr.keep_at(m, n, N) ? (l[n] + s) * dr.scale : T(0);
   }
+  if (dr.allow && !mask_logits(l, m, N, dr.allow)) return;
   for (int64_t n = 0; n < N; ++n) l[n] = l[n] / temperature;
   softmax_inplace(l, N);
 }
@@ -182,8 +203,12 @@ void epilogue_backward(const SegmentInfo& seg, int64_t M, const T* zp, const T* 
           p[n] = keep[n] != T(0) ? (p[n] + s) * dr.scale : T(0);
         }
       }
-      for (int64_t n = 0; n < N; ++n) p[n] = p[n] / temperature;
-      softmax_inplace(p.data(), N);
+      // Masked adapters get p = 0, hence dl = 0 below; a row masking every adapter gets p = 0
+      // throughout (all its gradients but the residual's are 0).
+      if (!dr.allow || mask_logits(p.data(), m, N, dr.allow)) {
+        for (int64_t n = 0; n < N; ++n) p[n] = p[n] / temperature;
+        softmax_inplace(p.data(), N);
+      }
       T sdp = T(0);
       for (int64_t n = 0; n < N; ++n) {
         T acc = gp ? gp[m * N + n] : T(0);
@@ -238,9 +263,11 @@ void addmm_into(const at::Tensor& out_view, const at::Tensor& x, const at::Tenso
 }
 
 template <typename T>
-Dropout<T> make_dropout(double dropout_p, int64_t seed, const at::Tensor& keep, const at::Tensor& shift) {
+Dropout<T> make_dropout(double dropout_p, int64_t seed, const at::Tensor& keep, const at::Tensor& shift,
+                        const at::Tensor& allow) {
   Dropout<T> dr;
   dr.p = dropout_p;
+  dr.allow = allow.defined() ? allow.data_ptr<bool>() : nullptr;
   if (dropout_p > 0.0) {
     dr.keep = keep.defined() ? keep.data_ptr<bool>() : nullptr;
     dr.shift = shift.defined() ? shift.data_ptr<T>() : nullptr;
@@ -266,10 +293,11 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
                                               const at::Tensor& w_query, const OptTensor& b_query,
                                               const at::Tensor& w_out, c10::IntArrayRef segments,
                                               c10::IntArrayRef activations, double temperature, double dropout_p,
-                                              int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift) {
+                                              int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
+                                              const OptTensor& adapter_mask) {
   const FusionDims d = check_fusion_args("fusion_cpu", c10::DeviceType::CPU, xd, xq, residual, w_down, b_down, w_query,
                                          b_query, w_out, segments, activations, temperature, dropout_p, keep_mask,
-                                         logit_shift);
+                                         logit_shift, adapter_mask);
   const SegmentInfo seg(segments, activations);
   const int64_t M = d.M, R = d.R, N = d.N, H = d.H, RN = R + N;
   const auto adt = xd.scalar_type();
@@ -279,6 +307,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
   if (M == 0) return {out, probs};
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();
   const at::Tensor wd = w_down.contiguous(), wq = w_query.contiguous(), wo = w_out.contiguous();
   const OptTensor bd = b_down.has_value() ? OptTensor(b_down->contiguous()) : OptTensor();
   const OptTensor bq = b_query.has_value() ? OptTensor(b_query->contiguous()) : OptTensor();
@@ -290,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
     addmm_into(buf.narrow(1, 0, R), xdc, wd, bd);
     addmm_into(buf.narrow(1, R, RN), xqc, wq, bq);
     auto w = at::empty({M, RN}, xd.options());
-    const auto dr = make_dropout<double>(dropout_p, seed, keep, shift);
+    const auto dr = make_dropout<double>(dropout_p, seed, keep, shift, allow);
     double* b = buf.data_ptr<double>();
     epilogue_forward<double, double>(seg, M, b, 2 * R + N, b + R, 2 * R + N, probs.data_ptr<double>(),
                                      w.data_ptr<double>(), RN, temperature, dr, nullptr);
@@ -305,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
   const int isa = cpu::active_isa();
   const auto& tune = cpu::tuning();
   const F32Ops* ops = cpu::f32_ops();
-  const auto dr = make_dropout<float>(dropout_p, seed, keep, shift);
+  const auto dr = make_dropout<float>(dropout_p, seed, keep, shift, allow);
   const int64_t ldb1 = 2 * R + N;
 
   if (adt == at::kBFloat16 && isa >= cpu::kAvx512Bf16 && M >= tune.bf16_min_m) {
@@ -407,10 +436,10 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
                           const at::Tensor& w_query, const OptTensor& b_query, const at::Tensor& w_out,
                           c10::IntArrayRef segments, c10::IntArrayRef activations, double temperature,
                           double dropout_p, int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
-                          c10::List<bool> needs_list) {
-  const FusionDims d =
-      check_fusion_args("fusion_cpu_backward", c10::DeviceType::CPU, xd, xq, std::nullopt, w_down, b_down, w_query,
-                        b_query, w_out, segments, activations, temperature, dropout_p, keep_mask, logit_shift);
+                          c10::List<bool> needs_list, const OptTensor& adapter_mask) {
+  const FusionDims d = check_fusion_args("fusion_cpu_backward", c10::DeviceType::CPU, xd, xq, std::nullopt, w_down,
+                                         b_down, w_query, b_query, w_out, segments, activations, temperature,
+                                         dropout_p, keep_mask, logit_shift, adapter_mask);
   const auto needs = check_backward_args("fusion_cpu_backward", d, grad_out, grad_probs, needs_list);
   const int64_t M = d.M, R = d.R, N = d.N, RN = R + N;
   const auto acc = acc_type_of(xd.scalar_type());
@@ -431,12 +460,13 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
   const at::Tensor gp = grad_probs.has_value() ? grad_probs->to(acc).contiguous() : at::Tensor();
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();
   if (M > 0) {
     addmm_into(zp, xdc, wd, b_down);
     addmm_into(t, xqc, wq, b_query);
     at::mm_out(dw, go, wo);
     AT_DISPATCH_FLOATING_TYPES(acc, "fusion_cpu_backward", [&] {
-      const auto dr = make_dropout<scalar_t>(dropout_p, seed, keep, shift);
+      const auto dr = make_dropout<scalar_t>(dropout_p, seed, keep, shift, allow);
       epilogue_backward<scalar_t>(seg, M, zp.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                                   gp.defined() ? gp.data_ptr<scalar_t>() : nullptr, dzp.data_ptr<scalar_t>(),
                                   dt.data_ptr<scalar_t>(), wmix.defined() ? wmix.data_ptr<scalar_t>() : nullptr,

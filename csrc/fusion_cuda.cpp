@@ -32,8 +32,10 @@ cuda::SegParams make_seg(c10::IntArrayRef segments, c10::IntArrayRef activations
   return s;
 }
 
-cuda::DropParams make_drop(double dropout_p, int64_t seed, const at::Tensor& keep, const at::Tensor& shift) {
+cuda::DropParams make_drop(double dropout_p, int64_t seed, const at::Tensor& keep, const at::Tensor& shift,
+                           const at::Tensor& allow) {
   cuda::DropParams d{};
+  d.allow = allow.defined() ? allow.data_ptr<bool>() : nullptr;
   d.p = dropout_p;
   d.scale = dropout_p > 0.0 ? 1.0 / (1.0 - dropout_p) : 1.0;
   d.key = hash_seed_key(seed);
@@ -54,10 +56,10 @@ std::tuple<at::Tensor, at::Tensor> fusion_cuda(const at::Tensor& xd, const OptTe
                                                const at::Tensor& w_out, c10::IntArrayRef segments,
                                                c10::IntArrayRef activations, double temperature, double dropout_p,
                                                int64_t seed, const OptTensor& keep_mask,
-                                               const OptTensor& logit_shift) {
+                                               const OptTensor& logit_shift, const OptTensor& adapter_mask) {
   const FusionDims d = check_fusion_args("fusion_cuda", c10::DeviceType::CUDA, xd, xq, residual, w_down, b_down,
                                          w_query, b_query, w_out, segments, activations, temperature, dropout_p,
-                                         keep_mask, logit_shift);
+                                         keep_mask, logit_shift, adapter_mask);
   const c10::cuda::CUDAGuard guard(xd.device());
   const auto seg = make_seg(segments, activations, "fusion_cuda");
   const auto adt = xd.scalar_type();
@@ -71,10 +73,11 @@ std::tuple<at::Tensor, at::Tensor> fusion_cuda(const at::Tensor& xd, const OptTe
   const at::Tensor t = gemm_acc(xqc, w_query, acc);
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();
   const OptTensor bd = b_down.has_value() ? OptTensor(b_down->contiguous()) : OptTensor();
   const OptTensor bq = b_query.has_value() ? OptTensor(b_query->contiguous()) : OptTensor();
   auto w = at::empty({M, RN}, xd.options());
-  cuda::forward_epilogue(zp, t, bd, bq, probs, w, seg, temperature, make_drop(dropout_p, seed, keep, shift));
+  cuda::forward_epilogue(zp, t, bd, bq, probs, w, seg, temperature, make_drop(dropout_p, seed, keep, shift, allow));
   const at::Tensor wo = w_out.scalar_type() == adt ? w_out : w_out.to(adt);
   at::Tensor out = residual.has_value() ? at::addmm(*residual, w, wo.t()) : at::mm(w, wo.t());
   return {out, probs};
@@ -85,10 +88,11 @@ Grads fusion_cuda_backward(const at::Tensor& grad_out, const OptTensor& grad_pro
                            const OptTensor& b_down, const at::Tensor& w_query, const OptTensor& b_query,
                            const at::Tensor& w_out, c10::IntArrayRef segments, c10::IntArrayRef activations,
                            double temperature, double dropout_p, int64_t seed, const OptTensor& keep_mask,
-                           const OptTensor& logit_shift, c10::List<bool> needs_list) {
-  const FusionDims d =
-      check_fusion_args("fusion_cuda_backward", c10::DeviceType::CUDA, xd, xq, std::nullopt, w_down, b_down, w_query,
-                        b_query, w_out, segments, activations, temperature, dropout_p, keep_mask, logit_shift);
+                           const OptTensor& logit_shift, c10::List<bool> needs_list,
+                           const OptTensor& adapter_mask) {
+  const FusionDims d = check_fusion_args("fusion_cuda_backward", c10::DeviceType::CUDA, xd, xq, std::nullopt, w_down,
+                                         b_down, w_query, b_query, w_out, segments, activations, temperature,
+                                         dropout_p, keep_mask, logit_shift, adapter_mask);
   const auto needs = check_backward_args("fusion_cuda_backward", d, grad_out, grad_probs, needs_list);
   const int64_t M = d.M, R = d.R, RN = d.R + d.N;
   (void)probs;  // recomputed with the exact weights
@@ -105,13 +109,14 @@ Grads fusion_cuda_backward(const at::Tensor& grad_out, const OptTensor& grad_pro
   const at::Tensor gp = grad_probs.has_value() ? grad_probs->to(acc).contiguous() : at::Tensor();
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
+  const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();
   const OptTensor bd = b_down.has_value() ? OptTensor(b_down->contiguous()) : OptTensor();
   const OptTensor bq = b_query.has_value() ? OptTensor(b_query->contiguous()) : OptTensor();
   at::Tensor dzp = at::zeros({M, R}, opts), dt = at::zeros({M, RN}, opts);
   at::Tensor wmix = needs[7] ? at::zeros({M, RN}, opts) : at::Tensor();
   at::Tensor dshift = (needs[8] && logit_shift.has_value()) ? at::zeros({M}, opts) : at::Tensor();
   cuda::backward_epilogue(zp, t, bd, bq, dw, gp, dzp, dt, wmix, dshift, seg, temperature,
-                          make_drop(dropout_p, seed, keep, shift));
+                          make_drop(dropout_p, seed, keep, shift, allow));
   return assemble_grads(needs, grad_out, go, xd, xq, xdc, xqc, w_down, b_down, w_query, b_query, logit_shift, dzp,
                         dt, wmix, dshift);
 }

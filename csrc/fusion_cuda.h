@@ -27,6 +27,7 @@ struct DropParams {
   uint32_t key;    // lowbias32(seed)
   const bool* keep;    // (M, N) or null: hash
   const void* shift;   // (M,) in the accumulation dtype, or null
+  const bool* allow;   // adapter_mask (M, N), applied after the dropout, or null (every adapter)
 };
 
 // Forward: zp (M, R) and t (M, R+N) are GEMM1 outputs without bias (accumulation dtype, row-major,

@@ -39,13 +39,29 @@ __device__ __forceinline__ bool keep_at(const DropParams& d, int64_t m, int n, i
   return d.keep ? d.keep[m * N + n] : hash_keep(d.key, m * N + n, static_cast<float>(d.p));
 }
 
-// Row logits (in s_l) -> probabilities in place, by one thread.
+// Row logits (in s_l) -> probabilities in place, by one thread. Masked adapters (d.allow) get
+// probability 0; a row that masks every adapter gets all 0 (no softmax: it would be 0/0).
 template <typename T>
 __device__ void row_softmax(T* s_l, int64_t m, int N, const DropParams& d, T temperature) {
   if (d.p > 0.0) {
     const T shift = d.shift ? static_cast<const T*>(d.shift)[m] : T(0);
     const T scale = static_cast<T>(d.scale);
     for (int n = 0; n < N; ++n) s_l[n] = keep_at<T>(d, m, n, N) ? (s_l[n] + shift) * scale : T(0);
+  }
+  if (d.allow) {
+    const bool* a = d.allow + m * N;
+    bool any = false;
+    for (int n = 0; n < N; ++n) {
+      if (a[n]) {
+        any = true;
+      } else {
+        s_l[n] = -INFINITY;  // exp(-inf - max) = 0 below
+      }
+    }
+    if (!any) {
+      for (int n = 0; n < N; ++n) s_l[n] = T(0);
+      return;
+    }
   }
   T mx = s_l[0] / temperature;
   for (int n = 0; n < N; ++n) {

@@ -73,7 +73,8 @@ inline FusionDims check_fusion_args(const char* op, c10::DeviceType device_type,
                                     const OptTensor& b_down, const Tensor& w_query, const OptTensor& b_query,
                                     const Tensor& w_out, c10::IntArrayRef segments,
                                     c10::IntArrayRef activations, double temperature, double dropout_p,
-                                    const OptTensor& keep_mask, const OptTensor& logit_shift) {
+                                    const OptTensor& keep_mask, const OptTensor& logit_shift,
+                                    const OptTensor& adapter_mask) {
   TORCH_CHECK_VALUE(xd.dim() == 2, op, ": xd must be 2-D (tokens, features), got shape ", shape_str(xd));
   TORCH_CHECK_TYPE(at::isFloatingType(xd.scalar_type()), op, ": xd must be floating point, got ",
                    xd.scalar_type());
@@ -139,18 +140,22 @@ inline FusionDims check_fusion_args(const char* op, c10::DeviceType device_type,
   }
   TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  if (keep_mask.has_value()) {
-    TORCH_CHECK_VALUE(keep_mask->dim() == 2 && keep_mask->size(0) == d.M && keep_mask->size(1) == n &&
-                          keep_mask->scalar_type() == at::kBool,
-                      op, ": keep_mask must be a bool tensor of shape (", d.M, ", ", n, "), got ",
-                      keep_mask->scalar_type(), " ", shape_str(*keep_mask));
-    TORCH_CHECK_VALUE(keep_mask->device() == xd.device(), op, ": keep_mask is on ", keep_mask->device(),
-                      ", expected ", xd.device());
-  }
+  // keep_mask and adapter_mask: bool (M, N) on xd's device
+  auto check_row_mask = [&](const char* name, const OptTensor& mask) {
+    if (!mask.has_value()) return;
+    TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == d.M && mask->size(1) == n &&
+                          mask->scalar_type() == at::kBool,
+                      op, ": ", name, " must be a bool tensor of shape (", d.M, ", ", n, "), got ",
+                      mask->scalar_type(), " ", shape_str(*mask));
+    TORCH_CHECK_VALUE(mask->device() == xd.device(), op, ": ", name, " is on ", mask->device(), ", expected ",
+                      xd.device(), " (the device of xd)");
+  };
+  check_row_mask("keep_mask", keep_mask);
   if (logit_shift.has_value()) {
     TORCH_CHECK_VALUE(logit_shift->dim() == 1 && logit_shift->size(0) == d.M, op,
                       ": logit_shift must have shape (", d.M, ",), got ", shape_str(*logit_shift));
   }
+  check_row_mask("adapter_mask", adapter_mask);
   for (auto code : activations) {
     TORCH_CHECK_VALUE(code >= 0 && code < kNumActivations, op, ": unknown activation code ", code,
                       "; expected 0..8");

@@ -8,6 +8,7 @@ Public API: configs (:class:`AdapterConfig`, :class:`FusionConfig`), the module
 from .config import AdapterConfig, FusionConfig
 from .dispatch import BACKENDS, BackendUnavailable, available_backends
 from .functional import adapter_fusion, fusion_regularization_loss
+from .masking import adapter_mask
 from .modules import BottleneckAdapter, FusedAdapterFusion
 from .patching import patch, unpatch
 from .integrations.adapterhub import accelerate
@@ -21,6 +22,7 @@ __all__ = [
     "FusedAdapterFusion",
     "BottleneckAdapter",
     "adapter_fusion",
+    "adapter_mask",
     "fusion_regularization_loss",
     "BACKENDS",
     "BackendUnavailable",

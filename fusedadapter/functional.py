@@ -18,11 +18,11 @@ from .activations import activation_code, apply_activation
 from .config import FusionConfig
 from .dispatch import resolve_backend
 from .fold import AdapterWeights, Folded, FusionWeights, fold
-from .ops import acc_dtype, hash_keep_mask
+from .ops import acc_dtype, hash_keep_mask, masked_softmax
 from .reference import reference_fusion
 
 __all__ = ["adapter_fusion", "run_site", "check_site_inputs", "fusion_regularization_loss",
-           "draw_seed", "PLAIN_FORM_RATIO"]
+           "draw_seed", "adapter_mask_rows", "PLAIN_FORM_RATIO"]
 
 # The folded form costs ~3·H·R multiply-adds per token; the plain form (adapters' own up
 # projections, W_K^T W_Q folded into one H x H matrix, W_V after the sum) ~2·H·R + 2·H².
@@ -57,6 +57,33 @@ def check_site_inputs(hidden_size: int, adapter_input, residual, query, param: O
                             f"expected inputs of dtype {param.dtype} (or run under torch.autocast)")
 
 
+def adapter_mask_rows(adapter_mask, lead, num_adapters: int, device) -> torch.Tensor:
+    """The (tokens, N) form of a per-sample adapter mask for inputs of leading shape ``lead``.
+
+    Broadcast rule: a mask of shape ``(*lead, N)`` is per token; a ``(batch, N)`` mask (``batch =
+    lead[0]``) applies to every token of its batch element (inputs ``(batch, ..., H)``)."""
+    lead = tuple(lead)
+    per_token = (*lead, num_adapters)
+    per_batch = (lead[0], num_adapters) if len(lead) >= 2 else None
+    want = f"{per_token} (..., N: per token)" + (f" or {per_batch} (batch, N)" if per_batch else "")
+    if not isinstance(adapter_mask, torch.Tensor):
+        raise TypeError(f"adapter_mask must be a bool tensor of shape {want}, got {type(adapter_mask).__name__}")
+    if adapter_mask.dtype != torch.bool:
+        raise TypeError(f"adapter_mask must be a bool tensor (True = the adapter takes part) of shape {want}, got "
+                        f"dtype {adapter_mask.dtype} (use mask.bool())")
+    shape = tuple(adapter_mask.shape)
+    if shape == per_token:
+        rows = adapter_mask
+    elif shape == per_batch:
+        rows = adapter_mask.reshape(lead[0], *([1] * (len(lead) - 1)), num_adapters).expand(per_token)
+    else:
+        raise ValueError(f"adapter_mask must have shape {want} for inputs of leading shape {lead} and "
+                         f"{num_adapters} adapters, got {shape}")
+    if adapter_mask.device != device:
+        raise ValueError(f"adapter_mask is on {adapter_mask.device}, expected {device} (the device of adapter_input)")
+    return rows.reshape(-1, num_adapters)
+
+
 def draw_seed() -> int:
     """A dropout seed from torch's default CPU generator (so torch.manual_seed makes runs repeatable)."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -83,7 +110,7 @@ def _logit_shift(folded: Folded, fusion: FusionWeights, c, res, residual_before:
 
 
 def _plain_form(folded_fusion: dict, adapters: Sequence[AdapterWeights], a, res, c, *, temperature, dropout_p,
-                keep_mask, residual_before, fusion: FusionWeights):
+                keep_mask, residual_before, fusion: FusionWeights, adapter_mask=None):
     """Wide adapters (R > PLAIN_FORM_RATIO·H): adapters' own up projections, W_K^T W_Q folded.
     Computed in the accumulation dtype (weights arrive in it), like the op."""
     out_dtype, acc = a.dtype, acc_dtype(a.dtype)
@@ -108,11 +135,16 @@ def _plain_form(folded_fusion: dict, adapters: Sequence[AdapterWeights], a, res,
         if shift is not None:
             logits = logits + shift[:, None]
         logits = torch.where(keep_mask, logits / (1.0 - dropout_p), torch.zeros((), dtype=acc, device=a.device))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    if adapter_mask is None:
+        probs = torch.softmax(logits / temperature, dim=-1)
+    else:
+        probs = masked_softmax(logits / temperature, adapter_mask)
     mix = torch.bmm(probs.unsqueeze(1), u).squeeze(1)
     out = F.linear(mix, fusion.value_weight) if fusion.value_weight is not None else mix
     if not residual_before:
         out = out + res
+    elif adapter_mask is not None:  # a row with every adapter masked is the bare sub-layer (see run_folded)
+        out = torch.where(adapter_mask.any(dim=-1, keepdim=True), out, res)
     return out.to(out_dtype), probs
 
 
@@ -138,18 +170,23 @@ def fold_plain(fusion: FusionWeights, dtype: torch.dtype) -> dict:
 
 
 def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual_before: bool, temperature: float,
-               dropout_p: float, seed: int, keep_mask):
-    """Run a backend op on folded weights. a, res, c: (M, H) in the compute dtype."""
+               dropout_p: float, seed: int, keep_mask, adapter_mask=None):
+    """Run a backend op on folded weights. a, res, c: (M, H) in the compute dtype; adapter_mask (M, N) or None."""
     xd = _down_input(a, folded.ln_mode)
     xq = None if (c is a and folded.ln_mode == "none") else c
     wd = folded.w_out.dtype
     if residual_before:
         op_res = F.linear(res.to(wd), fusion.value_weight).to(a.dtype) if fusion.value_weight is not None else res
+        if adapter_mask is not None and fusion.value_weight is not None:
+            # The op returns o + op_res with o = 0 on a row with every adapter masked; such a row is
+            # the bare sub-layer's output (the reference's rule), residual rather than W_V residual.
+            op_res = torch.where(adapter_mask.any(dim=-1, keepdim=True), op_res, res)
     else:
         op_res = res
     shift = _logit_shift(folded, fusion, c.to(wd), res.to(wd), residual_before) if dropout_p > 0 else None
     return op(xd, xq, op_res, folded.w_down, folded.b_down, folded.w_query, folded.b_query, folded.w_out,
-              folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask, shift)
+              folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask, shift,
+              adapter_mask)
 
 
 def use_plain_form(hidden_size: int, bottleneck: int) -> bool:
@@ -157,13 +194,14 @@ def use_plain_form(hidden_size: int, bottleneck: int) -> bool:
 
 
 def run_site(site, adapter_input, residual, query, *, backend: str, temperature: float, dropout_p: float,
-             keep_mask):
+             keep_mask, adapter_mask=None):
     """Shared body of the module and the functional form; returns (out, probs) in the input's shape.
 
     ``site`` provides: ``hidden_size``, ``bottleneck``, ``num_adapters``, ``residual_before``,
     ``anchor_param`` (a parameter, for the dtype/device check), and ``adapter_weights(dtype)``,
     ``fusion_weights(dtype)``, ``folded(dtype)``, ``plain_folded(dtype)``,
-    ``reference(a, res, c, temperature, dropout_p, keep_mask)``.
+    ``reference(a, res, c, temperature, dropout_p, keep_mask)`` (called with ``adapter_mask=`` (tokens, N)
+    too when a mask is given). ``adapter_mask``: bool, see :func:`adapter_mask_rows` for its shapes.
     """
     dev = adapter_input.device.type if isinstance(adapter_input, torch.Tensor) else "cpu"
     autocast_on = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
@@ -180,9 +218,14 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
             raise ValueError(f"dropout_mask must be a bool tensor of shape {(*lead, site.num_adapters)}, got "
                              f"{keep_mask.dtype} {tuple(keep_mask.shape)}")
         keep_mask = keep_mask.reshape(n_tokens, site.num_adapters)
+    if adapter_mask is not None:
+        adapter_mask = adapter_mask_rows(adapter_mask, lead, site.num_adapters, a.device)
     name, op = resolve_backend(backend, a.device, dtype, n_tokens)
     if name == "reference":
-        out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask)
+        if adapter_mask is None:
+            out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask)
+        else:
+            out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask, adapter_mask=adapter_mask)
     else:
         if autocast_on:
             a, res = a.to(dtype), res.to(dtype)
@@ -201,7 +244,8 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
                     keep_mask = hash_keep_mask(seed, n_tokens, site.num_adapters, dropout_p, device=a.device)
                 out, probs = _plain_form(site.plain_folded(wdtype), site.adapter_weights(wdtype), a, res, c,
                                          temperature=temperature, dropout_p=dropout_p, keep_mask=keep_mask,
-                                         residual_before=site.residual_before, fusion=site.fusion_weights(wdtype))
+                                         residual_before=site.residual_before, fusion=site.fusion_weights(wdtype),
+                                         adapter_mask=adapter_mask)
             else:
                 # The raw fusion weights are needed only for residual_before and dropout's logit shift;
                 # casting them (3 H x H matrices) on every eval call cost ~0.13 ms at H = 768.
@@ -209,7 +253,8 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
                 out, probs = run_folded(op, site.folded(wdtype), a, res, c,
                                         fusion=site.fusion_weights(wdtype) if need_raw else None,
                                         residual_before=site.residual_before, temperature=temperature,
-                                        dropout_p=dropout_p, seed=seed, keep_mask=keep_mask)
+                                        dropout_p=dropout_p, seed=seed, keep_mask=keep_mask,
+                                        adapter_mask=adapter_mask)
     return out.reshape(*lead, hidden), probs.reshape(*lead, probs.shape[-1])
 
 
@@ -237,6 +282,7 @@ def adapter_fusion(
     dropout_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
     return_probs: bool = False,
+    adapter_mask: Optional[torch.Tensor] = None,
 ):
     """One AdapterFusion site from explicit parameters (the functional form of FusedAdapterFusion).
 
@@ -246,6 +292,10 @@ def adapter_fusion(
     mode): with ``dropout_mask`` (bool, (..., N)) that draw is replayed. Returns ``out`` or
     ``(out, probs)``; ``out`` is ``o + residual`` (``o`` alone under ``residual_before``, which
     adds the residual to every adapter output first).
+
+    ``adapter_mask`` (bool, ``(batch, N)`` for inputs ``(batch, ..., H)``, or ``(..., N)`` per token;
+    True = the adapter takes part): masked adapters leave the row's softmax (probability 0, after
+    any dropout). A row with every adapter masked returns ``residual`` alone (probs all 0).
     """
     n = len(down_weights)
     if not (len(down_biases) == len(up_weights) == len(up_biases) == n) or n == 0:
@@ -271,7 +321,7 @@ def adapter_fusion(
     site = _ExplicitSite(weights, FusionWeights(query_weight, query_bias, key_weight, key_bias, value_weight),
                          residual_before)
     out, probs = run_site(site, adapter_input, residual, query, backend=backend, temperature=temperature,
-                          dropout_p=dropout_p, keep_mask=dropout_mask)
+                          dropout_p=dropout_p, keep_mask=dropout_mask, adapter_mask=adapter_mask)
     if return_probs:
         return out, probs.to(out.dtype)
     return out
@@ -307,7 +357,7 @@ class _ExplicitSite:
     def plain_folded(self, dtype):
         return fold_plain(self.fusion, dtype)
 
-    def reference(self, a, res, c, temperature, dropout_p, keep_mask):
+    def reference(self, a, res, c, temperature, dropout_p, keep_mask, adapter_mask=None):
         f = self.fusion
 
         def lin(w, b):
@@ -316,7 +366,7 @@ class _ExplicitSite:
         return reference_fusion(a, res, c, [_FunctionalAdapter(w) for w in self.weights], lin(f.query_weight, f.query_bias),
                                 lin(f.key_weight, f.key_bias), lin(f.value_weight, None),
                                 residual_before=self.residual_before, temperature=temperature, dropout_p=dropout_p,
-                                keep_mask=keep_mask, training=dropout_p > 0)
+                                keep_mask=keep_mask, training=dropout_p > 0, adapter_mask=adapter_mask)
 
 
 class _FunctionalAdapter:

@@ -20,6 +20,7 @@ from .config import AdapterConfig, FusionConfig
 from .dispatch import BACKENDS
 from .fold import AdapterWeights, FusionWeights, fold
 from .functional import fold_plain, run_site
+from .masking import current_adapter_mask
 from .reference import reference_fusion
 
 __all__ = ["BottleneckAdapter", "FusedAdapterFusion"]
@@ -92,9 +93,10 @@ AdaptersSpec = Union[Sequence[AdapterConfig], Mapping[str, AdapterConfig]]
 class FusedAdapterFusion(nn.Module):
     """N bottleneck adapters and AdapterHub's fusion attention over them, as one site.
 
-    ``forward(adapter_input, residual, query=None, *, return_probs=False)`` takes tensors of shape
-    (..., H) and returns the site's output before the sub-layer's ``LN(. + x)``: ``o + residual``
-    (``o`` alone under ``residual_before``); with ``return_probs``, ``(out, p)``, ``p`` (..., N).
+    ``forward(adapter_input, residual, query=None, *, return_probs=False, adapter_mask=None)`` takes
+    tensors of shape (..., H) and returns the site's output before the sub-layer's ``LN(. + x)``:
+    ``o + residual`` (``o`` alone under ``residual_before``); with ``return_probs``, ``(out, p)``,
+    ``p`` (..., N).
 
     ``backend``: ``"auto"`` (the dispatch table), ``"reference"`` (eager, AdapterHub's op
     sequence), ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
@@ -229,19 +231,32 @@ class FusedAdapterFusion(nn.Module):
     def plain_folded(self, dtype):
         return self._cached("plain", dtype, lambda: fold_plain(self.fusion_weights(), dtype))
 
-    def reference(self, a, res, c, temperature, dropout_p, keep_mask):
+    def reference(self, a, res, c, temperature, dropout_p, keep_mask, adapter_mask=None):
         return reference_fusion(a, res, c, list(self.adapters.values()), self.query, self.key, self.value,
                                 residual_before=self.residual_before, temperature=temperature, dropout_p=dropout_p,
-                                keep_mask=keep_mask, training=self.training)
+                                keep_mask=keep_mask, training=self.training, adapter_mask=adapter_mask)
 
     # ------------------------------------------------------------------ forward
     def forward(self, adapter_input: torch.Tensor, residual: torch.Tensor, query: Optional[torch.Tensor] = None, *,
-                return_probs: bool = False, dropout_mask: Optional[torch.Tensor] = None):
-        """``dropout_mask`` (bool, (..., N)): replay this logit-dropout draw (training mode only)."""
+                return_probs: bool = False, dropout_mask: Optional[torch.Tensor] = None,
+                adapter_mask: Optional[torch.Tensor] = None):
+        """``dropout_mask`` (bool, (..., N)): replay this logit-dropout draw (training mode only).
+
+        ``adapter_mask`` (bool, True = the adapter takes part; columns in :attr:`adapter_names`
+        order): ``(batch, N)`` applies to every token of a batch element of inputs ``(batch, ..., H)``;
+        ``(..., N)`` matching the inputs' leading shape is per token. Masked adapters leave the
+        row's softmax (probability 0, in eval and in training, after the logit dropout); a row
+        with every adapter masked returns ``residual`` alone (the bare sub-layer; probs all 0).
+        Left ``None``, the mask of an enclosing :func:`fusedadapter.adapter_mask` block (this
+        thread) applies, if any: that is how a patched model gets one per call.
+        """
+        if adapter_mask is None:
+            adapter_mask = current_adapter_mask(self.adapters)  # iterating the ModuleDict gives the names
         temperature = self.step_temperature()
         dropout_p = self.dropout_p if self.training else 0.0
         out, probs = run_site(self, adapter_input, residual, query, backend=self.backend, temperature=temperature,
-                              dropout_p=dropout_p, keep_mask=dropout_mask if self.training else None)
+                              dropout_p=dropout_p, keep_mask=dropout_mask if self.training else None,
+                              adapter_mask=adapter_mask)
         if return_probs:
             return out, probs.to(out.dtype)
         return out

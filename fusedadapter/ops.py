@@ -11,7 +11,10 @@ Semantics (per row ``m`` of M tokens; ``N`` adapters; segment ``n`` is columns
     if dropout_p > 0:                                   # training-mode logit dropout
         keep = keep_mask if keep_mask is not None else hash_keep_mask(seed, M, N, dropout_p)
         logit = where(keep, (logit + logit_shift[:, None]) / (1 - dropout_p), 0)
+    if adapter_mask is not None:                        # per-row adapter subsets (after dropout)
+        logit = where(adapter_mask, logit, -inf)
     p = softmax(logit / temperature)                     # fp32, max subtracted
+    p[m] = 0 for a row m with no adapter left (adapter_mask[m] all False): out[m] = residual[m]
     w = [p[seg(j)] * z[j] for j < R] ++ [p[n] for n < N] # (M, R+N)
     out = w @ w_out.T + residual                         # (M, H)   GEMM2
     return out (dtype of xd), p (float32; float64 for float64 inputs)
@@ -25,6 +28,10 @@ matrices, amplifying any rounding). Kernels may round weight tiles to half for t
 :mod:`fusedadapter.activations`), so a mixed set of widths and activations is one op call.
 ``logit_shift`` (M,) is AdapterHub's per-row key-bias term ``kappa``; it cancels in softmax
 and only matters under dropout, so callers pass it only then.
+``adapter_mask`` (M, N) bool, True = the adapter takes part in row ``m``'s softmax (a masked adapter
+gets probability exactly 0, dropout or not); absent (None) it costs nothing. It takes no gradient,
+and a backward that reuses the saved ``p`` needs no more than that ``p`` (masked entries are 0, so
+their logit gradients are 0); a backward that recomputes the softmax applies it again.
 
 Backends register ``fusedadapter::fusion_<backend>`` with :data:`FUSION_SCHEMA`. The ``torch``
 backend is ``CompositeImplicitAutograd`` (plain aten ops: autograd, double backward,
@@ -49,12 +56,14 @@ __all__ = [
     "check_fusion_args",
     "register_kernel_op",
     "fusion_torch_backward",
+    "masked_softmax",
 ]
 
 FUSION_SCHEMA = (
     "(Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, Tensor w_query, "
     "Tensor? b_query, Tensor w_out, int[] segments, int[] activations, float temperature=1.0, "
-    "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None) -> (Tensor, Tensor)"
+    "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None, Tensor? adapter_mask=None) "
+    "-> (Tensor, Tensor)"
 )
 
 # Gradients, in order: xd, xq, residual, w_down, b_down, w_query, b_query, w_out, logit_shift.
@@ -62,8 +71,8 @@ FUSION_SCHEMA = (
 FUSION_BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor? grad_probs, Tensor probs, Tensor xd, Tensor? xq, Tensor w_down, "
     "Tensor? b_down, Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, int[] activations, "
-    "float temperature, float dropout_p, int seed, Tensor? keep_mask, Tensor? logit_shift, bool[] needs) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float temperature, float dropout_p, int seed, Tensor? keep_mask, Tensor? logit_shift, bool[] needs, "
+    "Tensor? adapter_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 _LIB = torch.library.Library("fusedadapter", "DEF")
@@ -104,7 +113,7 @@ def hash_keep_mask(seed: int, m: int, n: int, dropout_p: float, device=None) -> 
 # Argument checks shared by every backend (cheap: shapes and dtypes only, no data access).
 # ---------------------------------------------------------------------------------------------
 def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-                      temperature, dropout_p, keep_mask, logit_shift) -> Tuple[int, int, int]:
+                      temperature, dropout_p, keep_mask, logit_shift, adapter_mask=None) -> Tuple[int, int, int]:
     """Validate the op's arguments; return (M, R, N)."""
     if xd.dim() != 2:
         raise ValueError(f"fusion op: xd must be 2-D (tokens, features), got shape {tuple(xd.shape)}")
@@ -154,6 +163,13 @@ def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
                          f"{keep_mask.dtype} {tuple(keep_mask.shape)}")
     if logit_shift is not None and tuple(logit_shift.shape) != (m,):
         raise ValueError(f"fusion op: logit_shift must have shape ({m},), got {tuple(logit_shift.shape)}")
+    if adapter_mask is not None:
+        if tuple(adapter_mask.shape) != (m, n) or adapter_mask.dtype != torch.bool:
+            raise ValueError(f"fusion op: adapter_mask must be a bool tensor of shape ({m}, {n}) (tokens, adapters), "
+                             f"got {adapter_mask.dtype} {tuple(adapter_mask.shape)}")
+        if adapter_mask.device != xd.device:
+            raise ValueError(f"fusion op: adapter_mask is on {adapter_mask.device}, expected {xd.device} "
+                             f"(the device of xd)")
     for code in activations:
         if not 0 <= int(code) <= 8:
             raise ValueError(f"fusion op: unknown activation code {code}; expected 0..8")
@@ -191,12 +207,12 @@ def _segment_ids(segments: Sequence[int], device) -> torch.Tensor:
 
 
 def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-                 temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None):
+                 temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None, adapter_mask=None):
     """The op in plain torch ops (the ``torch`` backend; see the module docstring)."""
     segments = [int(s) for s in segments]
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments,
-                                activations, temperature, dropout_p, keep_mask, logit_shift)
+                                activations, temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
     acc = _acc_dtype(xd.dtype)
     # Half-precision activations are computed with fp32 intermediates, as a kernel's fp32
     # accumulators hold them: rounding GEMM1's outputs or GEMM2's input gradient to bf16 (bf16
@@ -220,7 +236,10 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
         if logit_shift is not None:
             logits = logits + logit_shift[:, None]
         logits = torch.where(keep_mask, logits * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc, device=xd.device))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    if adapter_mask is None:
+        probs = torch.softmax(logits / temperature, dim=-1)
+    else:
+        probs = masked_softmax(logits / temperature, adapter_mask)
     if equal_widths:
         pz = (probs.unsqueeze(-1) * z.view(m, n, r // n)).view(m, r)
     else:
@@ -233,8 +252,21 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
     return out.to(xd.dtype), probs
 
 
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(where(mask, logits, -inf), -1)`` with rows that mask everything all 0 (not NaN).
+
+    Such a row gets logits 0 before the softmax (finite: no NaN forward or backward) and its
+    probabilities are zeroed after it, so its gradient is exactly 0. Plain aten ops (autograd,
+    double backward, torch.compile). A few (M, N) element-wise ops: nothing next to the GEMMs."""
+    keep_any = mask.any(dim=-1, keepdim=True)
+    fill = torch.where(keep_any, float("-inf"), 0.0).to(logits.dtype)
+    probs = torch.softmax(torch.where(mask, logits, fill), dim=-1)
+    return probs.masked_fill(~mask, 0.0)
+
+
 def fusion_torch_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
-                          segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs):
+                          segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs,
+                          adapter_mask=None):
     """The op's backward by autograd through :func:`fusion_torch` (a slow oracle for kernel backwards)."""
     with torch.enable_grad():
         leaves = [xd, xq, None, w_down, b_down, w_query, b_query, w_out, logit_shift]
@@ -242,7 +274,7 @@ def fusion_torch_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w
         res = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device, requires_grad=True)
         leaves[2] = res
         out, p = fusion_torch(leaves[0], leaves[1], res, *leaves[3:8], segments, activations, temperature,
-                              dropout_p, seed, keep_mask, leaves[8])
+                              dropout_p, seed, keep_mask, leaves[8], adapter_mask)
         inputs = [t for t in leaves if t is not None]
         outs, grads_in = [out], [grad_out]
         if grad_probs is not None:
@@ -268,14 +300,18 @@ _LIB.impl("fusion_torch", fusion_torch, "CompositeImplicitAutograd")
 # the autograd formula tying them together. One helper, so every backend gets the same plumbing.
 # ---------------------------------------------------------------------------------------------
 def _fusion_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-                 temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None):
+                 temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None, adapter_mask=None):
     return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], len(activations)), dtype=_acc_dtype(xd.dtype))
 
 
 def _fusion_backward_fake(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
-                          segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs):
+                          segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs,
+                          adapter_mask=None):
     like = [xd, xq, grad_out, w_down, b_down, w_query, b_query, w_out, logit_shift]
     return tuple(t.new_empty(t.shape) if (t is not None and needs[i]) else xd.new_empty((0,)) for i, t in enumerate(like))
+
+
+_N_INPUTS = 16  # arguments of FUSION_SCHEMA
 
 
 def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib=None, define: bool = True):
@@ -303,25 +339,26 @@ def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib
 
     def setup_context(ctx, inputs, output):
         (xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-         temperature, dropout_p, seed, keep_mask, logit_shift) = inputs
-        ctx.save_for_backward(xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, output[1])
+         temperature, dropout_p, seed, keep_mask, logit_shift, adapter_mask) = inputs  # defaults filled in
+        ctx.save_for_backward(xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask,
+                              output[1])
         ctx.static = (list(segments), list(activations), float(temperature), float(dropout_p), int(seed))
         ctx.has_res = residual is not None
 
     def backward(ctx, grad_out, grad_probs):
-        xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, probs = ctx.saved_tensors
+        xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask, probs = ctx.saved_tensors
         segments, activations, temperature, dropout_p, seed = ctx.static
-        # The dispatcher drops trailing arguments equal to their defaults (keep_mask, logit_shift
-        # left None), so needs_input_grad can be shorter than the schema.
-        ni = tuple(ctx.needs_input_grad) + (False,) * (15 - len(ctx.needs_input_grad))
+        # The dispatcher drops trailing arguments equal to their defaults (keep_mask, logit_shift,
+        # adapter_mask left None), so needs_input_grad can be shorter than the schema.
+        ni = tuple(ctx.needs_input_grad) + (False,) * (_N_INPUTS - len(ctx.needs_input_grad))
         needs = [ni[0], ni[1] and xq is not None, ni[2] and ctx.has_res, ni[3], ni[4] and b_down is not None,
                  ni[5], ni[6] and b_query is not None, ni[7], ni[14] and logit_shift is not None]
         if grad_out is None:
             grad_out = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device)
         grads = bwd(grad_out.contiguous(), grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
-                    segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs)
+                    segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs, adapter_mask)
         g = [gi if needs[i] else None for i, gi in enumerate(grads)]
-        return (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], None, None, None, None, None, None, g[8])
+        return (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], None, None, None, None, None, None, g[8], None)
 
     torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
     return fwd

@@ -32,6 +32,7 @@ def reference_fusion(
     dropout_p: float = 0.0,
     keep_mask: Optional[torch.Tensor] = None,
     training: bool = False,
+    adapter_mask: Optional[torch.Tensor] = None,
 ):
     """One fusion site, AdapterHub's way. Tensors are (..., H); returns ``(out, probs)``.
 
@@ -39,6 +40,12 @@ def reference_fusion(
     ``up``). ``query``/``key``/``value``: the fusion ``nn.Linear``s, ``None`` where the flag is
     off. Dropout: with ``keep_mask`` (bool, (..., N)) the logits are ``keep * logit / (1 - p)``
     (a replayed draw); otherwise, in training, a fresh ``nn.functional.dropout`` draw.
+
+    ``adapter_mask`` (bool, (..., N), True = the adapter takes part; not AdapterHub's): after the
+    dropout, masked scores are ``-inf`` (``masked_fill``), so a masked adapter gets probability 0.
+    A row with every adapter masked has probabilities all 0 and returns the residual path alone:
+    ``residual`` (also under ``residual_before``, where the residual is otherwise inside every
+    adapter's value: such a row is the bare sub-layer's output).
     """
     ups = [adapter(adapter_input) for adapter in adapters]
     up_list = torch.stack(ups, dim=-2)  # (..., N, H): AdapterHub's stack(...).permute(1, 2, 0, 3)
@@ -54,8 +61,16 @@ def reference_fusion(
         scores = scores * keep_mask.to(scores.dtype) / (1.0 - dropout_p)
     elif training and dropout_p > 0:
         scores = nn.functional.dropout(scores, p=dropout_p, training=True)
-    probs = torch.softmax(scores / temperature, dim=-1)
+    if adapter_mask is None:
+        probs = torch.softmax(scores / temperature, dim=-1)
+    else:
+        # Rows with nothing left softmax zeros instead (no NaN, forward or backward) and are zeroed.
+        any_kept = adapter_mask.any(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~adapter_mask & any_kept, float("-inf")).masked_fill(~any_kept, 0.0)
+        probs = torch.softmax(scores / temperature, dim=-1).masked_fill(~adapter_mask, 0.0)
     context = torch.squeeze(torch.matmul(probs.unsqueeze(-2), value_layer), dim=-2)
     if not residual_before:
         context += residual  # in place, as AdapterHub (keeps the matmul's dtype under autocast)
+    elif adapter_mask is not None:
+        context = torch.where(any_kept, context, residual.to(context.dtype))
     return context, probs

@@ -29,7 +29,8 @@ _SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024, 10: 227 * 1024, 12: 99 * 1024}
 # "i32" / "u8" pointers; scalars are i32 unless named in _FLOATS.
 _PTRS = {
     "fwd_gemm1": dict(xd_ptr="act", xq_ptr="act", wd_ptr="acc", bd_ptr="acc", wq_ptr="acc", bq_ptr="acc",
-                      shift_ptr="acc", keep_ptr="u8", segid_ptr="i32", code_ptr="i32", z_ptr="act", p_ptr="acc"),
+                      shift_ptr="acc", keep_ptr="u8", amask_ptr="u8", segid_ptr="i32", code_ptr="i32", z_ptr="act",
+                      p_ptr="acc"),
     "fwd_gemm2": dict(z_ptr="act", p_ptr="acc", segid_ptr="i32", wo_ptr="acc", res_ptr="act", out_ptr="act"),
     "bwd_epilogue": dict(do_ptr="act", gp_ptr="acc", p_ptr="acc", xd_ptr="act", xq_ptr="act", wd_ptr="acc",
                          bd_ptr="acc", wq_ptr="acc", bq_ptr="acc", wo_ptr="acc", keep_ptr="u8", segid_ptr="i32",
@@ -41,15 +42,15 @@ _FLOATS = {"drop_hi", "drop_lo", "temp_hi", "temp_lo"}
 
 def _variants(name, quick):
     """(label, dtype name, constexpr flags) per kernel: the shapes of call the op makes."""
-    base_fwd = dict(HAS_BD=True, HAS_BQ=True, ACT_MASK=2, UNIFORM_ACT=1, N_PAD=16, SPLIT_WD=False)
+    base_fwd = dict(HAS_BD=True, HAS_BQ=True, ACT_MASK=2, UNIFORM_ACT=1, N_PAD=16, SPLIT_WD=False, HAS_AMASK=False)
     out = []
     if name == "fwd_gemm1":
         out.append(("bf16 shared-x eval relu", "bf16", dict(base_fwd, HAS_XQ=False, HAS_SHIFT=False, DROPOUT=False,
                                                             HAS_KEEP=False, SPLIT_WQ=True)))
         if not quick:
-            out.append(("bf16 xq train-hash mixed-acts N32", "bf16",
+            out.append(("bf16 xq train-hash mixed-acts N32 masked", "bf16",
                         dict(base_fwd, HAS_XQ=True, HAS_SHIFT=True, DROPOUT=True, HAS_KEEP=False, SPLIT_WQ=True,
-                             ACT_MASK=(1 << 1) | (1 << 2) | (1 << 4), UNIFORM_ACT=-1, N_PAD=32)))
+                             ACT_MASK=(1 << 1) | (1 << 2) | (1 << 4), UNIFORM_ACT=-1, N_PAD=32, HAS_AMASK=True)))
             out.append(("fp32 shared-x train-keep", "fp32", dict(base_fwd, HAS_XQ=False, HAS_SHIFT=True, DROPOUT=True,
                                                                  HAS_KEEP=True, SPLIT_WQ=False)))
     elif name == "fwd_gemm2":

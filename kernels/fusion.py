@@ -4,6 +4,7 @@ Forward, two launches per site::
 
     _fwd_gemm1_kernel   grid (M / BLOCK_M,)        GEMM1 over xd (and xq) by column blocks of the R
                                                    bottleneck columns, epilogue in registers, softmax
+                                                   (over the adapters a row's adapter_mask keeps)
                                                    -> z (M x R, activation dtype), probs (M x N)
     _fwd_gemm2_kernel   grid (M / BLOCK_M, H / BLOCK_H)   [p (x) z | p] @ w_out.T + residual -> out
 
@@ -247,11 +248,12 @@ def _scalar(hi, lo, ACC: tl.constexpr):
 # =============================================================================================
 @triton.jit
 def _fwd_gemm1_kernel(
-        xd_ptr, xq_ptr, wd_ptr, bd_ptr, wq_ptr, bq_ptr, shift_ptr, keep_ptr, segid_ptr, code_ptr, z_ptr, p_ptr,
-        M, KD, KQ, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
+        xd_ptr, xq_ptr, wd_ptr, bd_ptr, wq_ptr, bq_ptr, shift_ptr, keep_ptr, amask_ptr, segid_ptr, code_ptr, z_ptr,
+        p_ptr, M, KD, KQ, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
         stride_xd, stride_xq, stride_wd, stride_wq, stride_z, M_KEY,
         HAS_XQ: tl.constexpr, HAS_BD: tl.constexpr, HAS_BQ: tl.constexpr, HAS_SHIFT: tl.constexpr,
-        DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr, ACT_MASK: tl.constexpr, UNIFORM_ACT: tl.constexpr,
+        DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_AMASK: tl.constexpr, ACT_MASK: tl.constexpr,
+        UNIFORM_ACT: tl.constexpr,
         ACC: tl.constexpr, DOT: tl.constexpr, N_PAD: tl.constexpr, SPLIT_WD: tl.constexpr, SPLIT_WQ: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """GEMM1 + epilogue, one program per BLOCK_M rows.
@@ -266,7 +268,9 @@ def _fwd_gemm1_kernel(
             z  = act[code[cols]](zp);  z_out[rows, cols] = z
             logit[:, seg[j]] += y[:, j] * z[:, j]  for j in cols       # dot with a 0/1 segment matrix
         if DROPOUT: logit = where(keep, (logit + shift[rows]) * 1/(1-p), 0)
+        if HAS_AMASK: logit = where(adapter_mask[rows], logit, -inf)    # after dropout
         p_out[rows] = softmax(logit / T)                                # max subtracted
+        (HAS_AMASK: a row with every adapter masked gets p = 0, not 0/0)
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -311,8 +315,20 @@ def _fwd_gemm1_kernel(
         keep = _keep_mask(rows, rmask, offs_n, nmask, N, keep_ptr, seed_hash, drop_thr, HAS_KEEP)
         logit = tl.where(keep, logit * _scalar(drop_hi, drop_lo, ACC), 0.0)
     s = tl.where(nmask[None, :], logit / _scalar(temp_hi, temp_lo, ACC), float("-inf"))
-    e = tl.exp(s - tl.max(s, axis=1)[:, None])
-    p = e / tl.sum(e, axis=1)[:, None]
+    if HAS_AMASK:
+        allow = tl.load(amask_ptr + rows[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+                        other=0)
+        s = tl.where(allow != 0, s, float("-inf"))
+        mx = tl.max(s, axis=1)
+        # A row with every adapter masked: max -inf would make exp(nan); subtract 0 instead, every
+        # e is 0, and dividing by 1 instead of the zero sum leaves p = 0 (NaN logits still give NaN).
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.exp(s - mx[:, None])
+        den = tl.sum(e, axis=1)
+        p = e / tl.where(den == 0.0, 1.0, den)[:, None]
+    else:
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
     tl.store(p_ptr + rows[:, None] * N + offs_n[None, :], p.to(p_ptr.dtype.element_ty),
              mask=rmask[:, None] & nmask[None, :])
 
@@ -368,6 +384,7 @@ def _bwd_epilogue_kernel(
         ACC: tl.constexpr, DOT: tl.constexpr, N_PAD: tl.constexpr, SPLIT_WD: tl.constexpr, SPLIT_WQ: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Epilogue backward, one program per BLOCK_M rows; z, y and dO @ w_out recomputed per column block.
+    The adapter mask needs no argument here: it is in the saved ``p`` (0 where masked, so ``dl`` = 0).
 
     Semantics::
 
@@ -643,7 +660,7 @@ def _tables(segments: List[int], activations: List[int], device: torch.device):
 class _Site:
     """The static part of one op call, shared by forward and backward."""
 
-    def __init__(self, xd, segments, activations, temperature, dropout_p, seed, keep_mask):
+    def __init__(self, xd, segments, activations, temperature, dropout_p, seed, keep_mask, adapter_mask=None):
         self.dtype = xd.dtype
         if self.dtype not in _TL_DTYPE:
             raise TypeError(f"backend 'triton': unsupported activation dtype {self.dtype} "
@@ -662,6 +679,8 @@ class _Site:
         self.dropout = dropout_p > 0.0
         self.has_keep = self.dropout and keep_mask is not None
         self.keep = keep_mask.contiguous().view(torch.uint8) if self.has_keep else None
+        self.has_amask = adapter_mask is not None
+        self.amask = adapter_mask.contiguous().view(torch.uint8) if self.has_amask else None
         self.seed_hash = _lowbias32_int(int(seed) & _M32)
         self.drop_thr = keep_threshold(float(dropout_p)) if self.dropout else 0
         self.drop_hi, self.drop_lo = _split(1.0 / (1.0 - dropout_p)) if self.dropout else (1.0, 0.0)
@@ -681,14 +700,14 @@ def _c(t):
 
 
 def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-                  temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None):
+                  temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None, adapter_mask=None):
     """Forward of ``fusedadapter::fusion_triton`` (the op schema of fusedadapter.ops)."""
     segments = [int(s) for s in segments]
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-                                temperature, dropout_p, keep_mask, logit_shift)
+                                temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
     _check_device(xd.device)
-    site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask)
+    site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask, adapter_mask)
     h = w_out.shape[0]
     out = _new((m, h), xd.dtype, xd.device)
     probs = _new((m, n), site.acc, xd.device)
@@ -705,11 +724,13 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
         _FWD1(lambda META: (triton.cdiv(m, META["BLOCK_M"]),),
               xd, x_q, w_down, b_down if b_down is not None else dummy, w_query,
               b_query if b_query is not None else dummy, shift if shift is not None else dummy,
-              site.keep if site.has_keep else dummy, site.segid, site.codes, z, probs,
+              site.keep if site.has_keep else dummy, site.amask if site.has_amask else dummy, site.segid, site.codes,
+              z, probs,
               m, xd.shape[1], x_q.shape[1], r, n, *site.scalars(),
               xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), mk,
               HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None,
-              HAS_SHIFT=shift is not None, DROPOUT=site.dropout, HAS_KEEP=site.has_keep, **site.meta)
+              HAS_SHIFT=shift is not None, DROPOUT=site.dropout, HAS_KEEP=site.has_keep, HAS_AMASK=site.has_amask,
+              **site.meta)
         if h > 0:
             _FWD2(lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(h, META["BLOCK_H"])),
                   z, probs, site.segid, w_out, residual if residual is not None else out, out,
@@ -760,13 +781,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, dot: torch.dty
 
 
 def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out, segments,
-                           activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs):
+                           activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs, adapter_mask=None):
     """Backward of ``fusedadapter::fusion_triton`` (FUSION_BACKWARD_SCHEMA of fusedadapter.ops). Gradients in
-    order xd, xq, residual, w_down, b_down, w_query, b_query, w_out, logit_shift; not needed -> empty."""
+    order xd, xq, residual, w_down, b_down, w_query, b_query, w_out, logit_shift; not needed -> empty.
+    ``adapter_mask`` is checked only: the kernels read the saved ``probs``, which carry it (0 where masked)."""
     segments = [int(s) for s in segments]
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, None, w_down, b_down, w_query, b_query, w_out, segments, activations,
-                                temperature, dropout_p, keep_mask, logit_shift)
+                                temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
     _check_device(xd.device)
     needs = [bool(x) for x in needs]
     site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask)
