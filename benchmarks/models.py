@@ -241,7 +241,7 @@ def run_models(specs: Sequence[ModelSpec], *, device="cpu", providers=None, mode
 
 def _row(spec: ModelSpec, provider, mode, metric, unit, q, device, **more) -> Row:
     cfg = asdict(spec)
-    cfg.update(tokens=spec.batch * spec.seq, **more)
+    cfg.update(tokens=spec.batch * spec.seq, threads=torch.get_num_threads(), **more)
     from .env import versions
 
     cfg["adapters_version"] = versions()["adapters"]
