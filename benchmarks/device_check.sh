@@ -62,6 +62,14 @@ cat "$OUT/env.txt"
 
 if ! "$PY" -c "import fusedadapter, fusedadapter.kernels, fusedadapter.csrc" >/dev/null 2>&1; then
   step install 120 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-index -q
+  if ! "$PY" -c "import fusedadapter, fusedadapter.kernels, fusedadapter.csrc" >/dev/null 2>&1; then
+    # no install possible (e.g. no setuptools offline): map kernels/ and csrc/ under the package by
+    # links in this disposable copy of the tree, as pyproject's package-dir does
+    echo "== install did not make fusedadapter.kernels importable: linking kernels/ and csrc/ into fusedadapter/"
+    [ -e fusedadapter/kernels ] || ln -s ../kernels fusedadapter/kernels
+    [ -e fusedadapter/csrc ] || ln -s ../csrc fusedadapter/csrc
+    printf '%s\t%s\t%s\n' link-packages 0 0 >> "$OUT/steps.tsv"
+  fi
 fi
 if "$PY" -c "import fusedadapter.extension" >/dev/null 2>&1; then
   step build-cpu 90 "$PY" -m fusedadapter.extension cpu
