@@ -172,6 +172,12 @@ def fold_plain(fusion: FusionWeights, dtype: torch.dtype) -> dict:
 def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual_before: bool, temperature: float,
                dropout_p: float, seed: int, keep_mask, adapter_mask=None):
     """Run a backend op on folded weights. a, res, c: (M, H) in the compute dtype; adapter_mask (M, N) or None."""
+    out_dtype = a.dtype
+    if folded.ln_mode != "none" and a.dtype in (torch.float16, torch.bfloat16):
+        # ln_before adapters: the LayerNorm runs here, outside the op. Its output rounded to half,
+        # and its backward in half, put bf16 input gradients at 2x the oracle's bound (fuzz: with
+        # ReLU gates flipping); the op then runs on fp32 activations. The output stays half.
+        a, res, c = a.float(), res.float(), (a.float() if c is a else c.float())
     xd = _down_input(a, folded.ln_mode)
     xq = None if (c is a and folded.ln_mode == "none") else c
     wd = folded.w_out.dtype
@@ -184,9 +190,10 @@ def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual
     else:
         op_res = res
     shift = _logit_shift(folded, fusion, c.to(wd), res.to(wd), residual_before) if dropout_p > 0 else None
-    return op(xd, xq, op_res, folded.w_down, folded.b_down, folded.w_query, folded.b_query, folded.w_out,
-              folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask, shift,
-              adapter_mask)
+    out, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, folded.w_query, folded.b_query, folded.w_out,
+                    folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask,
+                    shift, adapter_mask)
+    return out.to(out_dtype), probs
 
 
 def use_plain_form(hidden_size: int, bottleneck: int) -> bool:
