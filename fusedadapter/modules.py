@@ -23,7 +23,7 @@ from .functional import fold_plain, run_site
 from .masking import current_adapter_mask
 from .reference import reference_fusion
 
-__all__ = ["BottleneckAdapter", "FusedAdapterFusion"]
+__all__ = ["BottleneckAdapter", "FusedAdapterFusion", "cached_fold"]
 
 
 def _init_bert(module: nn.Module) -> None:
@@ -35,6 +35,29 @@ def _init_bert(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         module.bias.data.zero_()
         module.weight.data.fill_(1.0)
+
+
+def cached_fold(holder, params, tag, dtype, make):
+    """``make()`` (a fold of ``params``), cached on ``holder._fold_cache`` while it stays valid.
+
+    The key is each parameter's identity, storage, version counter, dtype, device and
+    ``requires_grad``. Under autograd with trainable parameters, or while compiling, the fold is
+    rebuilt (differentiable) every call. Inference tensors (made under ``inference_mode``) have
+    no version counter, so an in-place edit could not be seen: their folds are never cached.
+    """
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        return make()
+    if any(p.is_inference() for p in params):
+        with torch.no_grad():
+            return make()
+    key = (tag, dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad) for p in params))
+    cache = holder._fold_cache
+    if cache is not None and cache[0] == key:
+        return cache[1]
+    with torch.no_grad():
+        value = make()
+    holder._fold_cache = (key, value)
+    return value
 
 
 class BottleneckAdapter(nn.Module):
@@ -207,23 +230,7 @@ class FusedAdapterFusion(nn.Module):
                              get(self.key, "bias"), get(self.value, "weight"))
 
     def _cached(self, tag, dtype, make):
-        params = list(self.parameters())  # one walk per call: this runs on every forward
-        # Training needs the fold under autograd (gradients reach the fusion and adapter weights).
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return make()
-        if any(p.is_inference() for p in params):
-            # Inference tensors (made under inference_mode) have no version counter: an in-place
-            # edit could not be seen, so never serve them from the cache.
-            with torch.no_grad():
-                return make()
-        key = (tag, dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad) for p in params))
-        cache = self._fold_cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        with torch.no_grad():
-            value = make()
-        self._fold_cache = (key, value)
-        return value
+        return cached_fold(self, list(self.parameters()), tag, dtype, make)
 
     def folded(self, dtype):
         return self._cached("folded", dtype, lambda: fold(self.adapter_weights(), self.fusion_weights(), dtype))

@@ -32,6 +32,7 @@ from ..activations import activation_code, canonical_activation
 from ..dispatch import BACKENDS
 from ..fold import AdapterWeights, FusionWeights, fold
 from ..functional import fold_plain, run_site
+from ..modules import cached_fold
 from ..reference import reference_fusion
 
 __all__ = ["accelerate"]
@@ -108,19 +109,7 @@ class _AdapterHubSite:
                              get(self.key, "bias"), get(self.value, "weight"))
 
     def _cached(self, tag, dtype, make):
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self._params):
-            return make()
-        if torch.compiler.is_compiling():
-            return make()
-        key = (tag, dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad)
-                                 for p in self._params))
-        cache = self._fold_cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        with torch.no_grad():
-            value = make()
-        self._fold_cache = (key, value)
-        return value
+        return cached_fold(self, self._params, tag, dtype, make)
 
     def folded(self, dtype):
         return self._cached("folded", dtype, lambda: fold(self.adapter_weights(), self.fusion_weights(), dtype))
