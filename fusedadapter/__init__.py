@@ -13,6 +13,7 @@ from .modules import BottleneckAdapter, FusedAdapterFusion
 from .patching import patch, unpatch
 from .integrations.adapterhub import accelerate
 from .checkpoint import load_adapterhub, save_adapterhub
+from .adapterdrop import AdapterDropReport, adapter_drop
 
 __version__ = "0.1.0"
 
@@ -33,3 +34,4 @@ __all__ = [
     "load_adapterhub",
     "save_adapterhub",
 ]
+__all__ += ["adapter_drop", "AdapterDropReport"]

@@ -1,0 +1,434 @@
+"""AdapterDrop for fused AdapterFusion: prune the least used adapters, skip fusion in early layers.
+
+AdapterDrop (Rücklé et al., EMNLP 2021) makes a fusion cheaper at inference in two ways: drop
+the adapters the fusion attends to least (the paper keeps 2 of 8 at +68% speed), and drop
+adapters altogether from the first layers. Both are one call here::
+
+    report = fusedadapter.adapter_drop(model, calibration_batches, keep=2, skip_layers=3)
+    print(report)            # mean fusion probability per adapter, kept / dropped, skipped layers
+
+``model`` is a :func:`fusedadapter.patch`\\ ed (or :func:`fusedadapter.load_adapterhub`\\ ed) Hugging
+Face model, or an AdapterHub model after :func:`fusedadapter.accelerate`.
+
+**Calibration.** The batches (dicts of model keyword arguments, or tuples / single tensors of
+positional ones) run once each under ``torch.inference_mode`` with the model in eval mode (its
+modules' training flags are restored afterwards; every batch sees the fusions' temperatures as they
+were, and they are left so). Per site
+(block, location) and adapter the mean fusion probability is taken over the batches' tokens;
+tokens whose ``attention_mask`` is 0 (when the batch has a ``(batch, tokens)`` mask) do not
+count. Sites of layers that will be skipped do not count. The global mean of an adapter is the
+mean over the counted sites (every site sees the same tokens, so this is also the mean over all
+(site, token) pairs). The model is calibrated as given (before this call changes it).
+
+**Pruning** (``keep=k``). By default (``per_site=False``) the k adapters with the highest global
+mean are kept at every site, ties going to the earlier adapter, so the model stays one
+``Fuse`` of the same adapters everywhere (AdapterHub's shape; ``save_adapterhub`` writes the
+pruned fusion, under its old name with the kept ``adapter_names``). ``per_site=True`` ranks
+each site by its own means and keeps its own k (patched models only; such a model cannot be
+saved in AdapterHub's format, whose fusion has one adapter set). Pruned sites keep their
+adapters in their original order. A patched site is pruned in place: the same
+:class:`~fusedadapter.FusedAdapterFusion` module, its ``adapters`` dict without the dropped
+entries, the kept adapters' parameter tensors untouched (the query / key / value matrices do not
+depend on the adapter count). Since a dropped adapter's softmax entry is all that changes, the
+pruned site computes exactly what the unpruned site computes with the dropped adapters masked
+out (``fusedadapter.adapter_mask``). Optimizers built before the call still hold the dropped
+adapters' parameters: build them afterwards. On an accelerated AdapterHub model the active
+``Fuse`` is replaced by ``Fuse(*kept, name=<old name>)`` (the fusion layer and its weights are
+looked up by that name); the dropped adapters stay loaded, inactive. AdapterHub's fusion is one
+adapter set, so ``per_site=True`` raises there.
+
+**Skipping** (``skip_layers=n``, or a collection of block indices). The sites of the first n
+blocks are not run: each returns the sub-layer output unchanged, so those blocks compute exactly
+what the bare model computes (bit for bit). The call sets the skipped set (a later call with
+``skip_layers=0`` runs every site again). Skipped sites are pruned like the others and keep their
+parameters (so ``save_adapterhub`` still writes every layer, as AdapterHub's ``skip_layers`` is a
+runtime setting, not saved); they get no gradients, so train with ``find_unused_parameters=True``
+under DDP or freeze them. On an accelerated model this is AdapterHub's own
+``adapters_config.skip_layers`` (``set_active_adapters(..., skip_layers=...)``).
+
+Mechanism on a patched model: the site runtimes that :mod:`fusedadapter.patching` keeps in the
+model's patch record; a skipped site's runtime gets an instance-level ``run`` that clears the
+captured input and returns the sub-layer output as it is. ``unpatch`` removes all of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .patching import arch_spec, collect_fusion_probs, find_layers, patch_record
+
+__all__ = ["adapter_drop", "AdapterDropReport", "skipped_layers"]
+
+SiteKey = Tuple[int, str]  # (block index, AdapterHub location key)
+
+
+@dataclass
+class AdapterDropReport:
+    """What :func:`adapter_drop` measured and did.
+
+    ``adapters``: the fused adapters before the call (in fusion order). ``mean_probs``: adapter ->
+    mean fusion probability over the counted sites and tokens. ``site_probs``: (block, location)
+    -> adapter -> mean probability at that site. ``kept``: the adapters kept (every site, or with
+    ``per_site`` at one site at least), in fusion order; ``site_kept``: per site.
+    ``skipped_layers``: the blocks whose sites no longer run. ``tokens`` / ``batches``: what the
+    calibration counted (per site).
+    """
+
+    adapters: List[str]
+    mean_probs: Dict[str, float] = field(default_factory=dict)
+    site_probs: Dict[SiteKey, Dict[str, float]] = field(default_factory=dict)
+    kept: List[str] = field(default_factory=list)
+    site_kept: Dict[SiteKey, List[str]] = field(default_factory=dict)
+    skipped_layers: List[int] = field(default_factory=list)
+    tokens: int = 0
+    batches: int = 0
+    per_site: bool = False
+
+    @property
+    def dropped(self) -> List[str]:
+        return [n for n in self.adapters if n not in self.kept]
+
+    def table(self) -> str:
+        lines = [f"AdapterDrop: {self.batches} calibration batches, {self.tokens} tokens per site; "
+                 f"skipped layers {self.skipped_layers or 'none'}",
+                 f"{'adapter':<16} {'mean prob':>10}  status"]
+        ranked = sorted(self.adapters, key=lambda n: -self.mean_probs.get(n, float("nan")))
+        for name in ranked:
+            p = self.mean_probs.get(name)
+            status = "kept" if name in self.kept else "dropped"
+            if self.per_site and name in self.kept:
+                n_sites = sum(name in k for k in self.site_kept.values())
+                status = f"kept at {n_sites}/{len(self.site_kept)} sites"
+            lines.append(f"{name:<16} {'-' if p is None else f'{p:10.4f}':>10}  {status}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------------
+def _call(model: nn.Module, batch, **extra):
+    if isinstance(batch, Mapping):
+        return model(**batch, **extra)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch, **extra)
+    return model(batch, **extra)
+
+
+def _token_weights(batch, lead: Tuple[int, ...]) -> Optional[torch.Tensor]:
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(lead):
+        return mask.to(torch.float64)
+    return None
+
+
+class _Accumulator:
+    def __init__(self):
+        self.sums: Dict[SiteKey, torch.Tensor] = {}
+        self.counts: Dict[SiteKey, float] = {}
+        self.names: Dict[SiteKey, List[str]] = {}
+
+    def add(self, key: SiteKey, names: Sequence[str], probs: torch.Tensor, batch) -> None:
+        p = probs.detach().to(torch.float64)
+        lead = tuple(p.shape[:-1])
+        w = _token_weights(batch, lead)
+        p = p.reshape(-1, p.shape[-1])
+        if w is not None:
+            w = w.to(p.device).reshape(-1)
+            total, count = (p * w[:, None]).sum(0), float(w.sum())
+        else:
+            total, count = p.sum(0), float(p.shape[0])
+        total = total.cpu()
+        if key in self.sums:
+            if self.names[key] != list(names):
+                raise RuntimeError(f"fusedadapter.adapter_drop: site {key} changed its adapters during calibration")
+            self.sums[key] += total
+            self.counts[key] += count
+        else:
+            self.sums[key], self.counts[key], self.names[key] = total, count, list(names)
+
+    def means(self) -> Dict[SiteKey, Dict[str, float]]:
+        out = {}
+        for key, total in self.sums.items():
+            c = self.counts[key]
+            out[key] = {n: (float(v) / c if c > 0 else float("nan")) for n, v in zip(self.names[key], total.tolist())}
+        return out
+
+
+class _EvalState:
+    """Eval mode and saved fusion temperatures for the calibration; restored on exit."""
+
+    def __init__(self, model: nn.Module, fusions: Sequence[nn.Module]):
+        self.model, self.fusions = model, list(fusions)
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.temps = [(f, f.T) for f in self.fusions if hasattr(f, "T")]
+        self.model.eval()
+        return self
+
+    def reset_temperatures(self) -> None:
+        """Every batch sees the temperatures the model had (AdapterHub lowers them on every call)."""
+        for f, t in self.temps:
+            f.T = t
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
+        self.reset_temperatures()
+        return False
+
+
+def _calibrate_patched(model, record, batches, counted: set) -> Tuple[Dict[SiteKey, Dict[str, float]], int, int]:
+    acc = _Accumulator()
+    modules = {(s["layer_idx"], s["location"]): s["module"] for s in record.sites}
+    n_batches = tokens = 0
+    with _EvalState(model, modules.values()) as state, torch.inference_mode():
+        for batch in batches:
+            state.reset_temperatures()
+            with collect_fusion_probs(model) as store:
+                _call(model, batch)
+            n_batches += 1
+            seen = set()
+            for per_layer in store.values():
+                for layer_idx, per_loc in per_layer.items():
+                    for loc, probs in per_loc.items():
+                        key = (layer_idx, loc)
+                        if key in counted:
+                            acc.add(key, modules[key].adapter_names, probs, batch)
+                            seen.add(key)
+            if seen:
+                tokens = int(round(acc.counts[next(iter(seen))]))
+    return acc.means(), n_batches, tokens
+
+
+# --------------------------------------------------------------------------------------------
+# patched models
+# --------------------------------------------------------------------------------------------
+def _skipped_run(runtime, h):
+    """A skipped site: the sub-layer output passes unchanged (what the bare model computes)."""
+    runtime.x = None
+    runtime.armed = False
+    return h
+
+
+def _is_skipped(runtime) -> bool:
+    run = runtime.__dict__.get("run")
+    return isinstance(run, partial) and run.func is _skipped_run
+
+
+def _set_skipped(runtime, skipped: bool) -> None:
+    if skipped and not _is_skipped(runtime):
+        runtime.run = partial(_skipped_run, runtime)
+    elif not skipped and _is_skipped(runtime):
+        del runtime.__dict__["run"]
+
+
+def _prune_fusion(fusion: nn.Module, keep: Sequence[str]) -> None:
+    for name in [n for n in fusion.adapter_names if n not in keep]:
+        del fusion.adapters[name]
+    fusion.invalidate_fold_cache()
+
+
+def _layer_set(skip_layers, n_layers: int) -> List[int]:
+    if isinstance(skip_layers, bool):
+        raise TypeError("fusedadapter.adapter_drop: skip_layers must be an int or a collection of block indices")
+    if isinstance(skip_layers, int):
+        if not 0 <= skip_layers <= n_layers:
+            raise ValueError(f"fusedadapter.adapter_drop: skip_layers={skip_layers} is outside 0..{n_layers} "
+                             f"(the model has {n_layers} blocks)")
+        return list(range(skip_layers))
+    layers = sorted({int(i) for i in skip_layers})
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"fusedadapter.adapter_drop: skip_layers names blocks {bad} outside 0..{n_layers - 1}")
+    return layers
+
+
+def _check_keep(keep, smallest: int) -> None:
+    if keep is None:
+        return
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"fusedadapter.adapter_drop: keep must be a positive int (adapters kept per site), got {keep!r}")
+    if keep > smallest:
+        raise ValueError(f"fusedadapter.adapter_drop: keep={keep} but a site fuses only {smallest} adapters")
+
+
+def _rank(means: Mapping[str, float], order: Sequence[str], k: int) -> List[str]:
+    ranked = sorted(order, key=lambda n: (-means.get(n, float("-inf")), order.index(n)))
+    top = set(ranked[:k])
+    return [n for n in order if n in top]
+
+
+def _global_means(site_means: Mapping[SiteKey, Mapping[str, float]], names: Sequence[str]) -> Dict[str, float]:
+    out = {}
+    for n in names:
+        vals = [m[n] for m in site_means.values() if n in m]
+        if vals:
+            out[n] = sum(vals) / len(vals)
+    return out
+
+
+def _drop_patched(model, record, batches, keep, skip_layers, per_site) -> AdapterDropReport:
+    sites = {(s["layer_idx"], s["location"]): s for s in record.sites}
+    skipped = _layer_set(skip_layers, len(find_layers(model, arch_spec(model))))
+    _check_keep(keep, min(s["module"].num_adapters for s in sites.values()))
+    first_names = list(record.sites[0]["module"].adapter_names) if record.sites else []
+    union = []
+    for s in record.sites:
+        union.extend(n for n in s["module"].adapter_names if n not in union)
+    report = AdapterDropReport(adapters=union, skipped_layers=skipped, per_site=per_site)
+    counted = {k for k in sites if k[0] not in skipped and not _is_skipped(sites[k]["runtime"])}
+    if keep is not None and not per_site and len({tuple(s["module"].adapter_names) for s in record.sites}) > 1:
+        raise ValueError("fusedadapter.adapter_drop: the sites fuse different adapter sets (an earlier per_site=True "
+                         "call?); prune them again with per_site=True")
+
+    if batches is not None:
+        site_means, report.batches, report.tokens = _calibrate_patched(model, record, batches, counted)
+        report.site_probs = dict(sorted(site_means.items()))
+        report.mean_probs = _global_means(site_means, union)
+    if keep is not None:
+        if batches is None:
+            raise ValueError("fusedadapter.adapter_drop: keep= needs calibration_batches (the fusion probabilities "
+                             "rank the adapters)")
+        if not report.site_probs:
+            raise ValueError("fusedadapter.adapter_drop: the calibration measured no site (no batches, or every "
+                             "site is skipped); nothing to rank the adapters by")
+        if not per_site:
+            kept = _rank(report.mean_probs, first_names, keep)
+            plan = {key: kept for key in sites}
+        else:
+            plan = {}
+            for key, s in sites.items():
+                order = s["module"].adapter_names
+                means = report.site_probs.get(key) or report.mean_probs  # uncounted (skipped) sites: global
+                plan[key] = _rank(means, order, keep)
+    else:
+        plan = {key: list(s["module"].adapter_names) for key, s in sites.items()}
+
+    # --- apply (nothing above changed the model)
+    with torch.no_grad():
+        for key, s in sites.items():
+            if keep is not None:
+                _prune_fusion(s["module"], plan[key])
+            _set_skipped(s["runtime"], key[0] in skipped)
+    report.site_kept = dict(sorted(plan.items()))
+    report.kept = [n for n in union if any(n in k for k in plan.values())]
+    if keep is not None:
+        # save_adapterhub writes record.adapter_names (and the fusion's adapter_names): the kept set.
+        record.adapter_names = [n for n in record.adapter_names if n in report.kept]
+    return report
+
+
+def skipped_layers(model: nn.Module) -> List[int]:
+    """The blocks whose fusion sites :func:`adapter_drop` skips (patched or accelerated model)."""
+    record = patch_record(model)
+    if record is not None:
+        return sorted({s["layer_idx"] for s in record.sites if _is_skipped(s["runtime"])})
+    from .integrations.adapterhub import _accelerated_layers
+
+    layers = _accelerated_layers(model)
+    return sorted(layers[0].adapters_config.skip_layers or []) if layers else []
+
+
+# --------------------------------------------------------------------------------------------
+# accelerated AdapterHub models
+# --------------------------------------------------------------------------------------------
+def _active_fuse(config):
+    from adapters.composition import AdapterCompositionBlock, Fuse
+
+    setup = config.active_setup
+    if not isinstance(setup, Fuse):
+        raise ValueError(f"fusedadapter.adapter_drop: the active AdapterHub setup must be one Fuse of adapters, got "
+                         f"{setup!r} (set_active_adapters(Fuse(...)))")
+    if any(isinstance(c, AdapterCompositionBlock) for c in setup):
+        raise ValueError(f"fusedadapter.adapter_drop: the active Fuse {setup!r} nests composition blocks; only a Fuse "
+                         "of adapters can be pruned")
+    return setup, Fuse
+
+
+def _drop_accelerated(model, layers, batches, keep, skip_layers, per_site) -> AdapterDropReport:
+    if per_site:
+        raise ValueError("fusedadapter.adapter_drop: per_site=True needs a patched model; AdapterHub's Fuse has one "
+                         "adapter set for every layer")
+    config = layers[0].adapters_config  # AdapterHub's one ModelAdaptersConfig, shared by every layer
+    fuse, Fuse = _active_fuse(config)
+    names = [str(c) for c in fuse]
+    n_layers = 1 + max(int(layer.layer_idx) for layer in layers)
+    n_layers = max(n_layers, int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0))
+    skipped = _layer_set(skip_layers, n_layers)
+    _check_keep(keep, len(names))
+    report = AdapterDropReport(adapters=names, skipped_layers=skipped)
+    previous_skip = set(config.skip_layers or [])
+    fusions = [layer.adapter_fusion_layer[fuse.name] for layer in layers if fuse.name in layer.adapter_fusion_layer]
+    if batches is not None:
+        acc = _Accumulator()
+        with _EvalState(model, fusions) as state, torch.inference_mode():
+            for batch in batches:
+                state.reset_temperatures()
+                out = _call(model, batch, output_adapter_fusion_attentions=True)
+                report.batches += 1
+                att = getattr(out, "adapter_fusion_attentions", None)
+                if att is None and isinstance(out, Mapping):
+                    att = out.get("adapter_fusion_attentions")
+                if att is None and isinstance(out, tuple):
+                    att = out[-1]
+                for layer_idx, per_loc in (att or {}).get(fuse.name, {}).items():
+                    if layer_idx in skipped or layer_idx in previous_skip:
+                        continue
+                    for loc, probs in per_loc.items():
+                        acc.add((int(layer_idx), loc), names, torch.as_tensor(probs), batch)
+        site_means = acc.means()
+        report.site_probs = dict(sorted(site_means.items()))
+        report.mean_probs = _global_means(site_means, names)
+        if acc.counts:
+            report.tokens = int(round(next(iter(acc.counts.values()))))
+    kept = names
+    if keep is not None:
+        if batches is None:
+            raise ValueError("fusedadapter.adapter_drop: keep= needs calibration_batches")
+        if not report.site_probs:
+            raise ValueError("fusedadapter.adapter_drop: the calibration measured no site (no batches, or every "
+                             "site is skipped)")
+        kept = _rank(report.mean_probs, names, keep)
+        config.active_setup = Fuse(*kept, name=fuse.name)
+    config.skip_layers = skipped or None
+    report.kept = list(kept)
+    report.site_kept = {(int(layer.layer_idx), layer.location_key): list(kept) for layer in layers
+                        if fuse.name in layer.adapter_fusion_layer}
+    report.site_kept = dict(sorted(report.site_kept.items()))
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# the call
+# --------------------------------------------------------------------------------------------
+def adapter_drop(model: nn.Module, calibration_batches: Optional[Iterable] = None, *, keep: Optional[int] = None,
+                 skip_layers: Union[int, Iterable[int]] = 0, per_site: bool = False) -> AdapterDropReport:
+    """AdapterDrop on a patched or accelerated model, in place; returns an :class:`AdapterDropReport`.
+
+    ``calibration_batches``: an iterable of batches (dicts of keyword arguments, tuples of
+    positional ones, or one tensor) run once each to measure the mean fusion probability per
+    adapter; needed for ``keep``, optional otherwise (then the report still carries the means).
+    ``keep``: how many adapters every site keeps (the most used; None keeps all).
+    ``skip_layers``: the number of leading blocks whose sites are skipped (or a collection of block
+    indices); the skipped set is replaced, 0 runs every site. ``per_site``: rank each site by its
+    own means (patched models only). See the module docstring for the exact rules.
+    """
+    record = patch_record(model)
+    if record is not None:
+        return _drop_patched(model, record, calibration_batches, keep, skip_layers, per_site)
+    from .integrations.adapterhub import _accelerated_layers
+
+    layers = _accelerated_layers(model)
+    if layers:
+        return _drop_accelerated(model, layers, calibration_batches, keep, skip_layers, per_site)
+    raise ValueError("fusedadapter.adapter_drop: the model is neither patched (fusedadapter.patch / load_adapterhub) "
+                     "nor accelerated (fusedadapter.accelerate)")
