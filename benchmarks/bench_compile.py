@@ -11,7 +11,7 @@ shape ``BxS`` of token ids. Variants (each on the same weights):
 * ``<backend> eager``: the patched model;
 * ``<backend> compiled``: ``torch.compile(model)`` (``--compile-backend``, default inductor);
 * ``<backend> cudagraphs``: ``torch.compile(model, mode="reduce-overhead")`` (CUDA only);
-* ``<backend> frozen``: compiled with ``torch._inductor.config.freezing=True`` (inductor only),
+* ``<backend> frozen``: ``torch.compile(model, options={"freezing": True})`` (inductor only),
   which constant-folds weight-only subgraphs: under ``torch.compile`` a fusion site folds its
   weights inside the graph on every call (``FusedAdapterFusion._cached`` does not cache while
   compiling), freezing moves that out of the call.
@@ -69,27 +69,11 @@ def compiled(model, args, device, *, mode=None, freezing=False):
     kw = {"backend": args.compile_backend, "dynamic": False}
     if mode is not None:
         kw["mode"] = mode
-    c = torch.compile(model, **kw)
     if freezing:
-        c = _Frozen(c)
-    return c
-
-
-class _Frozen:
-    """Compiles (on its first call) with inductor's weight freezing on, then calls the result."""
-
-    def __init__(self, c):
-        self.c, self.ready = c, False
-
-    def __call__(self, **kw):
-        if not self.ready:
-            import torch._inductor.config as ic
-
-            with ic.patch(freezing=True):
-                out = self.c(**kw)
-            self.ready = True
-            return out
-        return self.c(**kw)
+        # options make a distinct inductor wrapper, so this variant does not reuse the plain
+        # compiled variant's cache entries (same code object, same guards otherwise)
+        kw["options"] = {"freezing": True}
+    return torch.compile(model, **kw)
 
 
 def main(argv=None):
