@@ -54,6 +54,16 @@ _CHILD_NAMES = {"mh_adapter": "fusedadapter_attention", "output_adapter": "fused
 _RECORD_ATTR = "_fusedadapter_patch"
 
 
+def invalidate_compiled_graphs() -> None:
+    """Drop torch.compile's cached graphs after sites are added or removed.
+
+    Dynamo does not guard on module hooks (``skip_nnmodule_hook_guards``) nor on which instance of
+    a class it compiled, so a model compiled before ``patch`` (or another instance of its class)
+    would otherwise keep running a cached graph without the fusion sites: a silent wrong answer.
+    """
+    torch._dynamo.reset()
+
+
 class UnsupportedArchitecture(ValueError):
     """``patch`` / ``load_adapterhub`` on a model type outside :data:`SUPPORTED_ARCHITECTURES`."""
 
@@ -402,6 +412,7 @@ def install(model: nn.Module, plans: Sequence[SitePlan], *, fusion_name: str, ad
     for key, rts in by_output.items():
         output_modules[key].register_forward_hook(partial(_output_hook, tuple(rts)))
     object.__setattr__(model, _RECORD_ATTR, record)
+    invalidate_compiled_graphs()
     return record
 
 
@@ -534,6 +545,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not undone:
         raise ValueError("fusedadapter.unpatch: the model is neither patched (fusedadapter.patch / load_adapterhub) "
                          "nor accelerated (fusedadapter.accelerate)")
+    invalidate_compiled_graphs()
     return model
 
 

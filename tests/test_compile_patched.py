@@ -202,3 +202,25 @@ def test_compiling_a_patched_model_needs_hook_guards_or_a_reset():
             late.load_state_dict(model.state_dict())
             torch.testing.assert_close(last_hidden(compiled(**x)), want, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_patch_and_unpatch_drop_stale_compiled_graphs():
+    """patch/unpatch reset dynamo themselves, so neither remedy above is needed: a model compiled
+    before it was patched (or after another instance of its class) runs its fusion sites."""
+    x = tiny_inputs("bert")
+    with torch.no_grad():
+        torch._dynamo.reset()
+        bare = tiny_model("bert", dropout=False)
+        want_bare = last_hidden(bare(**x))
+        late = copy.deepcopy(bare)
+        compiled = torch.compile(late, backend="aot_eager")
+        torch.testing.assert_close(last_hidden(compiled(**x)), want_bare, rtol=1e-5, atol=1e-6)
+        reference = patched("bert")
+        fa.patch(late, ADAPTERS, backend="torch")  # patched after it compiled: no manual reset
+        late.load_state_dict(reference.state_dict())
+        want = last_hidden(reference(**x))
+        assert not torch.allclose(want, want_bare, atol=1e-4)
+        torch.testing.assert_close(last_hidden(compiled(**x)), want, rtol=1e-5, atol=1e-6)
+        fa.unpatch(late)
+        torch.testing.assert_close(last_hidden(compiled(**x)), want_bare, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

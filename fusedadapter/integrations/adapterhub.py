@@ -33,6 +33,7 @@ from ..dispatch import BACKENDS
 from ..fold import AdapterWeights, FusionWeights, fold
 from ..functional import fold_plain, run_site
 from ..modules import cached_fold
+from ..patching import invalidate_compiled_graphs
 from ..reference import reference_fusion
 
 __all__ = ["accelerate"]
@@ -285,6 +286,7 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
         else:
             state.backend = backend
             state.sites.clear()
+    invalidate_compiled_graphs()  # compose_fuse is replaced on instances: cached graphs would miss it
 
     setup = getattr(layers[0], "adapters_config", None)
     setup = setup.active_setup if setup is not None else None
