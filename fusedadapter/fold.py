@@ -69,6 +69,15 @@ def _f64(t):
     return None if t is None else t.to(_F64)
 
 
+def key_bias_shift(wq, bq, bk):
+    """kappa = q . b_K = x . (W_Q^T b_K) + b_Q . b_K as (weight, bias), float64 in; (None, None) without b_K."""
+    if bk is None:
+        return None, None
+    weight = bk @ wq if wq is not None else bk
+    bias = (bq @ bk) if bq is not None else torch.zeros((), dtype=_F64, device=bk.device)
+    return weight, bias
+
+
 def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch.dtype) -> Folded:
     """Fold in float64 and cast to ``dtype`` (differentiable)."""
     if len(adapters) == 0:
@@ -117,10 +126,7 @@ def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch
     w_out = (wv @ rows.t()) if wv is not None else rows.t()   # (H, R+N): W_V [U | C^T]
 
     # kappa = q . b_K = x . (W_Q^T b_K) + b_Q . b_K (x the query input)
-    shift_weight = shift_bias = None
-    if bk is not None:
-        shift_weight = bk @ wq if wq is not None else bk
-        shift_bias = (bq @ bk) if bq is not None else torch.zeros((), dtype=_F64, device=bk.device)
+    shift_weight, shift_bias = key_bias_shift(wq, bq, bk)
 
     def cast(t):
         return None if t is None else t.to(dtype)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .activations import activation_code, apply_activation
 from .config import FusionConfig
 from .dispatch import resolve_backend
-from .fold import AdapterWeights, Folded, FusionWeights, fold
+from .fold import AdapterWeights, Folded, FusionWeights, fold, key_bias_shift
 from .ops import acc_dtype, hash_keep_mask, masked_softmax
 from .reference import reference_fusion
 
@@ -154,19 +154,14 @@ def fold_plain(fusion: FusionWeights, dtype: torch.dtype) -> dict:
     bq = None if fusion.query_bias is None else fusion.query_bias.to(f64)
     wk = None if fusion.key_weight is None else fusion.key_weight.to(f64)
     bk = None if fusion.key_bias is None else fusion.key_bias.to(f64)
-    h = (wq if wq is not None else wk).shape[0] if (wq is not None or wk is not None) else None
     if wk is not None:
         w_qk = wk.t() @ wq if wq is not None else wk.t()
         b_qk = wk.t() @ bq if bq is not None else None
     else:
         w_qk, b_qk = wq, bq
-    shift_w = shift_b = None
-    if bk is not None:
-        shift_w = bk @ wq if wq is not None else bk
-        shift_b = (bq @ bk) if bq is not None else torch.zeros((), dtype=f64, device=bk.device)
+    shift_w, shift_b = key_bias_shift(wq, bq, bk)
     cast = (lambda t: None if t is None else t.to(dtype))
-    return {"w_qk": cast(w_qk), "b_qk": cast(b_qk), "shift_weight": cast(shift_w), "shift_bias": cast(shift_b),
-            "identity": h is None}
+    return {"w_qk": cast(w_qk), "b_qk": cast(b_qk), "shift_weight": cast(shift_w), "shift_bias": cast(shift_b)}
 
 
 def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual_before: bool, temperature: float,

@@ -142,7 +142,7 @@ def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
     h = w_out.shape[0]
     if residual is not None and tuple(residual.shape) != (m, h):
         raise ValueError(f"fusion op: residual must have shape ({m}, {h}), got {tuple(residual.shape)}")
-    acc = _acc_dtype(xd.dtype)
+    acc = acc_dtype(xd.dtype)
     tensors = {"xq": (xq, xd.dtype), "residual": (residual, xd.dtype), "w_down": (w_down, acc),
                "b_down": (b_down, acc), "w_query": (w_query, acc), "b_query": (b_query, acc), "w_out": (w_out, acc),
                "logit_shift": (logit_shift, acc)}
@@ -182,8 +182,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_acc_dtype = acc_dtype
-
 
 def _segment_activation(zp: torch.Tensor, segments: Sequence[int], activations: Sequence[int]) -> torch.Tensor:
     # Merge runs of adjacent segments with the same activation: one call in the common case.
@@ -213,7 +211,7 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments,
                                 activations, temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
-    acc = _acc_dtype(xd.dtype)
+    acc = acc_dtype(xd.dtype)
     # Half-precision activations are computed with fp32 intermediates, as a kernel's fp32
     # accumulators hold them: rounding GEMM1's outputs or GEMM2's input gradient to bf16 (bf16
     # F.linear calls) cost up to ~8x the reference's bf16 error in the DESIGN §4 oracle, through
@@ -301,7 +299,7 @@ _LIB.impl("fusion_torch", fusion_torch, "CompositeImplicitAutograd")
 # ---------------------------------------------------------------------------------------------
 def _fusion_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
                  temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None, adapter_mask=None):
-    return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], len(activations)), dtype=_acc_dtype(xd.dtype))
+    return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], len(activations)), dtype=acc_dtype(xd.dtype))
 
 
 def _fusion_backward_fake(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
