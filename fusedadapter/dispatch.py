@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .errors import BackendUnavailable  # re-exported: fusedadapter.dispatch.BackendUnavailable
 from .ops import fusion_torch
 
 __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "fusion_op", "token_bucket", "available_backends",
@@ -25,10 +26,6 @@ __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "fusion_op", "to
 
 BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
 TOKEN_BUCKETS = (16, 256, 4096)  # upper edges; a larger count falls in the last, open bucket
-
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run on this machine or for these inputs."""
 
 
 # name -> loader(device) returning the op callable, or raising BackendUnavailable with the reason.
@@ -72,21 +69,41 @@ register_backend("cpu", _load_native("cpu"))
 register_backend("cuda", _load_native("cuda"))
 
 
-def fusion_op(name: str, device: torch.device) -> Callable:
-    """The op callable of backend ``name`` for ``device`` (raises BackendUnavailable)."""
+def _triton_dtype_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    try:  # reached only after the loader succeeded (or a test replaced it)
+        from .kernels.fusion import unsupported_dtype_reason
+    except ImportError:
+        return None
+    return unsupported_dtype_reason(device, dtype)
+
+
+# name -> check(device, dtype) returning why the backend computes wrong at that dtype there, or None
+_DTYPE_CHECKS: Dict[str, Callable[[torch.device, torch.dtype], Optional[str]]] = {"triton": _triton_dtype_reason}
+
+
+def fusion_op(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The op callable of backend ``name`` for ``device`` (raises BackendUnavailable); with ``dtype``, also
+    raises where the backend is known to compute wrong at that activation dtype (bf16 under the Triton
+    interpreter)."""
     if name == "reference":
         raise ValueError("the reference backend is eager module code, not an op")
     if name not in _LOADERS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or 'auto'")
-    return _LOADERS[name](torch.device(device))
+    device = torch.device(device)
+    op = _LOADERS[name](device)
+    check = _DTYPE_CHECKS.get(name) if dtype is not None else None
+    reason = check(device, dtype) if check is not None else None
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot run on {device} at {dtype}: {reason}")
+    return op
 
 
-def available_backends(device="cpu") -> Dict[str, Optional[str]]:
-    """{backend: None if it runs on ``device``, else the reason it does not}."""
+def available_backends(device="cpu", dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[str]]:
+    """{backend: None if it runs on ``device`` (at activation ``dtype`` if given), else the reason it does not}."""
     out: Dict[str, Optional[str]] = {"reference": None}
     for name in _LOADERS:
         try:
-            fusion_op(name, device)
+            fusion_op(name, device, dtype)
             out[name] = None
         except BackendUnavailable as exc:
             out[name] = str(exc)
@@ -125,12 +142,12 @@ def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int) -> 
     if requested == "reference":
         return "reference", None
     if requested != "auto":
-        return requested, fusion_op(requested, device)
+        return requested, fusion_op(requested, device, dtype)
     name = _auto_choice(device, dtype, tokens)
     if name in ("torch", "reference"):
         return name, (fusion_torch if name == "torch" else None)
     try:
-        return name, fusion_op(name, device)
+        return name, fusion_op(name, device, dtype)
     except BackendUnavailable as exc:
         with _lock:
             if name not in _warned:

@@ -2,7 +2,7 @@
 
 :func:`load_triton_op` is the ``triton`` backend's loader (``fusedadapter.dispatch``): it returns
 ``torch.ops.fusedadapter.fusion_triton``, the op of ``fusedadapter/ops.py``'s schema, or raises
-:class:`fusedadapter.dispatch.BackendUnavailable` saying why it cannot run. Importing this package
+:class:`fusedadapter.errors.BackendUnavailable` saying why it cannot run. Importing this package
 does not import Triton; the kernels are defined (and the op registered) on first load.
 """
 
@@ -13,10 +13,12 @@ import torch
 __all__ = ["load_triton_op"]
 
 
-def load_triton_op(device):
+def load_triton_op(device, dtype=None):
     """The ``fusion_triton`` op for ``device``: CUDA natively; CPU only when ``TRITON_INTERPRET=1`` was set
-    before the kernels were first imported (the Triton interpreter, for tests)."""
-    from ..dispatch import BackendUnavailable
+    before the kernels were first imported (the Triton interpreter, for tests). With ``dtype`` (the
+    activation dtype), also raises where the kernels would compute wrong at that dtype (bfloat16 under the
+    interpreter: :func:`fusion.unsupported_dtype_reason`)."""
+    from ..errors import BackendUnavailable
 
     device = torch.device(device)
     try:
@@ -31,4 +33,7 @@ def load_triton_op(device):
     reason = fusion.unsupported_reason(device)
     if reason is not None:
         raise BackendUnavailable(f"backend 'triton' cannot run on {device}: {reason}")
+    reason = None if dtype is None else fusion.unsupported_dtype_reason(device, dtype)
+    if reason is not None:
+        raise BackendUnavailable(f"backend 'triton' cannot run on {device} at {dtype}: {reason}")
     return torch.ops.fusedadapter.fusion_triton

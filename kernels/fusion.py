@@ -42,12 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import BackendUnavailable
+from ..errors import BackendUnavailable
 from ..ops import acc_dtype, check_fusion_args, register_kernel_op
 from . import configs as _configs
 
 __all__ = ["fusion_triton", "fusion_triton_backward", "hash_keep_mask_triton", "keep_threshold",
-           "unsupported_reason", "INTERPRET", "AUTOTUNE"]
+           "unsupported_reason", "unsupported_dtype_reason", "INTERPRET", "AUTOTUNE"]
 
 # Triton reads TRITON_INTERPRET when a kernel is *defined* (below), so this is what the kernels do.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -592,8 +592,27 @@ def unsupported_reason(device) -> Optional[str]:
     return f"device type {device.type!r} is not supported (CUDA, or CPU through the Triton interpreter)"
 
 
-def _check_device(device: torch.device) -> None:
+# The Triton interpreter computes with numpy, which has no bfloat16: a dot or an elementwise product of
+# bf16 operands there returns garbage with no error (Triton 3.x, measured: a 16x16 bf16 dot off by ~2e10,
+# a product NaN; a whole site's output off by ~1e9 relative). fp16 (numpy float16) and fp32/fp64 are
+# right there (measured against the float64 reference: within the DESIGN §4 oracle). TF32 is not
+# emulated by the interpreter, but no kernel here uses it (every fp32 dot is input_precision="ieee").
+INTERPRETER_WRONG_DTYPES = {torch.bfloat16: "the Triton interpreter's bfloat16 arithmetic is wrong (numpy has no "
+                                            "bfloat16: dots and products of bf16 operands return garbage, no error); "
+                                            "run bf16 on a GPU, or use the 'torch' or 'cpu' backend"}
+
+
+def unsupported_dtype_reason(device, dtype: torch.dtype) -> Optional[str]:
+    """None if the kernels compute right at activation dtype ``dtype`` on ``device``, else why not."""
+    if INTERPRET and dtype in INTERPRETER_WRONG_DTYPES:
+        return INTERPRETER_WRONG_DTYPES[dtype]
+    return None
+
+
+def _check_device(device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
     reason = unsupported_reason(device)
+    if reason is None and dtype is not None:
+        reason = unsupported_dtype_reason(device, dtype)
     if reason is not None:
         raise BackendUnavailable(f"backend 'triton' cannot run on {device}: {reason}")
 
@@ -706,7 +725,7 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
                                 temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
-    _check_device(xd.device)
+    _check_device(xd.device, xd.dtype)
     site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask, adapter_mask)
     h = w_out.shape[0]
     out = _new((m, h), xd.dtype, xd.device)
@@ -789,7 +808,7 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, None, w_down, b_down, w_query, b_query, w_out, segments, activations,
                                 temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
-    _check_device(xd.device)
+    _check_device(xd.device, xd.dtype)
     needs = [bool(x) for x in needs]
     site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask)
     dt, acc, dev = xd.dtype, site.acc, xd.device
