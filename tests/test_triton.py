@@ -442,6 +442,46 @@ def test_unsupported_devices_raise_backend_unavailable(monkeypatch):
         OP(*_op_args(3, 4, [2], 4, device="cpu"))
 
 
+@interpreter_only
+def test_interpreter_bf16_raises_and_auto_falls_back(monkeypatch):
+    # The interpreter's bf16 arithmetic is wrong (measured: output off by ~1e9 relative, no error). Every
+    # entry point must refuse it with the reason; auto must not pick it (one warning, then torch).
+    import warnings
+
+    import fusedadapter.dispatch as dispatch
+
+    site = make_site(16, [4, 3], ["relu", "gelu"], seed=3).to(torch.bfloat16).eval()
+    a, res, _, _ = make_inputs(site, lead=(2, 5))
+    a, res = a.to(torch.bfloat16), res.to(torch.bfloat16)
+    site.backend = "triton"
+    with pytest.raises(fa.BackendUnavailable, match="interpreter"):
+        site(a, res)
+    site.backend = "torch"
+    want = site(a, res)
+    assert fusion.unsupported_dtype_reason("cpu", torch.bfloat16) is not None
+    for dtype in (torch.float16, torch.float32, torch.float64):  # measured right under the interpreter
+        assert fusion.unsupported_dtype_reason("cpu", dtype) is None
+        assert fusion_op("triton", "cpu", dtype) is OP
+    with pytest.raises(BackendUnavailable, match="bfloat16"):
+        fusion_op("triton", "cpu", torch.bfloat16)
+    assert "bfloat16" in fa.available_backends("cpu", torch.bfloat16)["triton"]
+    assert fa.available_backends("cpu", torch.float16)["triton"] is None
+    with pytest.raises(fa.BackendUnavailable, match="bfloat16"):
+        OP(*_op_args(6, 8, [3, 2], 8, dtype=torch.bfloat16))
+    monkeypatch.setattr(dispatch, "_TABLE", {"table": {"cpu": {"bfloat16": {"0-16": "triton"}}}})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    site.backend = "auto"
+    with pytest.warns(RuntimeWarning, match=r"bfloat16.*using 'torch' instead"):
+        out = site(a, res)
+    assert torch.equal(out, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(site(a, res), want)  # no second warning
+    # fp16 under the same table entry still runs the kernels
+    monkeypatch.setattr(dispatch, "_TABLE", {"table": {"cpu": {"float16": {"0-16": "triton"}}}})
+    assert dispatch.resolve_backend("auto", "cpu", torch.float16, 10)[0] == "triton"
+
+
 def test_bad_inputs():
     args = _op_args(5, 8, [3, 2], 6)
     bad = list(args)
