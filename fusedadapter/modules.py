@@ -2,14 +2,16 @@
 
 Parameter names map one-to-one onto AdapterHub's (``adapters.<name>.adapter_down.0`` ...,
 ``query``/``key``/``value``), and every backend uses these same parameters; folded weights
-live only in a cache that is keyed on the parameters' identity, storage, version counter,
-dtype, device and ``requires_grad``, so optimizer steps, ``load_state_dict``, ``.to()``,
+live only in a cache that is keyed on every input of the fold (each tensor's identity, storage,
+version counter, dtype, device and ``requires_grad``; float scalings, activations and
+``ln_before`` flags by value), so scaling edits, optimizer steps, ``load_state_dict``, ``.to()``,
 ``.half()`` and in-place edits under ``no_grad`` all invalidate it. (Writes through ``.data``
 bypass the version counter; call :meth:`FusedAdapterFusion.invalidate_fold_cache` after those.)
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -37,26 +39,63 @@ def _init_bert(module: nn.Module) -> None:
         module.weight.data.fill_(1.0)
 
 
-def cached_fold(holder, params, tag, dtype, make):
-    """``make()`` (a fold of ``params``), cached on ``holder._fold_cache`` while it stays valid.
+def _stamp(t):
+    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.requires_grad)
 
-    The key is each parameter's identity, storage, version counter, dtype, device and
-    ``requires_grad``. Under autograd with trainable parameters, or while compiling, the fold is
-    rebuilt (differentiable) every call. Inference tensors (made under ``inference_mode``) have
-    no version counter, so an in-place edit could not be seen: their folds are never cached.
+
+def fold_inputs_key(adapters, fusion):
+    """(key, tensors): everything :func:`fusedadapter.fold.fold` reads from ``adapters``
+    (AdapterWeights) and ``fusion`` (FusionWeights, or None for the adapter half alone).
+
+    A tensor enters by identity, storage, version counter, dtype, device and ``requires_grad``;
+    anything else (float scalings, activation codes, ``ln_before`` flags, which fusion weights are
+    absent) by value. ``tensors`` lists every tensor read (kept alive by the cache entry, so an id
+    in a key can never be reused by another tensor while the entry exists)."""
+    parts, tensors = [], []
+    fields = []
+    for w in adapters:
+        fields.extend((w.down_weight, w.down_bias, w.up_weight, w.up_bias, w.scaling, w.ln_weight, w.ln_bias))
+        parts.append((int(w.activation), bool(w.ln_before)))
+    if fusion is not None:
+        fields.extend((fusion.query_weight, fusion.query_bias, fusion.key_weight, fusion.key_bias,
+                       fusion.value_weight))
+    for t in fields:
+        if isinstance(t, torch.Tensor):
+            tensors.append(t)
+            parts.append(_stamp(t))
+        else:
+            parts.append(t if t is None else (type(t), t))
+    return tuple(parts), tensors
+
+
+def cached_fold(holder, tag, dtype, make, adapters, fusion=None):
+    """``make()`` (a fold of ``adapters``/``fusion``), cached on ``holder._fold_cache[tag]`` while valid.
+
+    The key (:func:`fold_inputs_key`) holds every input of the fold. Under autograd with trainable
+    inputs, or while compiling, the fold is rebuilt (differentiable) every call. Inference tensors
+    (made under ``inference_mode``) have no version counter, so an in-place edit could not be seen:
+    their folds are never cached.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+    if torch.compiler.is_exporting():  # constants from the real parameters (fusedadapter.export)
+        from .export import fold_for_export
+
+        return fold_for_export(tag, dtype, make, adapters, fusion)
+    key, tensors = fold_inputs_key(adapters, fusion)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return make()
-    if any(p.is_inference() for p in params):
+    if any(t.is_inference() for t in tensors):
         with torch.no_grad():
             return make()
-    key = (tag, dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, p.requires_grad) for p in params))
+    key = (dtype, key)
     cache = holder._fold_cache
-    if cache is not None and cache[0] == key:
-        return cache[1]
+    if cache is None:
+        cache = holder._fold_cache = {}
+    entry = cache.get(tag)
+    if entry is not None and entry[0] == key:
+        return entry[2]
     with torch.no_grad():
         value = make()
-    holder._fold_cache = (key, value)
+    cache[tag] = (key, tensors, value)
     return value
 
 
@@ -160,9 +199,16 @@ class FusedAdapterFusion(nn.Module):
             with torch.no_grad():
                 self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
         self.dropout_p = cfg.effective_dropout(attention_dropout)
-        # AdapterHub's BertFusion.T: a plain attribute (not saved) lowered on every forward call.
-        self.T = 50.0 if cfg.temperature else 1.0
-        self.reduction = self.T / 1000.0
+        # AdapterHub's BertFusion.T (50 under temperature=True, else 1; lowered by T0/1000 on every
+        # forward call, floor 1; not saved): a 0-dim float64 buffer, non-persistent, stepped in place
+        # by forward, so under torch.compile the step runs in the graph (no guard on its value, no
+        # recompiles) and a value set by hand (``site.T = ...``, a property) reaches compiled graphs.
+        t0 = 50.0 if cfg.temperature else 1.0
+        self.reduction = t0 / 1000.0
+        self.register_buffer("_temperature", torch.tensor(t0, dtype=torch.float64), persistent=False)
+        # True while T is 1.0 for good (temperature=False and never set): forward then passes the
+        # constant 1.0 and does no tensor work for the temperature.
+        self._temperature_fixed = not cfg.temperature
         self._fold_cache = None
 
     # ------------------------------------------------------------------ properties and helpers
@@ -203,11 +249,42 @@ class FusedAdapterFusion(nn.Module):
     def invalidate_fold_cache(self) -> None:
         self._fold_cache = None
 
-    def step_temperature(self) -> float:
-        """The temperature for this call; lowers the stored one as AdapterHub does (every call)."""
-        t = self.T
-        self.T = max(self.T - self.reduction, 1.0)
+    @property
+    def T(self) -> float:
+        """The fusion temperature (AdapterHub's ``BertFusion.T``): a float to read and to set."""
+        return float(self._temperature)
+
+    @T.setter
+    def T(self, value: float) -> None:
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or value == float("inf"):
+            raise ValueError(f"T (the fusion temperature) must be a positive finite number, got {value!r}")
+        with torch.no_grad():
+            self._temperature.fill_(float(value))
+        self._temperature_fixed = float(value) == 1.0  # 1.0 stays 1.0: max(1 - reduction, 1)
+
+    def step_temperature(self):
+        """The temperature for this call; lowers the stored one as AdapterHub does (every call,
+        ``T = max(T - reduction, 1)``). Returns the float 1.0 while the temperature is fixed at 1,
+        else a 0-dim float64 tensor (the value before the step; the step is an in-place tensor op,
+        so it runs inside compiled graphs)."""
+        if self._temperature_fixed:
+            return 1.0
+        with torch.no_grad():
+            t = self._temperature.clone()
+            self._temperature.copy_(torch.clamp(t - self.reduction, min=1.0))
         return t
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) would round the temperature buffer (AdapterHub's T is a Python float):
+        # keep it float64, following the module's device.
+        t = self._buffers.get("_temperature")
+        out = super()._apply(fn, recurse)
+        new = self._buffers.get("_temperature")
+        if t is not None and new is not None and new.dtype != torch.float64:
+            self._buffers["_temperature"] = t.to(device=new.device)
+        return out
 
     # ------------------------------------------------------------------ the site protocol (run_site)
     def adapter_weights(self, dtype=None):
@@ -229,14 +306,13 @@ class FusedAdapterFusion(nn.Module):
         return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
                              get(self.key, "bias"), get(self.value, "weight"))
 
-    def _cached(self, tag, dtype, make):
-        return cached_fold(self, list(self.parameters()), tag, dtype, make)
-
     def folded(self, dtype):
-        return self._cached("folded", dtype, lambda: fold(self.adapter_weights(), self.fusion_weights(), dtype))
+        ads, fus = self.adapter_weights(), self.fusion_weights()
+        return cached_fold(self, "folded", dtype, lambda: fold(ads, fus, dtype), ads, fus)
 
     def plain_folded(self, dtype):
-        return self._cached("plain", dtype, lambda: fold_plain(self.fusion_weights(), dtype))
+        fus = self.fusion_weights()
+        return cached_fold(self, "plain", dtype, lambda: fold_plain(fus, dtype), [], fus)
 
     def reference(self, a, res, c, temperature, dropout_p, keep_mask, adapter_mask=None):
         return reference_fusion(a, res, c, list(self.adapters.values()), self.query, self.key, self.value,

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import fusedadapter as fa
+import fusedadapter.testing
+from conftest import requires_adapterhub
 from parity import make_inputs, make_site
 
 
@@ -169,3 +171,82 @@ def test_module_converted_under_inference_mode_never_serves_stale_folds():
         want = ref(a.double(), res.double())
     assert not torch.equal(out, edited)
     torch.testing.assert_close(edited, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Every input of the fold is in the cache key, not only the parameters (issue 13, item 4)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_cache_sees_float_scaling_edits_and_keys_every_fold_input(backend):
+    if fa.available_backends("cpu").get(backend) is not None:
+        pytest.skip(f"backend {backend} unavailable")
+    m = fresh(backend)
+    a, res = inputs(m)
+    warm(m, a, res)
+    m.adapters["0"].scaling = 4.0  # a plain float attribute: no parameter changes
+    with torch.no_grad():
+        torch.testing.assert_close(m(a, res), expect(m, a, res), rtol=1e-5, atol=1e-5)
+    # the other non-tensor inputs fold() reads are in the key too
+    from fusedadapter.modules import fold_inputs_key
+
+    ws = m.adapter_weights()
+    key = fold_inputs_key(ws, m.fusion_weights())[0]
+    ws[1].activation = 3
+    assert fold_inputs_key(ws, m.fusion_weights())[0] != key
+    ws[1].activation, ws[2].ln_before = m.adapter_weights()[1].activation, True
+    assert fold_inputs_key(ws, m.fusion_weights())[0] != key
+
+
+def test_cache_sees_scaling_edit_on_a_patched_model():
+    from fusedadapter.patching import fusion_sites
+    from tiny_models import tiny_inputs, tiny_model
+
+    model = fa.patch(tiny_model("bert"), {"a": fa.AdapterConfig(bottleneck_size=4),
+                                          "b": fa.AdapterConfig(bottleneck_size=3, scaling=0.5)}, backend="torch")
+    for _, _, site in fusion_sites(model):
+        fa.testing.perturb_(site, torch.Generator().manual_seed(3))
+    batch = tiny_inputs("bert")
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+        for _, _, site in fusion_sites(model):
+            site.adapters["a"].scaling = 4.0
+        after = model(**batch).last_hidden_state
+        for _, _, site in fusion_sites(model):
+            site.backend = "reference"
+        want = model(**batch).last_hidden_state
+    assert (after - before).abs().max() > 1e-2
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+
+
+@requires_adapterhub
+def test_cache_sees_scaling_edit_on_an_accelerated_adapterhub_model():
+    import adapters
+    from tiny_models import tiny_inputs, tiny_model
+
+    model = tiny_model("bert")
+    adapters.init(model)
+    model.add_adapter("a", config=adapters.SeqBnConfig(reduction_factor=4))
+    model.add_adapter("b", config=adapters.SeqBnConfig(reduction_factor=8, scaling=0.5))
+    model.add_adapter_fusion(adapters.Fuse("a", "b"))
+    model.set_active_adapters(adapters.Fuse("a", "b"))
+    from adapters.methods.bottleneck import BottleneckLayer
+
+    layers = [mod for mod in model.modules() if isinstance(mod, BottleneckLayer) and len(mod.adapters)]
+    assert layers
+    g = torch.Generator().manual_seed(3)
+    for mod in layers:
+        fa.testing.perturb_(mod.adapters, g)
+        fa.testing.perturb_(mod.adapter_fusion_layer, g)
+    model.eval()
+    batch = tiny_inputs("bert")
+    fa.accelerate(model, backend="torch")
+    ups = [mod.adapters["a"] for mod in layers]
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+        for ad in ups:
+            ad.scaling = 4.0
+        after = model(**batch).last_hidden_state
+        fa.unpatch(model)  # AdapterHub's own eager path on the same, edited modules
+        want = model(**batch).last_hidden_state
+    assert (after - before).abs().max() > 1e-2
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ from ..activations import activation_code, canonical_activation
 from ..dispatch import BACKENDS
 from ..fold import AdapterWeights, FusionWeights, fold
 from ..functional import fold_plain, run_site
+from ..masking import current_adapter_mask
 from ..modules import cached_fold
 from ..patching import invalidate_compiled_graphs
 from ..reference import reference_fusion
@@ -109,20 +110,19 @@ class _AdapterHubSite:
         return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
                              get(self.key, "bias"), get(self.value, "weight"))
 
-    def _cached(self, tag, dtype, make):
-        return cached_fold(self, self._params, tag, dtype, make)
-
     def folded(self, dtype):
-        return self._cached("folded", dtype, lambda: fold(self.adapter_weights(), self.fusion_weights(), dtype))
+        ads, fus = self.adapter_weights(), self.fusion_weights()
+        return cached_fold(self, "folded", dtype, lambda: fold(ads, fus, dtype), ads, fus)
 
     def plain_folded(self, dtype):
-        return self._cached("plain", dtype, lambda: fold_plain(self.fusion_weights(), dtype))
+        fus = self.fusion_weights()
+        return cached_fold(self, "plain", dtype, lambda: fold_plain(fus, dtype), [], fus)
 
-    def reference(self, a, res, c, temperature, dropout_p, keep_mask):
+    def reference(self, a, res, c, temperature, dropout_p, keep_mask, adapter_mask=None):
         ups = [_ScaledUp(ad) for ad in self.adapters]
         return reference_fusion(a, res, c, ups, self.query, self.key, self.value, residual_before=self.residual_before,
                                 temperature=temperature, dropout_p=dropout_p, keep_mask=keep_mask,
-                                training=self.fusion.training)
+                                training=self.fusion.training, adapter_mask=adapter_mask)
 
 
 class _ScaledUp:
@@ -228,6 +228,10 @@ def _fused_compose_fuse(self, adapter_setup, state, lvl: int = 0):
                 getattr(a, "use_gating", False) for a in site.adapters):
             site, reason = None, "gating scores are requested from gated adapters"
     if site is None and reason is not None:
+        if current_adapter_mask() is not None:
+            # AdapterHub's eager Fuse has no adapter mask: running it would drop the mask silently.
+            raise ValueError(f"fusedadapter.adapter_mask: Fuse {adapter_setup.name!r} runs on AdapterHub's eager path "
+                             f"here ({reason}), which cannot apply an adapter mask")
         _warn_once(adapter_setup.name, reason)
         return type(self).compose_fuse(self, adapter_setup, state, lvl=lvl)
 
@@ -241,13 +245,16 @@ def _fused_compose_fuse(self, adapter_setup, state, lvl: int = 0):
     if site is None:  # no adapter of this Fuse lives in this layer: AdapterHub leaves hidden_states as is
         return state._replace(hidden_states=hidden_states, last=last)
 
+    # The mask of an enclosing fa.adapter_mask block (this thread), columns of this site's adapters
+    # (in the Fuse's order), rows expanded to a generate() beam batch; run_site checks its shape.
+    mask = current_adapter_mask(names, batch=hidden_states.shape[0] if hidden_states.dim() >= 2 else None)
     fusion = site.fusion
     temperature = fusion.T
     fusion.T = max(fusion.T - fusion.reduction, 1.0)
     dropout_p = float(fusion.dropout.p) if fusion.training else 0.0
     out, probs = run_site(site, hidden_states, state.adapter_residual,
                           None if query is hidden_states else query, backend=accel.backend,
-                          temperature=temperature, dropout_p=dropout_p, keep_mask=None)
+                          temperature=temperature, dropout_p=dropout_p, keep_mask=None, adapter_mask=mask)
     if context is not None and getattr(context, "output_adapter_fusion_attentions", False):
         self._store_fusion_attentions(adapter_setup.name, probs.detach().to(out.dtype).cpu().numpy())
     return state._replace(hidden_states=out, last=last)
