@@ -6,7 +6,8 @@ Public API: configs (:class:`AdapterConfig`, :class:`FusionConfig`), the module
 """
 
 from .config import AdapterConfig, FusionConfig
-from .dispatch import BACKENDS, BackendUnavailable, available_backends
+from .dispatch import BACKENDS, available_backends
+from .errors import BackendUnavailable
 from .functional import adapter_fusion, fusion_regularization_loss
 from .masking import adapter_mask
 from .modules import BottleneckAdapter, FusedAdapterFusion
@@ -15,6 +16,7 @@ from .integrations.adapterhub import accelerate
 from .checkpoint import load_adapterhub, save_adapterhub
 from .adapterdrop import AdapterDropReport, adapter_drop
 
+# The one place the version is written: pyproject.toml reads it from here ([tool.setuptools.dynamic]).
 __version__ = "0.1.0"
 
 __all__ = [
