@@ -1,4 +1,4 @@
-"""``python -m benchmarks [PRESET | model | table | report | device-summary] [options]``.
+"""``python -m benchmarks [PRESET | model | decode | table | report | device-summary] [options]``.
 
 With no arguments: the ``quick`` preset, a CPU sweep (< 3 minutes on 2 cores) that prints the
 table and writes ``results.csv``, ``results.json``, ``summary.md`` and PNG plots to ``bench-out/``.
@@ -216,6 +216,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["quick"] + argv
+    if argv and argv[0] == "decode":  # generate() with the KV cache, patched vs bare (its own options)
+        from .bench_decode import main as decode_main
+
+        return decode_main(argv[1:])
     if argv and argv[0] == "_rss":  # internal: one provider's peak RSS in a fresh process
         from .layer import rss_worker
 
@@ -243,6 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     mp.add_argument("--repeats", type=int, default=5)
     mp.add_argument("--warmup", type=int, default=1)
     mp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    sub.add_parser("decode", help="generate() with the KV cache on a patched Llama-shape model vs bare "
+                   "(python -m benchmarks decode --help)")
     tp = sub.add_parser("table", help="regenerate fusedadapter/dispatch_table.json from benchmarks/results/")
     from .table import RESULTS_DIR, TABLE_PATH
 
@@ -254,7 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rp.add_argument("--command", default=None, help="the command(s) that produced the results, for the summary")
     rp.add_argument("--no-plots", action="store_true")
     dp = sub.add_parser("device-summary", help="(device_check.sh) summarise a GPU run into OUTDIR/summary.{json,md}")
-    dp.add_argument("outdir")
+    dp.add_argument("outdir", help="the folder the steps wrote into (device_check.sh's work folder)")
+    dp.add_argument("--out", default=None, help="also write summary.{json,md} here (device_check.sh's OUTDIR)")
     args = parser.parse_args(argv)
     if args.subcommand in PRESETS:
         return _layer(args.subcommand, args, argv)
@@ -267,6 +274,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.subcommand == "device-summary":
         from .devicecheck import summarize
 
-        return summarize(args.outdir)
+        return summarize(args.outdir, args.out)
     parser.print_help()
     return 2

@@ -1,97 +1,181 @@
 #!/usr/bin/env bash
-# benchmarks/device_check.sh OUTDIR: the GPU part of the project, in one go (< 8 minutes).
+# benchmarks/device_check.sh OUTDIR: the GPU part of the project in one go, ending by itself in < 5 min.
 #
-# For a CUDA machine with torch / triton / transformers installed, no internet and no `adapters`,
-# run from a copy of the repository's working tree. Steps (each recorded in OUTDIR/steps.tsv
-# with its exit code and seconds; a failing step is recorded and the next one runs):
-#   1. env       GPU and versions -> OUTDIR/env.txt
-#   2. install   `pip install -e . --no-deps --no-build-isolation` (offline) if fusedadapter's
-#                kernels/csrc packages do not import from here
-#   3. build     the C++ (cpu) and CUDA extensions ahead of time (python -m fusedadapter.extension),
-#                if present; a CUDA build that fails or runs out of time sets FUSEDADAPTER_SKIP_CUDA=1
-#                for the later steps (the cuda backend is then reported unavailable, not rebuilt)
-#   4. tests     pytest -m "not slow" on CUDA: tests/test_triton.py and tests/test_native.py first
-#                (if present), then the rest of tests/ -> OUTDIR/pytest.{log,xml}
-#   5. bench     python -m benchmarks gpu: the issue-3 target row (bf16, 16384 tokens, H=768, N=8,
-#                r=48) first, then the grid, within the time left -> OUTDIR/bench/
-#   6. summary   OUTDIR/summary.{json,md}: GPU, versions, commit, test counts, the target row
-#                (fraction of roofline, speedup vs reference and vs torch, fwd+bwd vs reference)
-# Budgets (seconds, override by environment): DC_TOTAL=470 (all steps), DC_BUILD=180 (CUDA build),
-# DC_TESTS=200 (tests; at least 150 s are kept for the benchmark).
-# PYTHON picks the interpreter (default python3). A copied tree without .git records no commit:
-# pass it as BENCH_GIT_COMMIT=<hash> (the results and the summary carry it).
+# For a CUDA machine with torch / triton / transformers (pytest-xdist and pytest-timeout used when
+# present), no internet and no `adapters`, run from a copy of the working tree (no .git needed).
+#
+# What comes back: OUTDIR holds exactly four files, no folders (the GPU lender returns <= 8 files,
+# <= 2 folders deep, <= 16 MiB each, <= 64 MiB in all):
+#   device_check.tar.gz  everything else: env.txt, steps.tsv, pytest-*.{xml,log}, build-cuda.log,
+#                        spills.json (ptxas -v of the target-row kernels with this machine's Triton),
+#                        bench/ (results.csv, results.json, skipped.json, summary.md, PNG plots),
+#                        summary.{md,json}; logs over 2 MiB keep their last 2 MiB, and if the archive
+#                        would pass 15 MiB the plots are left out
+#   summary.md / summary.json   dry run or not, GPU, versions, commit, every step with its status,
+#                        test counts and failures, spills, the issue-3 target row, the archive's contents
+#   device_check.log     this script's own output
+#
+# The commit: a copied tree has no .git. The caller passes it as BENCH_GIT_COMMIT=<hash>, e.g.
+#   BENCH_GIT_COMMIT=$(git rev-parse HEAD)$(git diff --quiet HEAD || echo +dirty) bash benchmarks/device_check.sh OUT
+# or writes it into the tree before the copy: `git rev-parse HEAD > benchmarks/.git_commit` (an
+# untracked, not ignored file, so it travels with the tree). Without either, `git rev-parse HEAD`.
+#
+# Steps (each recorded in steps.tsv as name, exit code, seconds, kind; a failing step is recorded
+# and the next one runs; every step has its own timeout):
+#   env          GPU and versions -> env.txt
+#   build-cuda   (background, MAX_JOBS=4) the CUDA extension, ahead of the tests that need it
+#   spills       (background, CPU only) ptxas -v spill report of the target-row kernels -> spills.json
+#   tests-triton GPU tests of the Triton backend first: parity fwd+bwd fp32/fp16/bf16, adapter
+#                masks, dropout replay, numerics, one autotuned config per kernel (pytest -n, xdist)
+#   tests-cuda   the CUDA backend's tests (after build-cuda; FUSEDADAPTER_SKIP_CUDA=1 if it failed)
+#   bench        python -m benchmarks gpu: the issue-3 target row first, then the grid, in the time left
+#   summary      summary.{md,json}
+# Tests that need no GPU are not run here (CI runs them).
+#
+# DEVICE_CHECK_DRY_RUN=1: the same script on a CPU machine; every GPU step (build-cuda, spills,
+# tests-*, bench) is replaced by benchmarks/devicecheck_stub.py, which writes the files the step
+# would write (JUnit report and log, results.json/csv, skipped.json, summary.md, plots), packed as
+# a real run packs them; summary.md says it was a dry run. tests/test_device_check.py runs it in CI.
+#
+# Budgets (seconds, override by environment): DC_TOTAL=280 (all steps), DC_BUILD=150 (CUDA build),
+# DC_TESTS=110 (Triton tests), DC_TESTS_CUDA=60, DC_WORKERS=6 (xdist workers), DC_TEST_TIMEOUT=90
+# (per test, with pytest-timeout). PYTHON picks the interpreter (default python3).
 set -u
 OUT=${1:?usage: benchmarks/device_check.sh OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-TOTAL=${DC_TOTAL:-470}
-T_BUILD=${DC_BUILD:-180}
-T_TESTS=${DC_TESTS:-200}
+DRY=${DEVICE_CHECK_DRY_RUN:-0}
+TOTAL=${DC_TOTAL:-280}
+T_BUILD=${DC_BUILD:-150}
+T_TESTS=${DC_TESTS:-110}
+T_TESTS_CUDA=${DC_TESTS_CUDA:-60}
+WORKERS=${DC_WORKERS:-6}
 START=$(date +%s)
-: > "$OUT/steps.tsv"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
+rm -f "$OUT/device_check.tar.gz" "$OUT/summary.md" "$OUT/summary.json" "$OUT/device_check.log"
+: > "$WORK/steps.tsv"
 exec > >(tee -a "$OUT/device_check.log") 2>&1
+export DEVICE_CHECK_DRY_RUN=$DRY DEVICE_CHECK_WORK=$WORK PYTHONDONTWRITEBYTECODE=1
+
+if [ -z "${BENCH_GIT_COMMIT:-}" ] && [ -s benchmarks/.git_commit ]; then
+  BENCH_GIT_COMMIT=$(head -c 200 benchmarks/.git_commit | tr -d '[:space:]')
+fi
+if [ -z "${BENCH_GIT_COMMIT:-}" ]; then
+  BENCH_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || true)
+fi
+export BENCH_GIT_COMMIT
+echo "device_check: commit ${BENCH_GIT_COMMIT:-unknown}, dry run $DRY, work folder $WORK, budget ${TOTAL}s"
 
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL - $(elapsed) )); }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, record rc and seconds, never abort
-  local name=$1 limit=$2; shift 2
-  local t0=$(date +%s) rc
+  local name=$1 limit=$2 kind=real; shift 2
+  local t0 rc
+  t0=$(date +%s)
   if [ "$limit" -le 5 ]; then
-    echo "== $name: skipped (no time left)"; printf '%s\t%s\t%s\n' "$name" "skipped" 0 >> "$OUT/steps.tsv"; return
+    echo "== $name: skipped (no time left)"; printf '%s\t%s\t%s\t%s\n' "$name" skipped 0 "$kind" >> "$WORK/steps.tsv"; return
   fi
   echo "== $name (limit ${limit}s, $(elapsed)s elapsed)"
-  timeout --signal=INT --kill-after=20 "$limit" "$@"; rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/steps.tsv"
+  timeout --signal=INT --kill-after=10 "$limit" "$@"; rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$kind" >> "$WORK/steps.tsv"
   echo "== $name: exit $rc"
 }
-min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+gpu_step() {  # gpu_step NAME TIMEOUT_S CMD...: step, or in a dry run the stub writing the same files
+  local name=$1 limit=$2; shift 2
+  if [ "$DRY" = "1" ]; then
+    local t0 rc
+    t0=$(date +%s)
+    echo "== $name: dry run stub"
+    timeout 60 "$PY" benchmarks/devicecheck_stub.py "$name" "$WORK"; rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" stub >> "$WORK/steps.tsv"
+    return
+  fi
+  step "$name" "$limit" "$@"
+}
 
-step env 30 bash -c "nvidia-smi; git rev-parse HEAD 2>/dev/null; $PY - <<'PYEOF'
-import sys, torch
-print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
-      '| device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-for m in ('triton', 'transformers', 'adapters'):
+step env 30 bash -c "nvidia-smi 2>&1 || echo 'nvidia-smi: not available'; echo commit ${BENCH_GIT_COMMIT:-unknown}; $PY - <<'PYEOF'
+import importlib.metadata as md, os, sys
+def version(name):
     try:
-        print(m, __import__(m).__version__)
-    except Exception as e:
-        print(m, 'absent:', type(e).__name__)
-PYEOF" > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return 'absent'
+print('python', sys.version.split()[0], '| cpus', os.cpu_count())
+for name in ('torch', 'triton', 'transformers', 'adapters', 'pytest', 'pytest-xdist', 'pytest-timeout', 'onnxruntime'):
+    print(name, version(name))
+if os.environ.get('DEVICE_CHECK_DRY_RUN') == '1':
+    print('torch.cuda: not queried (dry run)')
+else:
+    import torch
+    print('torch cuda', torch.version.cuda, '| device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+PYEOF" > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt"
 
-if ! "$PY" -c "import fusedadapter, fusedadapter.kernels, fusedadapter.csrc" >/dev/null 2>&1; then
-  step install 120 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-index -q
-  if ! "$PY" -c "import fusedadapter, fusedadapter.kernels, fusedadapter.csrc" >/dev/null 2>&1; then
-    # no install possible (e.g. no setuptools offline): map kernels/ and csrc/ under the package by
-    # links in this disposable copy of the tree, as pyproject's package-dir does
-    echo "== install did not make fusedadapter.kernels importable: linking kernels/ and csrc/ into fusedadapter/"
-    [ -e fusedadapter/kernels ] || ln -s ../kernels fusedadapter/kernels
-    [ -e fusedadapter/csrc ] || ln -s ../csrc fusedadapter/csrc
-    printf '%s\t%s\t%s\n' link-packages 0 0 >> "$OUT/steps.tsv"
-  fi
-fi
-if "$PY" -c "import fusedadapter.extension" >/dev/null 2>&1; then
-  step build-cpu 90 "$PY" -m fusedadapter.extension cpu
-  step build-cuda "$(min "$T_BUILD" "$(( $(left) - 200 ))")" "$PY" -m fusedadapter.extension cuda
-  if [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f2)" != "0" ]; then
-    # a failed or killed build (which may leave its lock file behind) is not retried by every later
-    # process: the cuda backend is recorded as unavailable and the rest goes on without it
-    echo "== the CUDA extension did not build: FUSEDADAPTER_SKIP_CUDA=1 from here on"
-    export FUSEDADAPTER_SKIP_CUDA=1
-  fi
+if [ "$DRY" != "1" ] && ! "$PY" -c "import fusedadapter.kernels, fusedadapter.csrc" >/dev/null 2>&1; then
+  # not installed: map kernels/ and csrc/ under the package by links in this disposable copy of the
+  # tree, as pyproject's package-dir does (an offline pip install is slower and may lack setuptools)
+  echo "== linking kernels/ and csrc/ into fusedadapter/"
+  [ -e fusedadapter/kernels ] || ln -s ../kernels fusedadapter/kernels
+  [ -e fusedadapter/csrc ] || ln -s ../csrc fusedadapter/csrc
+  printf '%s\t%s\t%s\t%s\n' link-packages 0 0 real >> "$WORK/steps.tsv"
 fi
 
-TESTS=()
-for f in tests/test_triton.py tests/test_native.py; do [ -f "$f" ] && TESTS+=("$f"); done
-TESTS+=(tests)
-# One fixed Triton config per kernel in the tests: the fuzz and numerics files would otherwise
-# autotune every kernel variant they touch (minutes); the benchmark step below autotunes.
-step tests "$(min "$T_TESTS" "$(( $(left) - 150 ))")" env FUSEDADAPTER_TRITON_AUTOTUNE=0 "$PY" -m pytest -m "not slow" -q -rfE -p no:cacheprovider \
-  --junitxml="$OUT/pytest.xml" "${TESTS[@]}" > "$OUT/pytest.log" 2>&1
-tail -n 30 "$OUT/pytest.log"
+PYTEST_OPTS=(-q -rfE -p no:cacheprovider)
+if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST_OPTS+=(-n "$WORKERS"); fi
+if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_OPTS+=(--timeout="${DC_TEST_TIMEOUT:-90}"); fi
 
-BUDGET=$(( $(left) - 60 ))
-step bench "$(( BUDGET + 40 ))" "$PY" -m benchmarks gpu --device cuda --out "$OUT/bench" --budget-s "$BUDGET" --no-progress
-step summary 60 "$PY" -m benchmarks device-summary "$OUT"
-echo "device_check: $(elapsed)s in all; see $OUT/summary.md"
+# In the background while the Triton tests run: the CUDA extension build (needed by tests-cuda and
+# the cuda provider) and the spill report (CPU only: Triton's own ptxas on this machine's Triton).
+gpu_step build-cuda "$T_BUILD" env MAX_JOBS="${MAX_JOBS:-4}" "$PY" -m fusedadapter.extension cuda \
+  > "$WORK/build-cuda.log" 2>&1 &
+BUILD_PID=$!
+gpu_step spills 100 env -u TRITON_INTERPRET "$PY" -m fusedadapter.kernels.aot_check --target-only \
+  --json-out "$WORK/spills.json" > "$WORK/spills.log" 2>&1 &
+SPILLS_PID=$!
+
+# The Triton tests run one fixed config per kernel (their fixtures set it; autotuning every variant
+# they create would take minutes); test_gpu_autotune runs the autotuner and test_gpu_every_config
+# each config of the autotune lists. tests/test_gpu_*.py are the GPU-only files.
+TRITON_TESTS=(tests/test_triton.py)
+for f in tests/test_gpu_*.py; do [ -f "$f" ] && TRITON_TESTS+=("$f"); done
+gpu_step tests-triton "$(min "$T_TESTS" "$(( $(left) - 120 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" --junitxml="$WORK/pytest-triton.xml" "${TRITON_TESTS[@]}" \
+  > "$WORK/pytest-triton.log" 2>&1
+tail -n 15 "$WORK/pytest-triton.log"
+
+echo "== waiting for build-cuda ($(elapsed)s elapsed)"
+wait "$BUILD_PID"
+if [ "$(grep '^build-cuda' "$WORK/steps.tsv" | cut -f2)" != "0" ]; then
+  # a failed or killed build (which may leave its lock file behind) is not retried by every later
+  # process: the cuda backend is recorded as unavailable and the rest goes on without it
+  echo "== the CUDA extension did not build: FUSEDADAPTER_SKIP_CUDA=1 from here on"
+  export FUSEDADAPTER_SKIP_CUDA=1
+fi
+gpu_step tests-cuda "$(min "$T_TESTS_CUDA" "$(( $(left) - 90 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
+  --junitxml="$WORK/pytest-cuda.xml" tests/test_native.py -k "cuda" > "$WORK/pytest-cuda.log" 2>&1
+tail -n 15 "$WORK/pytest-cuda.log"
+wait "$SPILLS_PID"
+
+BUDGET=$(( $(left) - 45 ))
+gpu_step bench "$(( BUDGET + 25 ))" "$PY" -m benchmarks gpu --device cuda --out "$WORK/bench" --budget-s "$BUDGET" \
+  --no-progress > "$WORK/bench.log" 2>&1
+tail -n 30 "$WORK/bench.log"
+
+# summary.{md,json} in the work folder (they go into the archive too) and in OUTDIR
+step summary 40 "$PY" -m benchmarks device-summary "$WORK" --out "$OUT"
+
+# pack: logs over 2 MiB keep their tail; an archive over 15 MiB goes without the plots
+for f in $(find "$WORK" -type f \( -name '*.log' -o -name '*.xml' \) -size +2M); do
+  tail -c 2000000 "$f" > "$f.tail" && mv "$f.tail" "$f"
+done
+tar -C "$WORK" -czf "$OUT/device_check.tar.gz" .
+if [ "$(stat -c %s "$OUT/device_check.tar.gz")" -gt 15000000 ]; then
+  echo "== archive over 15 MB: leaving the plots out"
+  find "$WORK" -name '*.png' -delete
+  tar -C "$WORK" -czf "$OUT/device_check.tar.gz" .
+fi
+rm -rf "$WORK"
+echo "device_check: $(elapsed)s in all; OUTDIR holds: $(cd "$OUT" && ls | tr '\n' ' ')"
+echo "see $OUT/summary.md"

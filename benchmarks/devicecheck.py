@@ -1,16 +1,19 @@
-"""``python -m benchmarks device-summary OUTDIR``: the last step of ``device_check.sh``.
+"""``python -m benchmarks device-summary WORKDIR [--out OUTDIR]``: the summary step of ``device_check.sh``.
 
-Reads what the script left in OUTDIR (``steps.tsv``: one ``name<TAB>exit code<TAB>seconds`` line a
-step; ``pytest.xml``: the tests' JUnit report; ``bench/results.json``: the GPU grid) and writes
-``summary.json`` and ``summary.md``: the GPU name, versions and commit, every step's outcome,
-the test counts and failures, and the issue-3 target row (bf16, 16384 tokens, H=768, N=8, r=48)
-for every fast provider: fraction of roofline, speedup over ``reference`` and over ``torch``,
-and forward+backward speedup over ``reference``, each against its target.
+Reads what the script left in WORKDIR (``steps.tsv``: one ``name<TAB>exit code<TAB>seconds[<TAB>kind]``
+line a step, kind ``real`` or ``stub``; ``pytest-*.xml``: the tests' JUnit reports; ``spills.json``:
+the ptxas spill report; ``bench/results.json``: the GPU grid) and writes ``summary.json`` and
+``summary.md`` into WORKDIR (they go into the archive) and OUTDIR: whether it was a dry run, the
+GPU name, versions and commit, every step's status, the test counts and failures, the spills, the
+issue-3 target row (bf16, 16384 tokens, H=768, N=8, r=48) for every fast provider (fraction of
+roofline, speedup over ``reference`` and over ``torch``, forward+backward speedup over
+``reference``, each against its target) and the files the archive will hold.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -38,14 +41,35 @@ def _steps(out: Path) -> List[dict]:
     return steps
 
 
-def _pytest(out: Path) -> Optional[dict]:
-    f = out / "pytest.xml"
-    if not f.exists():
-        return None
+def _step_kinds(out: Path) -> Dict[str, str]:
+    f = out / "steps.tsv"
+    kinds = {}
+    if f.exists():
+        for line in f.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 4:
+                kinds[parts[0]] = parts[3]
+    return kinds
+
+
+def step_status(rc, kind: str = "real") -> str:
+    """A step's outcome in words: ok, stub (dry run), skipped (no time left), timed out, failed (exit N)."""
+    if rc == "skipped":
+        return "skipped (no time left)"
+    if kind == "stub":
+        return "stub (dry run)" if rc == 0 else f"stub failed (exit {rc})"
+    if rc == 0:
+        return "ok"
+    if rc in (124, 137):
+        return f"timed out (exit {rc})"
+    return f"failed (exit {rc})"
+
+
+def _pytest_one(f: Path) -> dict:
     try:
         root = ET.parse(f).getroot()
     except ET.ParseError as exc:
-        return {"error": f"unreadable JUnit XML: {exc}"}
+        return {"error": f"unreadable JUnit XML {f.name}: {exc}"}
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     res = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time_s": 0.0, "failed": []}
     for s in suites:
@@ -57,6 +81,49 @@ def _pytest(out: Path) -> Optional[dict]:
                 res["failed"].append(f"{case.get('classname')}::{case.get('name')}")
     res["passed"] = res["tests"] - res["failures"] - res["errors"] - res["skipped"]
     return res
+
+
+def _pytest(out: Path) -> Optional[dict]:
+    """The JUnit reports (``pytest.xml`` and ``pytest-*.xml``) added up, with one entry per file in ``files``."""
+    files = sorted(out.glob("pytest*.xml"))
+    if not files:
+        return None
+    per = {f.name: _pytest_one(f) for f in files}
+    good = [r for r in per.values() if "error" not in r]
+    if not good:
+        return {"error": "; ".join(r["error"] for r in per.values()), "files": per}
+    res = {k: sum(r[k] for r in good) for k in ("tests", "failures", "errors", "skipped", "passed")}
+    res["time_s"] = sum(r["time_s"] for r in good)
+    res["failed"] = [name for r in good for name in r["failed"]]
+    res["files"] = per
+    return res
+
+
+def _spills(out: Path) -> Optional[dict]:
+    f = out / "spills.json"
+    if not f.exists():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        return {"error": f"unreadable spills.json: {exc}"}
+    summ = dict(data.get("summary", {}))
+    summ["rows"] = [{k: r.get(k) for k in ("kernel", "variant", "target", "config", "spill_stores", "spill_loads",
+                                           "stack_frame", "ptxas_regs", "error")} for r in data.get("rows", [])]
+    return summ
+
+
+def _archive_listing(out: Path) -> List[dict]:
+    """The files under WORKDIR (what the archive will hold), with sizes; summary.* counted in."""
+    names = []
+    for root, _, files in os.walk(out):
+        for name in files:
+            p = Path(root) / name
+            names.append({"path": str(p.relative_to(out)), "bytes": p.stat().st_size})
+    for extra in ("summary.json", "summary.md"):
+        if not any(e["path"] == extra for e in names):
+            names.append({"path": extra, "bytes": None})
+    return sorted(names, key=lambda e: e["path"])
 
 
 def _match(cfg: dict) -> bool:
@@ -94,8 +161,11 @@ def target_row(rows) -> Dict[str, dict]:
     return out
 
 
-def summarize(outdir) -> int:
+def summarize(outdir, out_copy=None) -> int:
     out = Path(outdir)
+    steps = _steps(out)
+    kinds = _step_kinds(out)
+    dry = os.environ.get("DEVICE_CHECK_DRY_RUN", "0") == "1" or "stub" in kinds.values()
     rows = []
     bench = out / "bench" / "results.json"
     if bench.exists():
@@ -117,27 +187,48 @@ def summarize(outdir) -> int:
     if (out / "bench" / "skipped.json").exists():
         skipped = json.loads((out / "bench" / "skipped.json").read_text())
     data = {
-        "skipped_providers": skipped,
-        "gpu": gpu, "versions": versions(), "git_commit": git_commit(), "steps": _steps(out), "pytest": _pytest(out),
+        "dry_run": dry, "skipped_providers": skipped,
+        "gpu": gpu, "versions": versions(), "steps": steps,
+        # device_check.sh sets BENCH_GIT_COMMIT (the caller's, benchmarks/.git_commit or git's): it wins
+        "git_commit": os.environ.get("BENCH_GIT_COMMIT", "").strip() or git_commit(),
+        "step_status": {s["step"]: step_status(s["rc"], kinds.get(s["step"], "real")) for s in steps},
+        "pytest": _pytest(out), "spills": _spills(out), "archive": _archive_listing(out),
         "target_point": TARGET, "targets": TARGETS, "rates_at_target": rates, "target": target_row(rows),
         "bench_rows": len(rows), "bench_errors": errors,
     }
-    (out / "summary.json").write_text(json.dumps(data, indent=1))
     v = data["versions"]
-    lines = ["# fusedadapter device check", "",
-             f"- GPU: {gpu}", f"- torch {v['torch']}, triton {v['triton'] or '-'}, transformers {v['transformers']}",
-             f"- commit: {data['git_commit']}", ""]
-    lines += ["| step | exit code | seconds |", "|---|---|---|"]
-    lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in data["steps"]]
+    lines = ["# fusedadapter device check" + (" (DRY RUN)" if dry else ""), ""]
+    if dry:
+        lines += ["**Dry run** (`DEVICE_CHECK_DRY_RUN=1`): no GPU step ran; each was replaced by a stub that wrote "
+                  "the files it would write. Every test result and number below is a stub, not a measurement.", ""]
+    lines += [f"- dry run: {'yes' if dry else 'no'}", f"- GPU: {gpu}",
+              f"- torch {v['torch']}, triton {v['triton'] or '-'}, transformers {v['transformers']}",
+              f"- commit: {data['git_commit'] or 'unknown (pass BENCH_GIT_COMMIT)'}", ""]
+    lines += ["| step | status | exit code | seconds |", "|---|---|---|---|"]
+    lines += [f"| {s['step']} | {data['step_status'][s['step']]} | {s['rc']} | {s['seconds']} |" for s in steps]
     p = data["pytest"]
     if p and "error" not in p:
         lines += ["", f"Tests: {p['passed']} passed, {p['failures']} failed, {p['errors']} errors, "
                       f"{p['skipped']} skipped ({p['time_s']:.0f} s)"]
         lines += [f"- FAILED {name}" for name in p["failed"][:50]]
+        for name, r in p["files"].items():
+            lines.append(f"- {name}: " + (r["error"] if "error" in r else
+                                          f"{r['passed']} passed, {r['failures']} failed, {r['errors']} errors, "
+                                          f"{r['skipped']} skipped"))
     elif p:
         lines += ["", f"Tests: {p['error']}"]
     else:
-        lines += ["", "Tests: no JUnit report (the test step did not run or was killed)"]
+        lines += ["", "Tests: no JUnit report (the test steps did not run or were killed)"]
+    sp = data["spills"]
+    if sp and "error" not in sp:
+        lines += ["", f"Spills (ptxas -v, sm_{sp.get('arch', 90)}, triton {sp.get('triton')}): {sp.get('compiled')} "
+                      f"target-row compiles, {sp.get('spilling')} spill; target-row configs spilling: "
+                      f"{len(sp.get('target_spilling', []))}"]
+        lines += [f"- spills: {lab}" for lab in sp.get("target_spilling", [])]
+    elif sp:
+        lines += ["", f"Spills: {sp['error']}"]
+    else:
+        lines += ["", "Spills: no spills.json (the spills step did not finish)"]
     lines += ["", f"## Issue-3 target point: {json.dumps(TARGET)}", ""]
     if rates:
         lines.append(f"Measured rates: matmul {rates.get('matmul_tflops', float('nan')):.0f} TFLOP/s, "
@@ -164,7 +255,13 @@ def summarize(outdir) -> int:
         lines += ["", "Providers not run:"] + [f"- {p}: {why}" for p, why in skipped.items()]
     if errors:
         lines += ["", "## Benchmark errors", ""] + [f"- {e}" for e in errors[:40]]
-    lines += ["", "Full grid: bench/summary.md (and bench/results.json, bench/results.csv)."]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", "Full grid: bench/summary.md (and bench/results.json, bench/results.csv) in device_check.tar.gz.",
+              "", "## Archive contents (device_check.tar.gz)", ""]
+    lines += [f"- {e['path']}" + ("" if e["bytes"] is None else f" ({e['bytes']} bytes)") for e in data["archive"]]
+    text = "\n".join(lines) + "\n"
+    for folder in [out] + ([Path(out_copy)] if out_copy else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(json.dumps(data, indent=1))
+        (folder / "summary.md").write_text(text)
+    print(text)
     return 0
