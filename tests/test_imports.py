@@ -1,0 +1,227 @@
+"""The package's import structure: every module imports on its own in a fresh interpreter, and the
+import graph of ``fusedadapter`` (with ``kernels/`` and ``csrc/`` where they are installed, as
+``fusedadapter.kernels`` and ``fusedadapter.csrc``) has no cycle, counting imports inside
+functions too (a cycle that only exists through a function-level import still couples the two
+modules: neither can be understood, tested or moved without the other).
+
+Also: the version is written once (``fusedadapter.__version__``; pyproject.toml reads it).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+import fusedadapter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _package_dirs() -> Dict[str, Path]:
+    """{package: folder} for fusedadapter and its sub-packages living elsewhere in the tree, as the
+    installed package maps them (pyproject's package-dir: kernels/ and csrc/ install under fusedadapter)."""
+    dirs = {"fusedadapter": Path(fusedadapter.__file__).resolve().parent}
+    for sub in ("fusedadapter.kernels", "fusedadapter.csrc"):
+        spec = importlib.util.find_spec(sub)
+        assert spec is not None and spec.submodule_search_locations, f"{sub} is not installed as a package"
+        dirs[sub] = Path(list(spec.submodule_search_locations)[0]).resolve()
+    return dirs
+
+
+def package_modules() -> Dict[str, Path]:
+    """{dotted module name: source file} of every module of the package."""
+    mods: Dict[str, Path] = {}
+    for pkg, folder in _package_dirs().items():
+        for f in sorted(folder.rglob("*.py")):
+            parts = list(f.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join([pkg] + parts)] = f
+    return mods
+
+
+def import_graph(mods: Dict[str, Path]) -> Dict[str, Set[str]]:
+    """module -> the package modules it imports, anywhere in its source (functions included).
+
+    ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module, else of
+    ``pkg``. The implicit import of a module's parent packages is not an edge (it is how Python
+    imports any submodule; a parent that imports its children is not a cycle)."""
+    graph: Dict[str, Set[str]] = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: Set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    targets.add(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    targets.add(sub if sub in mods else target)
+        graph[name] = {t for t in targets if t in mods and t != name}
+    return graph
+
+
+def import_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components with more than one module (Tarjan), sorted."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    out: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def _cycle_edges(graph: Dict[str, Set[str]], comp: List[str]) -> str:
+    """The import edges inside one cycle (component), for the failure message."""
+    members = set(comp)
+    return "\n".join(f"  {v} -> {w}" for v in comp for w in sorted(graph[v] & members))
+
+
+MODULES = package_modules()
+GRAPH = import_graph(MODULES)
+
+
+def test_graph_sees_kernels_and_csrc_under_the_package():
+    assert "fusedadapter.kernels.fusion" in MODULES and "fusedadapter.csrc" in MODULES
+    assert MODULES["fusedadapter.kernels.fusion"].parent == _package_dirs()["fusedadapter.kernels"]
+    # a function-level import is an edge: the Triton loader imports its kernels inside a function
+    assert "fusedadapter.kernels.fusion" in GRAPH["fusedadapter.kernels"]
+    assert "fusedadapter.extension" in GRAPH["fusedadapter.dispatch"]  # inside _load_native
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# The one cycle known today (issue 14), through function-level imports in patching: unpatch and
+# set_backend call the AdapterHub integration's private undo/backend-switch functions, and
+# install reads an AdapterHub file-format template from checkpoint. Removing exactly these edges
+# must leave no cycle; the full graph is an expected (strict) failure until they are gone.
+KNOWN_CYCLE_EDGES = {("fusedadapter.patching", "fusedadapter.integrations.adapterhub"),
+                     ("fusedadapter.patching", "fusedadapter.checkpoint")}
+
+
+def _assert_acyclic(graph):
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles in fusedadapter (function-level imports included):\n" + "\n\n".join(
+        _cycle_edges(graph, comp) for comp in cycles)
+
+
+def test_no_import_cycles_but_the_known_one():
+    _assert_acyclic({v: {w for w in ws if (v, w) not in KNOWN_CYCLE_EDGES} for v, ws in GRAPH.items()})
+
+
+@pytest.mark.xfail(strict=True, reason="checkpoint <-> patching <-> integrations.adapterhub (KNOWN_CYCLE_EDGES)")
+def test_no_import_cycles():
+    _assert_acyclic(GRAPH)
+
+
+def test_leaf_modules_import_nothing_from_the_package():
+    # What everything may depend on stays at the bottom.
+    for leaf in ("fusedadapter.errors", "fusedadapter.activations", "fusedadapter.fold", "fusedadapter.reference"):
+        assert GRAPH[leaf] == set(), f"{leaf} imports {sorted(GRAPH[leaf])}"
+
+
+# Each module imported alone, first, in a fresh interpreter. One subprocess imports torch once and
+# forks a child per module (a fresh fusedadapter each time; re-importing in one process would
+# redefine the torch.library ops).
+_FORK_IMPORTS = textwrap.dedent("""
+    import importlib, json, os, sys, traceback
+    import torch  # not ours: shared by the children
+    names = json.loads(sys.argv[1])
+    failed = {}
+    for name in names:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            code = 0
+            try:
+                assert not any(m == "fusedadapter" or m.startswith("fusedadapter.") for m in sys.modules)
+                importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                code = 2 if exc.name in ("triton",) else 1  # an optional dependency that is absent
+                os.write(w, traceback.format_exc().encode())
+            except BaseException:
+                code = 1
+                os.write(w, traceback.format_exc().encode())
+            os.close(w)
+            os._exit(code)
+        os.close(w)
+        chunks = []
+        while True:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code == 1 or code < 0:
+            failed[name] = b"".join(chunks).decode() or f"exit status {code}"
+    print(json.dumps(failed))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_each_module_imports_alone_in_a_fresh_interpreter(tmp_path):
+    names = sorted(MODULES)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _FORK_IMPORTS, json.dumps(names)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    failed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not failed, "modules that fail when imported first and alone:\n" + "\n".join(
+        f"--- {name}\n{tb}" for name, tb in failed.items())
+
+
+def test_version_has_one_source():
+    text = (ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        pytest.skip("tomllib needs Python 3.11")
+    project = tomllib.loads(text)
+    assert "version" not in project["project"] and "version" in project["project"].get("dynamic", [])
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fusedadapter.__version__"}
+    assert fusedadapter.__version__ == importlib.metadata.version("fusedadapter"), (
+        "the installed metadata disagrees with fusedadapter.__version__: reinstall (pip install -e .)")
