@@ -225,3 +225,18 @@ def test_version_has_one_source():
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fusedadapter.__version__"}
     assert fusedadapter.__version__ == importlib.metadata.version("fusedadapter"), (
         "the installed metadata disagrees with fusedadapter.__version__: reinstall (pip install -e .)")
+
+
+def test_every_package_folder_is_in_the_wheel():
+    # pyproject lists the packages explicitly (kernels/ and csrc/ are mapped under fusedadapter), so a
+    # new sub-package folder must be added there, or the wheel silently lacks it.
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        pytest.skip("tomllib needs Python 3.11")
+    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools_cfg["packages"])
+    on_disk = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert on_disk <= listed, f"package folders missing from pyproject's [tool.setuptools] packages: {sorted(on_disk - listed)}"
+    assert setuptools_cfg["package-dir"] == {"fusedadapter": "fusedadapter", "fusedadapter.kernels": "kernels",
+                                             "fusedadapter.csrc": "csrc"}
