@@ -77,8 +77,14 @@ def adapter_mask_rows(adapter_mask, lead, num_adapters: int, device) -> torch.Te
     elif shape == per_batch:
         rows = adapter_mask.reshape(lead[0], *([1] * (len(lead) - 1)), num_adapters).expand(per_token)
     else:
+        why = ""
+        if len(lead) >= 2 and len(shape) in (2, len(lead) + 1) and shape[-1] == num_adapters and shape[0] != lead[0] \
+                and shape[1:-1] == (() if len(shape) == 2 else lead[1:]):
+            why = (f" (batch {shape[0]} against {lead[0]} rows; an explicit adapter_mask= must match the batch: "
+                   f"only the mask of a fusedadapter.adapter_mask block follows generate()'s beam / "
+                   f"num_return_sequences expansion)")
         raise ValueError(f"adapter_mask must have shape {want} for inputs of leading shape {lead} and "
-                         f"{num_adapters} adapters, got {shape}")
+                         f"{num_adapters} adapters, got {shape}{why}")
     if adapter_mask.device != device:
         raise ValueError(f"adapter_mask is on {adapter_mask.device}, expected {device} (the device of adapter_input)")
     return rows.reshape(-1, num_adapters)
@@ -202,8 +208,8 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
     ``site`` provides: ``hidden_size``, ``bottleneck``, ``num_adapters``, ``residual_before``,
     ``anchor_param`` (a parameter, for the dtype/device check), and ``adapter_weights(dtype)``,
     ``fusion_weights(dtype)``, ``folded(dtype)``, ``plain_folded(dtype)``,
-    ``reference(a, res, c, temperature, dropout_p, keep_mask)`` (called with ``adapter_mask=`` (tokens, N)
-    too when a mask is given). ``adapter_mask``: bool, see :func:`adapter_mask_rows` for its shapes.
+    ``reference(a, res, c, temperature, dropout_p, keep_mask, adapter_mask=None)`` (``adapter_mask``: (tokens, N)
+    or None). ``adapter_mask``: bool, see :func:`adapter_mask_rows` for its shapes.
     """
     dev = adapter_input.device.type if isinstance(adapter_input, torch.Tensor) else "cpu"
     autocast_on = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
@@ -224,10 +230,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
         adapter_mask = adapter_mask_rows(adapter_mask, lead, site.num_adapters, a.device)
     name, op = resolve_backend(backend, a.device, dtype, n_tokens)
     if name == "reference":
-        if adapter_mask is None:
-            out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask)
-        else:
-            out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask, adapter_mask=adapter_mask)
+        out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask, adapter_mask=adapter_mask)
     else:
         if autocast_on:
             a, res = a.to(dtype), res.to(dtype)

@@ -12,7 +12,9 @@ no ``adapter_mask`` argument of its own uses ``mask`` (broadcast per site by the
 innermost wins, and ``adapter_mask(None)`` turns masking off inside a block. The state is a
 ``threading.local``: other threads (a server's other requests) are not affected, and
 ``torch.compile`` guards on it (no graph break; a new mask object of the same shape reuses the
-compiled graph).
+compiled graph). Under ``generate(num_beams=k)`` (or ``num_return_sequences=k``) a ``(batch, N)``
+mask follows the model's own expansion of the batch to ``batch * k`` rows (each row repeated
+``k`` times, as ``input_ids``) at the sites of patched and accelerated models.
 
 Code that runs a site through :func:`fusedadapter.functional.run_site` directly (rather than the
 module's forward) reads the block's mask with :func:`current_adapter_mask` and passes it on.
@@ -58,24 +60,40 @@ def adapter_mask(mask: Optional[torch.Tensor], adapter_names: Optional[Sequence[
         _state.value = previous
 
 
-def current_adapter_mask(adapter_names: Optional[Iterable[str]] = None) -> Optional[torch.Tensor]:
+def current_adapter_mask(adapter_names: Optional[Iterable[str]] = None, *,
+                         batch: Optional[int] = None) -> Optional[torch.Tensor]:
     """The mask of the innermost :func:`adapter_mask` block of this thread, or None outside any.
 
     ``adapter_names``: the calling site's adapters, in its order (any iterable of names; read only
     when the block named its columns). Then the block's columns are picked (and ordered) for them.
+
+    ``batch``: the calling site's batch (its inputs' first dimension), given by callers inside a
+    model's forward (patched and accelerated models). ``generate(num_beams=k)`` (and
+    ``num_return_sequences``) runs the model on every input row repeated ``k`` times in a row
+    (``input_ids.repeat_interleave(k, dim=0)``); a block's mask of batch ``B`` then meets sites of
+    batch ``B*k``, and its rows are repeated the same way. A batch that is not a multiple of the
+    mask's raises, saying so. (An explicit ``adapter_mask=`` argument of a site is never expanded.)
     """
     value = getattr(_state, "value", None)
     if value is None:
         return None
     mask, names = value
-    if names is None or adapter_names is None:
-        return mask
-    wanted = list(adapter_names)
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise ValueError(f"adapter_mask: this fusion site fuses {wanted} but the mask's columns are {names} "
-                         f"(missing {missing})")
-    index = [names.index(n) for n in wanted]
-    if index == list(range(len(names))):
-        return mask
-    return mask[..., index]
+    if names is not None and adapter_names is not None:
+        wanted = list(adapter_names)
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise ValueError(f"adapter_mask: this fusion site fuses {wanted} but the mask's columns are {names} "
+                             f"(missing {missing})")
+        index = [names.index(n) for n in wanted]
+        if index != list(range(len(names))):
+            mask = mask[..., index]
+    if batch is not None and mask.dim() >= 2 and mask.shape[0] != batch:
+        rows = mask.shape[0]
+        if rows == 0 or batch % rows != 0:
+            raise ValueError(
+                f"adapter_mask: the mask has batch {rows} (shape {tuple(mask.shape)}) but this fusion site runs on "
+                f"{batch} rows, which is not a multiple of {rows}; a mask of batch B follows generate()'s "
+                f"expansion to B*k rows (num_beams / num_return_sequences = k, each row repeated k times), other "
+                f"batches must match the mask's")
+        mask = mask.repeat_interleave(batch // rows, dim=0)
+    return mask

@@ -29,13 +29,15 @@ names the modules, with alternatives where the versions differ), and both are pl
 over module state, which ``torch.compile`` traces.
 
 Per-call options: :func:`collect_fusion_probs` (a context manager, AdapterHub's
-``output_adapter_fusion_attentions``) and :func:`set_backend`.
+``output_adapter_fusion_attentions``), :func:`fusedadapter.adapter_mask` and :func:`set_backend`.
+The hooks' per-call state is per thread (see ``_SiteRuntime``): threads may share one patched model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, FusionConfig
+from .masking import current_adapter_mask
 from .modules import FusedAdapterFusion
 
 __all__ = ["patch", "unpatch", "collect_fusion_probs", "set_backend", "fusion_sites", "SUPPORTED_ARCHITECTURES",
@@ -247,7 +250,16 @@ def _is_adapterhub_model(model: nn.Module) -> bool:
 # Runtime: the hooks
 # --------------------------------------------------------------------------------------------
 class _SiteRuntime:
-    """One site's hook state (a plain object: not a module, so no extra parameter names)."""
+    """One site's hook state (a plain object: not a module, so no extra parameter names).
+
+    What one call passes from the capture hook to the output hook (the sub-layer input ``x``, the
+    "armed" flag) and the :func:`collect_fusion_probs` store live in a ``threading.local`` of the
+    runtime: each thread has its own, so threads calling one model never see each other's
+    captures or collect each other's probabilities. (Non-reentrant gradient checkpointing
+    recomputes in the thread that calls ``backward`` on CPU; its capture and output hooks run in
+    the same thread, in order, so they pair up.) ``torch.compile`` traces the reads and writes.
+    ``x``, ``armed`` and ``collector`` are properties over this thread's state.
+    """
 
     def __init__(self, fusion: FusedAdapterFusion, layer_norm: Optional[nn.Module], layer_idx: int, location: str,
                  original_ln_before: bool, residual_before_ln: Union[bool, str], fusion_name: str):
@@ -260,9 +272,43 @@ class _SiteRuntime:
         self.residual_before_ln = residual_before_ln
         self.query_before_ln = bool(fusion.fusion_config.query_before_ln)
         self.fusion_name = fusion_name
-        self.x: Optional[torch.Tensor] = None
-        self.armed = False
-        self.collector: Optional[dict] = None
+        self._local = threading.local()
+
+    # A threading.local cannot be copied or pickled: a deep copy (or pickle) of a patched model
+    # gets fresh, empty per-thread state.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    # ---- this thread's state (attributes absent until first set: getattr with a default)
+    @property
+    def x(self) -> Optional[torch.Tensor]:
+        return getattr(self._local, "x", None)
+
+    @x.setter
+    def x(self, value: Optional[torch.Tensor]) -> None:
+        self._local.x = value
+
+    @property
+    def armed(self) -> bool:
+        return getattr(self._local, "armed", False)
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        self._local.armed = value
+
+    @property
+    def collector(self) -> Optional[dict]:
+        return getattr(self._local, "collector", None)
+
+    @collector.setter
+    def collector(self, value: Optional[dict]) -> None:
+        self._local.collector = value
 
     def inputs(self, h: torch.Tensor, x: Optional[torch.Tensor]):
         """AdapterHub's ``Adapter.pre_forward``: (adapter input, query or None for "same", residual)."""
@@ -282,12 +328,18 @@ class _SiteRuntime:
         return a, query, residual
 
     def run(self, h: torch.Tensor) -> torch.Tensor:
-        x, self.x, self.armed = self.x, None, False
+        local = self._local
+        x = getattr(local, "x", None)
+        local.x, local.armed = None, False
         a, query, residual = self.inputs(h, x)
-        if self.collector is None:
-            return self.fusion(a, residual, query)
-        out, probs = self.fusion(a, residual, query, return_probs=True)
-        self.collector.setdefault(self.fusion_name, {}).setdefault(self.layer_idx, {})[self.location] = probs.detach()
+        # The mask of an enclosing fa.adapter_mask block, expanded to this call's batch where
+        # generate() repeated each row (num_beams / num_return_sequences).
+        mask = current_adapter_mask(self.fusion.adapters, batch=a.shape[0] if a.dim() >= 2 else None)
+        collector = getattr(local, "collector", None)
+        if collector is None:
+            return self.fusion(a, residual, query, adapter_mask=mask)
+        out, probs = self.fusion(a, residual, query, return_probs=True, adapter_mask=mask)
+        collector.setdefault(self.fusion_name, {}).setdefault(self.layer_idx, {})[self.location] = probs.detach()
         return out
 
 
@@ -300,14 +352,15 @@ def _capture_hook(runtime: _SiteRuntime, index: int, names: Tuple[str, ...], mod
             if name in kwargs:
                 x = kwargs[name]
                 break
-    runtime.x = x
-    runtime.armed = True
+    local = runtime._local
+    local.x = x
+    local.armed = True
     return None
 
 
 def _output_hook(runtimes: Tuple[_SiteRuntime, ...], module, args, output):
     for rt in runtimes:  # several sites may share one module (ViT 5.x block dropout): the armed one
-        if rt.armed:
+        if getattr(rt._local, "armed", False):
             if isinstance(output, torch.Tensor):
                 return rt.run(output)
             if isinstance(output, (tuple, list)) and len(output) > 0 and isinstance(output[0], torch.Tensor):
@@ -593,6 +646,8 @@ def collect_fusion_probs(model: nn.Module) -> Iterator[Dict[str, Dict[int, Dict[
 
     Same nesting as AdapterHub's ``adapter_fusion_attentions``; values are tensors on the
     model's device (AdapterHub returns numpy arrays). Later calls inside the block overwrite.
+    The store is this thread's: calls of the model from other threads neither fill it nor are
+    affected by the block (each thread may hold its own block).
     """
     record = getattr(model, _RECORD_ATTR, None)
     if record is None:

@@ -484,3 +484,75 @@ def test_patched_model_gets_the_mask_per_call():
     torch.testing.assert_close(masked[2], plain[2], rtol=1e-6, atol=1e-6)      # every adapter: unchanged
     assert not torch.allclose(masked[1], plain[1], atol=1e-4)
     assert not torch.allclose(plain[0], want_bare[0], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# generate(num_beams=k): a (B, N) block mask follows the expansion of the batch to B*k rows
+# ------------------------------------------------------------------------------------------
+def _patched_lm(arch):
+    import transformers
+    from fusedadapter.patching import fusion_sites
+    from fusedadapter.testing import perturb_
+    from tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, dropout=False)).eval()
+    fa.patch(model, {"a": fa.AdapterConfig(bottleneck_size=4), "b": fa.AdapterConfig(bottleneck_size=3),
+                     "c": fa.AdapterConfig(bottleneck_size=5, non_linearity="gelu")}, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    for _, _, site in fusion_sites(model):
+        perturb_(site, g)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_block_mask_follows_beam_search(arch):
+    model = _patched_lm(arch)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 97, (2, 5), generator=g)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    k, ret = 3, 2
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, num_beams=k, num_return_sequences=ret,
+              do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    with torch.no_grad():
+        with fa.adapter_mask(mask):
+            got = model.generate(ids, **kw)
+        with fa.adapter_mask(mask.repeat_interleave(k, dim=0)):  # each beam row's mask, given explicitly
+            want = model.generate(ids, **kw)
+        plain = model.generate(ids, **kw)
+        alone = []
+        for b in range(2):  # each prompt alone, its mask row for all of its beams
+            with fa.adapter_mask(mask[b:b + 1].expand(k, -1)):
+                alone.append(model.generate(ids[b:b + 1], **{**kw, "attention_mask": torch.ones_like(ids[b:b + 1])}))
+    assert torch.equal(got.sequences, want.sequences)
+    assert torch.equal(got.sequences_scores, want.sequences_scores)
+    for b in range(2):
+        assert torch.equal(alone[b].sequences, got.sequences[b * ret:(b + 1) * ret])
+        torch.testing.assert_close(alone[b].sequences_scores, got.sequences_scores[b * ret:(b + 1) * ret],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain.scores[0], got.scores[0], atol=1e-4)  # the mask matters
+    # k = 1 (greedy): nothing to expand; each prompt as it runs alone under its mask row
+    greedy_kw = {**kw, "num_beams": 1, "num_return_sequences": 1}
+    with torch.no_grad():
+        with fa.adapter_mask(mask):
+            greedy = model.generate(ids, **greedy_kw)
+        for b in range(2):
+            with fa.adapter_mask(mask[b:b + 1]):
+                one = model.generate(ids[b:b + 1], **{**greedy_kw, "attention_mask": torch.ones_like(ids[b:b + 1])})
+            assert torch.equal(one.sequences[0], greedy.sequences[b])
+
+
+def test_beam_expansion_errors_say_why():
+    from tiny_models import tiny_inputs
+
+    model = _patched_lm("gpt2")
+    inputs = tiny_inputs("gpt2", batch=4)
+    with torch.no_grad(), fa.adapter_mask(torch.ones(3, 3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"batch 3 .* 4 rows, which is not a multiple of 3.*num_beams"):
+            model(**inputs)
+    # an explicit per-call mask is never expanded: it must match the site's batch
+    site = site4().eval()
+    site.backend = "torch"
+    a, res = torch.randn(6, 5, 24, dtype=site.anchor_param.dtype), torch.randn(6, 5, 24, dtype=site.anchor_param.dtype)
+    with pytest.raises(ValueError, match=r"batch 3 against 6 rows; an explicit adapter_mask= must match"):
+        site(a, res, adapter_mask=torch.ones(3, N, dtype=torch.bool))

@@ -460,3 +460,67 @@ def test_leave_out_and_per_layer_widths_from_adapterhub_files(tmp_path):
     assert p_ah[1]["output_adapter"].shape[-1] == 2
     for (i, loc), p in probs.items():
         torch.testing.assert_close(p, torch.from_numpy(p_ah[i][loc]), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# accelerate: fa.adapter_mask (issue 13 item 2: it was ignored)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("arch,placement", [("bert", "double_seq_bn"), ("llama", "seq_bn")])
+def test_accelerated_model_applies_the_adapter_mask(arch, placement, backend, tmp_path):
+    """Same semantics and checks as the patched path: a row with every adapter masked is the bare
+    model's, a row with every adapter kept is the unmasked one, a partial row matches the same
+    weights loaded with load_adapterhub under the same mask; masked adapters get probability 0;
+    a mask of the wrong shape or dtype raises; named columns are picked by name."""
+    model, plain = make_ah(arch, placement, dropout=False)
+    _save_ah(model, tmp_path)
+    bare = copy.deepcopy(plain)
+    loaded = fa.load_adapterhub(plain, str(tmp_path / FUSE), backend=backend)
+    fa.accelerate(model, backend=backend)
+    inputs = tiny_inputs(arch, batch=3, seq=7, seed=2)
+    mask = torch.tensor([[False, False, False], [True, False, True], [True, True, True]])
+    with torch.no_grad():
+        y_bare = last_hidden(bare(**inputs))
+        y_plain, _ = run_ah(model, inputs)
+        with fa.adapter_mask(mask):
+            y, probs = run_ah(model, inputs)
+            y_loaded = last_hidden(loaded(**inputs))
+        with fa.adapter_mask(mask[:, [2, 0, 1]], adapter_names=["c", "a", "b"]):
+            y_named, _ = run_ah(model, inputs)
+        with fa.adapter_mask(torch.zeros(3, 3, dtype=torch.bool)):
+            y_none, _ = run_ah(model, inputs)
+    assert not torch.allclose(y_plain[0], y_bare[0], atol=1e-3)        # the adapters matter here
+    torch.testing.assert_close(y[0], y_bare[0], rtol=1e-5, atol=1e-5)  # no adapter: the bare sub-layers
+    torch.testing.assert_close(y_none, y_bare, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[2], y_plain[2], rtol=0, atol=1e-6)    # every adapter: unchanged
+    assert not torch.allclose(y[1], y_plain[1], atol=1e-4)
+    torch.testing.assert_close(y, y_loaded, rtol=1e-5, atol=1e-5)      # the loaded (patched) path's semantics
+    assert torch.equal(y_named, y)
+    assert len(probs) == len(bottleneck_layers(model))
+    for p in probs.values():
+        assert not p[0].any() and not p[1][..., 1].any() and (p[1][..., 0] > 0).all()
+        torch.testing.assert_close(p[1].sum(-1), torch.ones(p.shape[1]), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        for bad, err, match in [(torch.ones(3, 4, dtype=torch.bool), ValueError, r"adapter_mask must have shape"),
+                                (torch.ones(3, 7, 2, dtype=torch.bool), ValueError, r"adapter_mask must have shape"),
+                                (torch.ones(2, 3, dtype=torch.bool), ValueError, r"batch 2 .* 3 rows"),
+                                (torch.ones(3, 3), TypeError, r"bool tensor")]:
+            with fa.adapter_mask(bad), pytest.raises(err, match=match):
+                model(**inputs)
+
+
+def test_adapter_mask_on_a_fuse_left_on_adapterhubs_eager_path_raises():
+    """AdapterHub's eager Fuse cannot mask adapters: a mask there raises instead of being dropped."""
+    ah = _ah()
+    model, _ = make_ah("bert", "seq_bn")
+    model.add_adapter("d", config=ah.SeqBnConfig(reduction_factor=8, non_linearity="relu6"))
+    other = ah.Fuse("a", "d", name="other")
+    model.add_adapter_fusion(other)
+    model.set_active_adapters(other)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fa.accelerate(model)
+        with torch.no_grad(), fa.adapter_mask(torch.ones(2, 2, dtype=torch.bool)):
+            with pytest.raises(ValueError, match="eager path.*cannot apply an adapter mask"):
+                model(**tiny_inputs("bert"))
