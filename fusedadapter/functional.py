@@ -228,6 +228,10 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
         keep_mask = keep_mask.reshape(n_tokens, site.num_adapters)
     if adapter_mask is not None:
         adapter_mask = adapter_mask_rows(adapter_mask, lead, site.num_adapters, a.device)
+    if torch.compiler.is_exporting():  # training-mode dropout cannot export (fusedadapter.export)
+        from .export import check_site_exportable
+
+        check_site_exportable(site, dropout_p=dropout_p, temperature=temperature)
     name, op = resolve_backend(backend, a.device, dtype, n_tokens)
     if name == "reference":
         out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask, adapter_mask=adapter_mask)

@@ -271,6 +271,10 @@ class FusedAdapterFusion(nn.Module):
         so it runs inside compiled graphs)."""
         if self._temperature_fixed:
             return 1.0
+        if torch.compiler.is_exporting():  # the current T as a constant, not stepped, with a warning
+            from .export import exported_temperature
+
+            return exported_temperature(self, self._temperature)
         with torch.no_grad():
             t = self._temperature.clone()
             self._temperature.copy_(torch.clamp(t - self.reduction, min=1.0))
