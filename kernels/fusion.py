@@ -63,7 +63,11 @@ SPLIT_K_QUANTUM = _configs.SPLIT_K_QUANTUM
 # DESIGN §4 oracle at fp16 (rounded, a probs error 1.35x over the bound showed up in the gradients);
 # w_down and the backward's recomputation do not.
 SPLIT_WEIGHTS_DOWN: set = set()
-SPLIT_WEIGHTS_QUERY = {torch.float16, torch.bfloat16}
+# FUSEDADAPTER_TRITON_SPLIT_BF16=0 rounds w_query to one bf16 tile instead (GEMM1 1.2 instead of 1.8
+# MFLOP/token at the target row); not measured on a GPU yet, so the split stays the default
+# (device_check.sh times both; tests/test_gpu_triton.py checks the oracle without it).
+SPLIT_WEIGHTS_QUERY = {torch.float16} | ({torch.bfloat16} if os.environ.get("FUSEDADAPTER_TRITON_SPLIT_BF16", "1")
+                                         != "0" else set())
 SPLIT_WEIGHTS_BACKWARD: set = set()
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -541,6 +545,7 @@ class _Launcher:
     def __init__(self, name: str, fn, key: Sequence[str]):
         self.name = name
         self.fn = fn
+        self.key = list(key)
         self.block_keys = _configs.BLOCK_KEYS[name]
         self.tuned = None
         if AUTOTUNE:
@@ -562,9 +567,15 @@ class _Launcher:
         return self.fn[grid](*args, **meta, **launch)
 
 
-_FWD1 = _Launcher("fwd_gemm1", _fwd_gemm1_kernel, ["M_KEY", "KD", "KQ", "R", "N", "HAS_XQ", "DOT"])
+# Autotune keys: the shape, and every flag that changes the compiled kernel's cost (dropout, the
+# adapter mask, the activation set, which outputs the backward stores), so that a config tuned on
+# eval calls is not reused for training calls (or the reverse).
+_FWD1 = _Launcher("fwd_gemm1", _fwd_gemm1_kernel, ["M_KEY", "KD", "KQ", "R", "N", "HAS_XQ", "DOT", "DROPOUT",
+                                                   "HAS_AMASK", "ACT_MASK"])
 _FWD2 = _Launcher("fwd_gemm2", _fwd_gemm2_kernel, ["M_KEY", "H", "R", "N", "DOT"])
-_BWD1 = _Launcher("bwd_epilogue", _bwd_epilogue_kernel, ["M_KEY", "KD", "KQ", "H", "R", "N", "HAS_XQ", "DOT"])
+_BWD1 = _Launcher("bwd_epilogue", _bwd_epilogue_kernel, ["M_KEY", "KD", "KQ", "H", "R", "N", "HAS_XQ", "DOT",
+                                                         "DROPOUT", "ACT_MASK", "STORE_G", "STORE_WM",
+                                                         "STORE_DSHIFT"])
 _MM = _Launcher("mm", _mm_kernel, ["M_KEY", "N", "K_KEY", "DOT"])
 
 
