@@ -9,6 +9,7 @@
 #   device_check.tar.gz  everything else: env.txt, steps.tsv, pytest-*.{xml,log}, build-cuda.log,
 #                        spills.json (ptxas -v of the target-row kernels with this machine's Triton),
 #                        bench/ (results.csv, results.json, skipped.json, summary.md, PNG plots),
+#                        bench-nosplit/ and bench-configs-v1/ (the target row with a switch flipped),
 #                        summary.{md,json}; logs over 2 MiB keep their last 2 MiB, and if the archive
 #                        would pass 15 MiB the plots are left out
 #   summary.md / summary.json   dry run or not, GPU, versions, commit, every step with its status,
@@ -29,11 +30,14 @@
 #                masks, dropout replay, numerics, one autotuned config per kernel (pytest -n, xdist)
 #   tests-cuda   the CUDA backend's tests (after build-cuda; FUSEDADAPTER_SKIP_CUDA=1 if it failed)
 #   bench        python -m benchmarks gpu: the issue-3 target row first, then the grid, in the time left
+#   bench-nosplit, bench-configs-v1   the target row (triton, torch) again with one switch flipped:
+#                FUSEDADAPTER_TRITON_SPLIT_BF16=0 (no w_query hi/lo split at bf16) and
+#                FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement)
 #   summary      summary.{md,json}
 # Tests that need no GPU are not run here (CI runs them).
 #
 # DEVICE_CHECK_DRY_RUN=1: the same script on a CPU machine; every GPU step (build-cuda, spills,
-# tests-*, bench) is replaced by benchmarks/devicecheck_stub.py, which writes the files the step
+# tests-*, bench*) is replaced by benchmarks/devicecheck_stub.py, which writes the files the step
 # would write (JUnit report and log, results.json/csv, skipped.json, summary.md, plots), packed as
 # a real run packs them; summary.md says it was a dry run. tests/test_device_check.py runs it in CI.
 #
@@ -158,10 +162,18 @@ gpu_step tests-cuda "$(min "$T_TESTS_CUDA" "$(( $(left) - 90 ))")" "$PY" -m pyte
 tail -n 15 "$WORK/pytest-cuda.log"
 wait "$SPILLS_PID"
 
-BUDGET=$(( $(left) - 45 ))
+# the grid, keeping ~105 s for the two switch rows and the summary
+BUDGET=$(( $(left) - 105 ))
 gpu_step bench "$(( BUDGET + 25 ))" "$PY" -m benchmarks gpu --device cuda --out "$WORK/bench" --budget-s "$BUDGET" \
   --no-progress > "$WORK/bench.log" 2>&1
 tail -n 30 "$WORK/bench.log"
+# The target row again with one switch flipped each (so one run times both sides): bf16 w_query
+# without the hi/lo split, and the configs before the spill measurement (configs.GPU_CONFIGS_V1).
+TARGET_ROW=(--providers triton torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
+gpu_step bench-nosplit "$(min 40 "$(( $(left) - 50 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
+  --device cuda --out "$WORK/bench-nosplit" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-nosplit.log" 2>&1
+gpu_step bench-configs-v1 "$(min 40 "$(( $(left) - 40 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
+  --device cuda --out "$WORK/bench-configs-v1" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1
 
 # summary.{md,json} in the work folder (they go into the archive too) and in OUTDIR
 step summary 40 "$PY" -m benchmarks device-summary "$WORK" --out "$OUT"

@@ -161,6 +161,29 @@ def target_row(rows) -> Dict[str, dict]:
     return out
 
 
+SWITCHES = {"bench-nosplit": "FUSEDADAPTER_TRITON_SPLIT_BF16=0 (bf16 w_query without the hi/lo split)",
+            "bench-configs-v1": "FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement)"}
+
+
+def switch_rows(out: Path, main_rows) -> Dict[str, dict]:
+    """{switch folder: {provider: {mode: (ms with the switch, ms in the main bench)}}} at the target point."""
+    def times(rows):
+        return {(r["provider"], r["mode"]): r["median"] for r in rows if r.get("kernel") == "fusion_site"
+                and r.get("metric") == "time" and r.get("median") and _match(r.get("config", {}))}
+
+    base = times(main_rows)
+    res: Dict[str, dict] = {}
+    for folder in SWITCHES:
+        f = out / folder / "results.json"
+        if not f.exists():
+            continue
+        got = times(load_rows(f))
+        res[folder] = {}
+        for (prov, mode), ms in sorted(got.items()):
+            res[folder].setdefault(prov, {})[mode] = {"ms": ms, "ms_default": base.get((prov, mode))}
+    return res
+
+
 def summarize(outdir, out_copy=None) -> int:
     out = Path(outdir)
     steps = _steps(out)
@@ -194,7 +217,7 @@ def summarize(outdir, out_copy=None) -> int:
         "step_status": {s["step"]: step_status(s["rc"], kinds.get(s["step"], "real")) for s in steps},
         "pytest": _pytest(out), "spills": _spills(out), "archive": _archive_listing(out),
         "target_point": TARGET, "targets": TARGETS, "rates_at_target": rates, "target": target_row(rows),
-        "bench_rows": len(rows), "bench_errors": errors,
+        "bench_rows": len(rows), "bench_errors": errors, "switches": switch_rows(out, rows),
     }
     v = data["versions"]
     lines = ["# fusedadapter device check" + (" (DRY RUN)" if dry else ""), ""]
@@ -251,6 +274,12 @@ def summarize(outdir, out_copy=None) -> int:
         lines.append(f"| {prov} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 3): " + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items())
               + "; the roofline target is checked on the no-grad forward."]
+    if data["switches"]:
+        lines += ["", "## The target row with a switch flipped (median ms; default settings in brackets)", ""]
+        for folder, provs in data["switches"].items():
+            cells = [f"{prov} {mode} {m['ms']:.3f}" + (f" ({m['ms_default']:.3f})" if m["ms_default"] else "")
+                     for prov, modes in provs.items() for mode, m in modes.items()]
+            lines.append(f"- {SWITCHES[folder]}: " + (", ".join(cells) or "no rows"))
     if skipped:
         lines += ["", "Providers not run:"] + [f"- {p}: {why}" for p, why in skipped.items()]
     if errors:

@@ -100,6 +100,30 @@ def _bench(work: Path) -> None:
     print(f"wrote {len(rows)} stub rows, {len(plots)} plot(s)")
 
 
+def _switch_row(work: Path, folder: str) -> None:
+    """The target row with a switch flipped: the bench stub's target rows for triton and torch (no torch
+    import: rows copied from bench/results.json), written in ResultWriter's two formats."""
+    import csv
+
+    data = json.loads((work / "bench" / "results.json").read_text())
+    rows = [dict(r, timestamp=r["timestamp"]) for r in data["rows"]
+            if r["provider"] in ("triton", "torch") and r["mode"] in ("nograd", "full") and r["metric"] == "time"
+            and r["config"].get("tokens") == 16384]
+    for r in rows:
+        r["config"] = dict(r["config"], switch=folder)
+    out = work / folder
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"schema": data["schema"], "rows": rows}, indent=1))
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=data["schema"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (json.dumps(r[k], sort_keys=True) if k == "config" else ("" if r[k] is None else r[k]))
+                        for k in data["schema"]})
+    (out / "skipped.json").write_text("{}")
+    print(f"wrote {len(rows)} stub rows")
+
+
 def main(argv) -> int:
     if len(argv) != 2:
         print(__doc__.splitlines()[0], file=sys.stderr)
@@ -114,6 +138,8 @@ def main(argv) -> int:
         _spills(work)
     elif step == "bench":
         _bench(work)
+    elif step in ("bench-nosplit", "bench-configs-v1"):
+        _switch_row(work, step)
     else:
         print(f"devicecheck_stub: unknown step {step!r}", file=sys.stderr)
         return 2
