@@ -132,12 +132,20 @@ def test_graph_sees_kernels_and_csrc_under_the_package():
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# The one cycle known today (issue 14), through function-level imports in patching: unpatch and
-# set_backend call the AdapterHub integration's private undo/backend-switch functions, and
-# install reads an AdapterHub file-format template from checkpoint. Removing exactly these edges
-# must leave no cycle; the full graph is an expected (strict) failure until they are gone.
-KNOWN_CYCLE_EDGES = {("fusedadapter.patching", "fusedadapter.integrations.adapterhub"),
-                     ("fusedadapter.patching", "fusedadapter.checkpoint")}
+# The cycles known today (issue 14), all through function-level imports of a higher layer from a
+# lower one. Removing exactly these edges must leave no cycle; the full graph is an expected
+# (strict) failure until they are gone, so fixing one means deleting its edges here.
+KNOWN_CYCLE_EDGES = {
+    # patching: unpatch and set_backend call the AdapterHub integration's private undo/backend-switch
+    # functions; install reads an AdapterHub file-format template from checkpoint.
+    ("fusedadapter.patching", "fusedadapter.integrations.adapterhub"),
+    ("fusedadapter.patching", "fusedadapter.checkpoint"),
+    # export (issue 15): the backend resolver, the site runner and the fold cache call export's
+    # trace-time hooks, and export imports functional/modules/patching.
+    ("fusedadapter.dispatch", "fusedadapter.export"),
+    ("fusedadapter.functional", "fusedadapter.export"),
+    ("fusedadapter.modules", "fusedadapter.export"),
+}
 
 
 def _assert_acyclic(graph):
@@ -150,7 +158,7 @@ def test_no_import_cycles_but_the_known_one():
     _assert_acyclic({v: {w for w in ws if (v, w) not in KNOWN_CYCLE_EDGES} for v, ws in GRAPH.items()})
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint <-> patching <-> integrations.adapterhub (KNOWN_CYCLE_EDGES)")
+@pytest.mark.xfail(strict=True, reason="the known cycles (KNOWN_CYCLE_EDGES): patching, export")
 def test_no_import_cycles():
     _assert_acyclic(GRAPH)
 
