@@ -175,45 +175,56 @@ void epilogue_forward(const SegmentInfo& seg, int64_t M, const T* zp, int64_t ld
 // Backward epilogue (T = float or double), rows [0, M). Inputs: zp (M, R), t (M, R+N) recomputed,
 // dw = grad_out @ w_out (M, R+N), gp (M, N) or null. Outputs: dzp (M, R), dt (M, R+N),
 // wmix (M, R+N) or null, dshift (M) or null.
+//
+// Precision: z and da are computed in T, but everything per row from the logits on (the segmented
+// logit and dp dot products, the softmax, dl = p (dp - sum p dp) / T, the dshift sums, p z) is in
+// double, then rounded once to T. With fp32 logits the softmax backward lost the accuracy the oracle
+// asks for wherever the probabilities saturate (one p_n near 1, the small p_k carrying the fp32
+// error of the logit differences, dp_n - sum p dp all cancellation): over 1,200 random fp32 sites
+// the fusion-weight gradients were past the DESIGN §4 bound on up to ~12% of the sites in the tail
+// region (1 token, N up to 20, wide adapters at a small H), worst 16x; the double row math costs
+// O(R + N) per row next to the O(H (R + N)) GEMMs (benchmarks/grad_tail.py, README Reliability).
 template <typename T>
 void epilogue_backward(const SegmentInfo& seg, int64_t M, const T* zp, const T* t, const T* dw, const T* gp, T* dzp,
-                       T* dt, T* wmix, T* dshift, T temperature, const Dropout<T>& dr) {
+                       T* dt, T* wmix, T* dshift, double temperature, const Dropout<T>& dr) {
+  using A = double;
   const int64_t R = seg.r(), N = seg.n(), RN = R + N;
   const int64_t grain = std::max<int64_t>(1, 4096 / RN);
+  const A scale = dr.on() ? A(1) / (A(1) - A(dr.p)) : A(1);  // exact, as the float64 reference has it
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     std::vector<T> z(static_cast<size_t>(R)), da(static_cast<size_t>(R));
-    std::vector<T> p(static_cast<size_t>(N)), dp(static_cast<size_t>(N)), keep(static_cast<size_t>(N));
+    std::vector<A> p(static_cast<size_t>(N)), dp(static_cast<size_t>(N)), keep(static_cast<size_t>(N));
     for (int64_t m = m0; m < m1; ++m) {
       const T* zr = zp + m * R;
       const T* tr = t + m * RN;
       const T* dwr = dw + m * RN;
       for (int64_t n = 0; n < N; ++n) {
         const int code = seg.codes[n];
-        T l = T(0);
+        A l = A(0);
         for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) {
           act_forward_grad<T>(code, zr[j], z[j], da[j]);
-          l += tr[j] * z[j];
+          l += A(tr[j]) * A(z[j]);
         }
-        p[n] = l + tr[R + n];
+        p[n] = l + A(tr[R + n]);
       }
       if (dr.on()) {
-        const T s = dr.shift ? dr.shift[m] : T(0);
+        const A s = dr.shift ? A(dr.shift[m]) : A(0);
         for (int64_t n = 0; n < N; ++n) {
-          keep[n] = dr.keep_at(m, n, N) ? dr.scale : T(0);
-          p[n] = keep[n] != T(0) ? (p[n] + s) * dr.scale : T(0);
+          keep[n] = dr.keep_at(m, n, N) ? scale : A(0);
+          p[n] = keep[n] != A(0) ? (p[n] + s) * scale : A(0);
         }
       }
       // Masked adapters get p = 0, hence dl = 0 below; a row masking every adapter gets p = 0
       // throughout (all its gradients but the residual's are 0).
       if (!dr.allow || mask_logits(p.data(), m, N, dr.allow)) {
-        for (int64_t n = 0; n < N; ++n) p[n] = p[n] / temperature;
+        for (int64_t n = 0; n < N; ++n) p[n] = p[n] / A(temperature);
         softmax_inplace(p.data(), N);
       }
-      T sdp = T(0);
+      A sdp = A(0);
       for (int64_t n = 0; n < N; ++n) {
-        T acc = gp ? gp[m * N + n] : T(0);
-        for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) acc += dwr[j] * z[j];
-        dp[n] = acc + dwr[R + n];
+        A acc = gp ? A(gp[m * N + n]) : A(0);
+        for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) acc += A(dwr[j]) * A(z[j]);
+        dp[n] = acc + A(dwr[R + n]);
         sdp += p[n] * dp[n];
       }
       T* dzr = dzp + m * R;
@@ -223,9 +234,9 @@ void epilogue_backward(const SegmentInfo& seg, int64_t M, const T* zp, const T* 
         // d/d shift = sum_n dl_n = (scale / T) sum_{kept} p_n (dp_n - sdp), rewritten as
         // (scale / T) (P_drop * S_kept - P_kept * S_drop) with P = sum p, S = sum p dp: exactly 0
         // when nothing is dropped (the direct sum is all cancellation).
-        T p_keep = T(0), p_drop = T(0), s_keep = T(0), s_drop = T(0);
+        A p_keep = A(0), p_drop = A(0), s_keep = A(0), s_drop = A(0);
         for (int64_t n = 0; n < N; ++n) {
-          if (!dr.on() || keep[n] != T(0)) {
+          if (!dr.on() || keep[n] != A(0)) {
             p_keep += p[n];
             s_keep += p[n] * dp[n];
           } else {
@@ -233,19 +244,19 @@ void epilogue_backward(const SegmentInfo& seg, int64_t M, const T* zp, const T* 
             s_drop += p[n] * dp[n];
           }
         }
-        dshift[m] = dr.on() ? dr.scale * (p_drop * s_keep - p_keep * s_drop) / temperature : T(0);
+        dshift[m] = dr.on() ? T(scale * (p_drop * s_keep - p_keep * s_drop) / A(temperature)) : T(0);
       }
       for (int64_t n = 0; n < N; ++n) {
-        T dl = p[n] * (dp[n] - sdp) / temperature;
+        A dl = p[n] * (dp[n] - sdp) / A(temperature);
         if (dr.on()) dl = dl * keep[n];
-        const T pn = p[n];
+        const A pn = p[n];
         for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) {
-          dtr[j] = dl * z[j];
-          dzr[j] = (pn * dwr[j] + dl * tr[j]) * da[j];
-          if (wr) wr[j] = pn * z[j];
+          dtr[j] = T(dl * A(z[j]));
+          dzr[j] = T((pn * A(dwr[j]) + dl * A(tr[j])) * A(da[j]));
+          if (wr) wr[j] = T(pn * A(z[j]));
         }
-        dtr[R + n] = dl;
-        if (wr) wr[R + n] = pn;
+        dtr[R + n] = T(dl);
+        if (wr) wr[R + n] = T(pn);
       }
     }
   });
@@ -471,7 +482,7 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
                                   gp.defined() ? gp.data_ptr<scalar_t>() : nullptr, dzp.data_ptr<scalar_t>(),
                                   dt.data_ptr<scalar_t>(), wmix.defined() ? wmix.data_ptr<scalar_t>() : nullptr,
                                   dshift.defined() ? dshift.data_ptr<scalar_t>() : nullptr,
-                                  static_cast<scalar_t>(temperature), dr);
+                                  temperature, dr);
     });
   } else {
     zp.zero_(), t.zero_(), dzp.zero_(), dt.zero_();

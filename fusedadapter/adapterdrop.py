@@ -42,9 +42,17 @@ blocks are not run: each returns the sub-layer output unchanged, so those blocks
 what the bare model computes (bit for bit). The call sets the skipped set (a later call with
 ``skip_layers=0`` runs every site again). Skipped sites are pruned like the others and keep their
 parameters (so ``save_adapterhub`` still writes every layer, as AdapterHub's ``skip_layers`` is a
-runtime setting, not saved); they get no gradients, so train with ``find_unused_parameters=True``
-under DDP or freeze them. On an accelerated model this is AdapterHub's own
-``adapters_config.skip_layers`` (``set_active_adapters(..., skip_layers=...)``).
+runtime setting, not saved). They would get no gradients, so the call **freezes** them: every
+parameter of a skipped site that requires grad is set to ``requires_grad=False`` (and so left out
+of optimizers and ``DistributedDataParallel`` built afterwards, whose default
+``find_unused_parameters=False`` then works); a later call that runs the site again restores
+``requires_grad=True`` on exactly the parameters it froze. Set up training (freeze the base model,
+``train_adapter_fusion``) before the call, and build the optimizer and DDP after it. On an
+accelerated model skipping is AdapterHub's own ``adapters_config.skip_layers``
+(``set_active_adapters(..., skip_layers=...)``); the call freezes the kept adapters and the fusion
+layer of the skipped blocks the same way, and the dropped adapters (inactive, so never used) for good.
+AdapterHub's ``train_adapter_fusion`` / ``set_active_adapters`` reset ``skip_layers`` (and
+``requires_grad``): call ``adapter_drop`` again after them.
 
 Mechanism on a patched model: the site runtimes that :mod:`fusedadapter.patching` keeps in the
 model's patch record; a skipped site's runtime gets an instance-level ``run`` that clears the
@@ -231,6 +239,31 @@ def _set_skipped(runtime, skipped: bool) -> None:
         del runtime.__dict__["run"]
 
 
+_FROZEN_ATTR = "_fusedadapter_adapterdrop_frozen"
+
+
+def _freeze(holder, modules: Iterable[nn.Module], remember: bool = True) -> None:
+    """Freeze the trainable parameters of ``modules``; with ``remember``, record them in ``holder``'s
+    ``__dict__`` so that :func:`_unfreeze` restores exactly those."""
+    frozen = holder.__dict__.setdefault(_FROZEN_ATTR, []) if remember else []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(p)
+
+
+def _unfreeze(holder, modules: Iterable[nn.Module]) -> None:
+    """Restore ``requires_grad`` on the parameters :func:`_freeze` froze that ``modules`` still hold."""
+    frozen = holder.__dict__.pop(_FROZEN_ATTR, None)
+    if not frozen:
+        return
+    held = {id(p) for m in modules for p in m.parameters()}
+    for p in frozen:
+        if id(p) in held:
+            p.requires_grad_(True)
+
+
 def _prune_fusion(fusion: nn.Module, keep: Sequence[str]) -> None:
     for name in [n for n in fusion.adapter_names if n not in keep]:
         del fusion.adapters[name]
@@ -319,6 +352,8 @@ def _drop_patched(model, record, batches, keep, skip_layers, per_site) -> Adapte
             if keep is not None:
                 _prune_fusion(s["module"], plan[key])
             _set_skipped(s["runtime"], key[0] in skipped)
+            # a skipped site gets no gradients: frozen (DDP's defaults), unfrozen when it runs again
+            (_freeze if key[0] in skipped else _unfreeze)(s["runtime"], [s["module"]])
     report.site_kept = dict(sorted(plan.items()))
     report.kept = [n for n in union if any(n in k for k in plan.values())]
     if keep is not None:
@@ -400,6 +435,14 @@ def _drop_accelerated(model, layers, batches, keep, skip_layers, per_site) -> Ad
         kept = _rank(report.mean_probs, names, keep)
         config.active_setup = Fuse(*kept, name=fuse.name)
     config.skip_layers = skipped or None
+    # Unused parameters get no gradients (DDP's defaults fail on them): freeze the dropped adapters,
+    # and the kept adapters and the fusion layer of a skipped block (unfrozen when it runs again).
+    with torch.no_grad():
+        for layer in layers:
+            fusion = [layer.adapter_fusion_layer[fuse.name]] if fuse.name in layer.adapter_fusion_layer else []
+            active = [layer.adapters[n] for n in kept if n in layer.adapters] + fusion
+            _freeze(layer, [layer.adapters[n] for n in names if n not in kept and n in layer.adapters], remember=False)
+            (_freeze if int(layer.layer_idx) in skipped else _unfreeze)(layer, active)
     report.kept = list(kept)
     report.site_kept = {(int(layer.layer_idx), layer.location_key): list(kept) for layer in layers
                         if fuse.name in layer.adapter_fusion_layer}

@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["AdapterWeights", "FusionWeights", "Folded", "fold"]
+__all__ = ["AdapterWeights", "FusionWeights", "Folded", "AdapterHalf", "fold", "fold_adapters", "fold_fusion",
+           "fold_fusion_train", "training_fold_form"]
 
 _F64 = torch.float64
 
@@ -59,6 +60,10 @@ class Folded:
     ln_mode: str                           # "none" | "all" | "mixed": what xd is built from
     shift_weight: Optional[torch.Tensor]   # (H,) kappa = xq . shift_weight + shift_bias; None if b_K absent
     shift_bias: Optional[torch.Tensor]     # () tensor
+    # The per-token form (training, few tokens; see fold_fusion_train): the op runs on the frozen
+    # rows alone (w_query = [U^T; C], w_out = [U | C^T]) and the trained fusion weights are applied
+    # per token around it: xq = W_K^T (W_Q c + b_Q) before, o = W_V (sum_n p_n u_n) after.
+    query_pre: Optional[FusionWeights] = None  # fusion weights (weight dtype) for the per-token form
 
     @property
     def bottleneck(self) -> int:
@@ -70,16 +75,34 @@ def _f64(t):
 
 
 def key_bias_shift(wq, bq, bk):
-    """kappa = q . b_K = x . (W_Q^T b_K) + b_Q . b_K as (weight, bias), float64 in; (None, None) without b_K."""
+    """kappa = q . b_K = x . (W_Q^T b_K) + b_Q . b_K as (weight, bias), in bk's dtype; (None, None) without b_K."""
     if bk is None:
         return None, None
     weight = bk @ wq if wq is not None else bk
-    bias = (bq @ bk) if bq is not None else torch.zeros((), dtype=_F64, device=bk.device)
+    bias = (bq @ bk) if bq is not None else torch.zeros((), dtype=bk.dtype, device=bk.device)
     return weight, bias
 
 
-def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch.dtype) -> Folded:
-    """Fold in float64 and cast to ``dtype`` (differentiable)."""
+@dataclass
+class AdapterHalf:
+    """The part of the fold that depends on the adapters alone (DESIGN §2; issue 11).
+
+    With the adapters frozen (AdapterFusion stage 2) it never changes between training steps, so
+    the module caches it like the eval fold and only the products with the trained fusion weights
+    are recomputed under autograd (:func:`fold_fusion`)."""
+    rows64: torch.Tensor                   # (R+N, H) [U^T; C] in float64
+    rows: torch.Tensor                     # the same rows in the weight dtype (per-token form, fp32 products)
+    w_down: torch.Tensor                   # LN-folded down projections, weight dtype
+    b_down: torch.Tensor
+    segments: List[int]
+    activations: List[int]
+    ln_mode: str
+    rows_t: Optional[torch.Tensor] = None  # rows.t(), contiguous (the per-token form's w_out)
+
+
+def fold_adapters(adapters: Sequence[AdapterWeights], dtype: torch.dtype, *, training: bool = False) -> AdapterHalf:
+    """The adapter half of the fold, in float64 and cast to ``dtype`` (differentiable).
+    ``training=True`` (the cached stage-2 half) also keeps ``rows.t()`` for the per-token form."""
     if len(adapters) == 0:
         raise ValueError("fold: at least one adapter is required")
     hidden = adapters[0].up_weight.shape[0]
@@ -111,11 +134,25 @@ def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch
         dbiases.append(bd)
         segments.append(segments[-1] + r)
         acts.append(int(a.activation))
+    rows64 = torch.cat(uts + cs, dim=0)                     # (R+N, H): [U^T; C]
+    rows = rows64.to(dtype)
+    return AdapterHalf(rows64=rows64, rows=rows, w_down=torch.cat(downs, dim=0).to(dtype),
+                       b_down=torch.cat(dbiases, dim=0).to(dtype), segments=segments, activations=acts,
+                       ln_mode=ln_mode, rows_t=rows.t().contiguous() if training else None)
 
-    rows = torch.cat(uts + cs, dim=0)                       # (R+N, H): [U^T; C]
-    wk, bk = _f64(fusion.key_weight), _f64(fusion.key_bias)
-    wq, bq = _f64(fusion.query_weight), _f64(fusion.query_bias)
-    wv = _f64(fusion.value_weight)
+
+def fold_fusion(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dtype, precision: torch.dtype = _F64) -> Folded:
+    """Fold the fusion's query/key/value into the adapter half: ``precision`` is the dtype of the
+    products (float64, then a cast to ``dtype``; or ``dtype`` itself, see :data:`TRAIN_FOLD_PRECISION`)."""
+    if precision == _F64:
+        rows = half.rows64 if half.rows64 is not None else half.rows.to(_F64)
+        cvt = _f64
+    else:
+        rows = half.rows if half.rows.dtype == precision else half.rows64.to(precision)
+        cvt = (lambda t: None if t is None else t.to(precision))
+    wk, bk = cvt(fusion.key_weight), cvt(fusion.key_bias)
+    wq, bq = cvt(fusion.query_weight), cvt(fusion.query_bias)
+    wv = cvt(fusion.value_weight)
     # q . (W_K u) = (u^T W_K^T) q: in row form, rows @ W_K^T (torch stores W_K as (out, in)).
     rows_k = rows @ wk.t() if wk is not None else rows
     if wq is not None:
@@ -126,20 +163,155 @@ def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch
     w_out = (wv @ rows.t()) if wv is not None else rows.t()   # (H, R+N): W_V [U | C^T]
 
     # kappa = q . b_K = x . (W_Q^T b_K) + b_Q . b_K (x the query input)
-    shift_weight, shift_bias = key_bias_shift(wq, bq, bk)
+    if precision == _F64:
+        shift_weight, shift_bias = key_bias_shift(wq, bq, bk)
+    else:
+        shift_weight, shift_bias = key_bias_shift_f64(fusion.query_weight, fusion.query_bias, fusion.key_bias, dtype)
 
     def cast(t):
         return None if t is None else t.to(dtype)
 
     return Folded(
-        w_down=cast(torch.cat(downs, dim=0)),
-        b_down=cast(torch.cat(dbiases, dim=0)),
+        w_down=half.w_down,
+        b_down=half.b_down,
         w_query=cast(w_query),
         b_query=cast(b_query),
         w_out=cast(w_out),
-        segments=segments,
-        activations=acts,
-        ln_mode=ln_mode,
+        segments=half.segments,
+        activations=half.activations,
+        ln_mode=half.ln_mode,
         shift_weight=cast(shift_weight),
         shift_bias=cast(shift_bias),
     )
+
+
+class _KeyBiasShift64(torch.autograd.Function):
+    """kappa's (weight, bias) = (W_Q^T b_K, b_Q . b_K) in float64, cast to the weights' dtype.
+
+    A matrix-vector product (O(H^2)): float64 costs nothing here, and the key-bias gradient under
+    dropout is a cancelling sum that fp32 products put over the oracle (train_fold_precision). The
+    float64 copies are recomputed in backward, never saved: autograd keeps only the parameters."""
+
+    @staticmethod
+    def forward(ctx, wq, bq, bk, dtype):
+        ctx.save_for_backward(wq, bq, bk)
+        w, b = key_bias_shift(_f64(wq), _f64(bq), bk.to(_F64))
+        return w.to(dtype), b.to(dtype)
+
+    @staticmethod
+    def backward(ctx, gw, gb):
+        wq, bq, bk = ctx.saved_tensors
+        gw64, gb64, bk64 = gw.to(_F64), gb.to(_F64), bk.to(_F64)
+        d_bk = (_f64(wq) @ gw64 if wq is not None else gw64) + (_f64(bq) * gb64 if bq is not None else 0.0)
+        d_wq = torch.outer(bk64, gw64).to(wq.dtype) if wq is not None and ctx.needs_input_grad[0] else None
+        d_bq = (bk64 * gb64).to(bq.dtype) if bq is not None and ctx.needs_input_grad[1] else None
+        return d_wq, d_bq, d_bk.to(bk.dtype), None
+
+
+class _FoldFusion64(torch.autograd.Function):
+    """The trained products of the fold in float64, cast to ``dtype``:
+    ``w_query = rows @ W_K^T @ W_Q``, ``b_query = rows @ W_K^T @ b_Q``, ``w_out = W_V @ rows^T``.
+
+    ``rows`` is the cached float64 adapter half. Autograd saves only ``rows`` (alive in the cache
+    anyway) and the parameters: ``rows @ W_K^T`` and the float64 copies of the parameters are
+    recomputed in backward, so no float64 intermediate is kept between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, rows64, wq, bq, wk, wv, dtype):
+        ctx.save_for_backward(rows64, wq, bq, wk, wv)
+        rk = rows64 @ wk.to(_F64).t() if wk is not None else rows64
+        w_query = (rk @ wq.to(_F64) if wq is not None else rk).to(dtype)
+        b_query = (rk @ bq.to(_F64)).to(dtype) if (bq is not None and wq is not None) else rows64.new_empty(0, dtype=dtype)
+        w_out = (wv.to(_F64) @ rows64.t() if wv is not None else rows64.t()).to(dtype)
+        return w_query, b_query, w_out
+
+    @staticmethod
+    def backward(ctx, g_wq, g_bq, g_wo):
+        rows64, wq, bq, wk, wv = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_wq = d_bq = d_wk = d_wv = None
+        wq64 = wq.to(_F64) if wq is not None else None
+        g_wq64 = g_wq.to(_F64)
+        has_bq = bq is not None and wq is not None
+        g_bq64 = g_bq.to(_F64) if has_bq else None
+        if wq is not None and (need[1] or need[2]):
+            rk = rows64 @ wk.to(_F64).t() if wk is not None else rows64
+            if need[1]:
+                d_wq = (rk.t() @ g_wq64).to(wq.dtype)
+            if need[2] and has_bq:
+                d_bq = (rk.t() @ g_bq64).to(bq.dtype)
+        if wk is not None and need[3]:
+            g_rk = g_wq64 @ wq64.t() if wq is not None else g_wq64
+            if has_bq:
+                g_rk = g_rk + torch.outer(g_bq64, bq.to(_F64))
+            d_wk = (g_rk.t() @ rows64).to(wk.dtype)
+        if wv is not None and need[4]:
+            d_wv = (g_wo.to(_F64) @ rows64).to(wv.dtype)
+        return None, d_wq, d_bq, d_wk, d_wv, None
+
+
+def key_bias_shift_f64(wq, bq, bk, dtype):
+    """:func:`key_bias_shift` in float64 arithmetic, cast to ``dtype``, no float64 tensor saved for backward."""
+    if bk is None:
+        return None, None
+    return _KeyBiasShift64.apply(wq, bq, bk, dtype)
+
+
+def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch.dtype) -> Folded:
+    """Fold in float64 and cast to ``dtype`` (differentiable)."""
+    return fold_fusion(fold_adapters(adapters, dtype), fusion, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: which exact form, and at what precision (issue 11). One place.
+# ---------------------------------------------------------------------------------------------
+# Precision of the folded form's trained products (rows @ W_K^T @ W_Q, W_V @ rows^T) under
+# autograd, by measurement (benchmarks/train_fold_precision.py; committed in
+# benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/precision.json): float32 products put
+# the key-bias and input gradients of residual_before / dropout sites over the DESIGN §4 bound
+# (worst 3.7x) where float64 products stay within today's tail, so they stay float64, with the
+# float64 intermediates recomputed in backward (_FoldFusion64), never saved. The per-token form
+# runs in float32: it holds the oracle as well as the float64 fold (same measurement).
+TRAIN_FOLD_PRECISION = torch.float64
+
+# The cost model: the folded form pays ~3·(R+N)·H² multiply-adds per call (forward; backward
+# ~2x that) for the trained products; the per-token form pays ~3·M·H² (q, W_K^T q, W_V after the
+# sum; backward ~2x), in float32 against the folded form's float64, so the per-token form wins
+# while M < TRAIN_PER_TOKEN_RATIO · (R+N). The ratio is measured (benchmarks/bench_train_forms.py,
+# committed in benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/forms.json: crossover at
+# M* = 2.27 (R+N) for the torch backend, 2.09 (R+N) for cpu, H=768, N=8, r=48, 1 thread).
+TRAIN_PER_TOKEN_RATIO = 2.1
+# "auto" (the cost model), "folded" or "per_token": a switch for benchmarks and tests.
+TRAIN_FORM = "auto"
+
+
+def training_fold_form(n_tokens: Optional[int], hidden: int, rows: int) -> str:
+    """``"per_token"`` or ``"folded"`` for a training call of ``n_tokens`` rows (``rows`` = R+N)."""
+    if TRAIN_FORM != "auto":
+        return TRAIN_FORM
+    if n_tokens is None:
+        return "folded"
+    return "per_token" if n_tokens < TRAIN_PER_TOKEN_RATIO * rows else "folded"
+
+
+def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dtype, n_tokens: Optional[int]) -> Folded:
+    """The differentiable fusion half for a training call over the (cached, frozen) adapter half."""
+    hidden = half.rows.shape[1]
+    form = training_fold_form(n_tokens, hidden, half.rows.shape[0])
+    if form == "folded":
+        if dtype == torch.float64 or TRAIN_FOLD_PRECISION != torch.float64 or half.rows64 is None:
+            return fold_fusion(half, fusion, dtype, precision=torch.float64 if dtype == torch.float64 else TRAIN_FOLD_PRECISION)
+        w_query, b_query, w_out = _FoldFusion64.apply(half.rows64, fusion.query_weight, fusion.query_bias,
+                                                      fusion.key_weight, fusion.value_weight, dtype)
+        shift_weight, shift_bias = key_bias_shift_f64(fusion.query_weight, fusion.query_bias, fusion.key_bias, dtype)
+        has_bq = fusion.query_bias is not None and fusion.query_weight is not None
+        return Folded(w_down=half.w_down, b_down=half.b_down, w_query=w_query, b_query=b_query if has_bq else None,
+                      w_out=w_out, segments=half.segments, activations=half.activations, ln_mode=half.ln_mode,
+                      shift_weight=shift_weight, shift_bias=shift_bias)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    rows_t = half.rows_t if half.rows_t is not None else half.rows.t().contiguous()
+    return Folded(w_down=half.w_down, b_down=half.b_down, w_query=half.rows, b_query=None, w_out=rows_t,
+                  segments=half.segments, activations=half.activations, ln_mode=half.ln_mode,
+                  shift_weight=None, shift_bias=None,
+                  query_pre=FusionWeights(cast(fusion.query_weight), cast(fusion.query_bias), cast(fusion.key_weight),
+                                          cast(fusion.key_bias), cast(fusion.value_weight)))

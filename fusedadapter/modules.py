@@ -20,12 +20,12 @@ from torch import nn
 from .activations import activation_code, reference_activation
 from .config import AdapterConfig, FusionConfig
 from .dispatch import BACKENDS
-from .fold import AdapterWeights, FusionWeights, fold
+from .fold import AdapterWeights, FusionWeights, fold, fold_adapters, fold_fusion_train
 from .functional import fold_plain, run_site
 from .masking import current_adapter_mask
 from .reference import reference_fusion
 
-__all__ = ["BottleneckAdapter", "FusedAdapterFusion", "cached_fold"]
+__all__ = ["BottleneckAdapter", "FusedAdapterFusion", "cached_fold", "site_fold"]
 
 
 def _init_bert(module: nn.Module) -> None:
@@ -97,6 +97,28 @@ def cached_fold(holder, tag, dtype, make, adapters, fusion=None):
         value = make()
     cache[tag] = (key, tensors, value)
     return value
+
+
+def site_fold(holder, adapters, fusion, dtype, n_tokens=None):
+    """The folded weights for one call of a site (``holder`` carries ``_fold_cache``).
+
+    * no autograd, or nothing trainable: the whole fold, cached (:func:`cached_fold`);
+    * adapters trainable (joint training): the whole fold under autograd, every call;
+    * adapters frozen, fusion trainable (AdapterFusion stage 2): the adapter half (the [U; C] rows,
+      the LN-folded down projections) is cached with the same key rules as the eval fold, and only
+      the products with the trained fusion weights run under autograd, in the form and precision
+      :func:`fusedadapter.fold.fold_fusion_train` picks for ``n_tokens``.
+    """
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return cached_fold(holder, "folded", dtype, lambda: fold(adapters, fusion, dtype), adapters, fusion)
+    if any(t.requires_grad for w in adapters for t in (w.down_weight, w.down_bias, w.up_weight, w.up_bias, w.scaling,
+                                                       w.ln_weight, w.ln_bias) if isinstance(t, torch.Tensor)):
+        return fold(adapters, fusion, dtype)
+    if not any(t is not None and t.requires_grad for t in (fusion.query_weight, fusion.query_bias, fusion.key_weight,
+                                                           fusion.key_bias, fusion.value_weight)):
+        return cached_fold(holder, "folded", dtype, lambda: fold(adapters, fusion, dtype), adapters, fusion)
+    half = cached_fold(holder, "adapters", dtype, lambda: fold_adapters(adapters, dtype, training=True), adapters)
+    return fold_fusion_train(half, fusion, dtype, n_tokens)
 
 
 class BottleneckAdapter(nn.Module):
@@ -310,9 +332,8 @@ class FusedAdapterFusion(nn.Module):
         return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
                              get(self.key, "bias"), get(self.value, "weight"))
 
-    def folded(self, dtype):
-        ads, fus = self.adapter_weights(), self.fusion_weights()
-        return cached_fold(self, "folded", dtype, lambda: fold(ads, fus, dtype), ads, fus)
+    def folded(self, dtype, n_tokens=None):
+        return site_fold(self, self.adapter_weights(), self.fusion_weights(), dtype, n_tokens)
 
     def plain_folded(self, dtype):
         fus = self.fusion_weights()

@@ -202,6 +202,38 @@ def test_skipped_layers_compute_what_the_bare_model_computes(arch, placement):
     assert torch.equal(run(model, x), full_out)
 
 
+def _requires_grad(model) -> set:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _train_step_grads(model, arch):
+    """One training-mode forward and backward; (names that require grad, names that got a gradient)."""
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    last_hidden(model(**tiny_inputs(arch, seed=8))).pow(2).mean().backward()
+    return _requires_grad(model), {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_skipped_sites_are_frozen_so_every_trained_parameter_gets_a_gradient():
+    """A skipped site gets no gradients, so adapter_drop freezes it (DDP's default
+    find_unused_parameters=False needs a gradient for every trained parameter); a later call that
+    runs it again unfreezes exactly what it froze."""
+    model, _ = make_patched("llama", "double_seq_bn")
+    for name, p in model.named_parameters():  # AdapterFusion stage 2
+        p.requires_grad_("fusedadapter_" in name and name.split(".")[-2] in ("query", "key", "value"))
+    before = _requires_grad(model)
+    fa.adapter_drop(model, batches("llama"), keep=3, skip_layers=1)
+    assert before - _requires_grad(model) == {n for n in before if n.startswith("layers.0.")}
+    assert _requires_grad(model) == {n for n in before if n.startswith("layers.1.")}
+    trained, got = _train_step_grads(model, "llama")
+    assert trained == got, f"no gradient for {sorted(trained - got)}"
+    fa.adapter_drop(model, skip_layers=0)  # runs block 0 again: its fusion trains again, adapters stay frozen
+    assert _requires_grad(model) == before
+    trained, got = _train_step_grads(model, "llama")
+    assert trained == got == before
+
+
 def test_skip_and_prune_together_against_the_rebuilt_reference():
     model, bare = make_patched("bert", "double_seq_bn")
     original = copy.deepcopy(model)
@@ -300,3 +332,42 @@ def test_accelerated_adapterhub_model():
                            bare(**x, output_hidden_states=True).hidden_states[1])
     with pytest.raises(ValueError, match="per_site"):
         fa.adapter_drop(model, batches("bert"), keep=1, per_site=True)
+
+
+@requires_adapterhub
+@pytest.mark.adapterhub
+def test_accelerated_adapter_drop_freezes_what_no_longer_runs():
+    """Accelerated AdapterHub model trained with its adapters (unfreeze_adapters=True): the skipped
+    block's adapters and fusion layer and the dropped adapters are frozen, so every parameter that
+    still requires grad gets a gradient; unskipping unfreezes the block's kept adapters and fusion."""
+    import adapters
+
+    model = tiny_model("bert", dropout=False)
+    adapters.init(model)
+    for n in NAMES:
+        model.add_adapter(n, config=adapters.SeqBnConfig(reduction_factor=8))
+    fuse = adapters.Fuse(*NAMES)
+    model.add_adapter_fusion(fuse)
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if hasattr(m, "adapter_fusion_layer") and len(m.adapters):
+            perturb_(m.adapters, g)
+            perturb_(m.adapter_fusion_layer, g)
+    model.train_adapter_fusion(fuse, unfreeze_adapters=True)
+    fa.accelerate(model, backend="torch")
+    before = _requires_grad(model)
+    report = fa.adapter_drop(model, batches("bert"), keep=2, skip_layers=1)
+    dropped = [n for n in NAMES if n not in report.kept]
+
+    def used(name, skipped_block):
+        if any(f".adapters.{d}." in name for d in dropped):
+            return False
+        return skipped_block is None or not name.startswith(f"encoder.layer.{skipped_block}.")
+
+    assert _requires_grad(model) == {n for n in before if used(n, 0)}
+    trained, got = _train_step_grads(model, "bert")
+    assert trained == got, f"no gradient for {sorted(trained - got)}"
+    fa.adapter_drop(model, skip_layers=0)
+    assert _requires_grad(model) == {n for n in before if used(n, None)}
+    trained, got = _train_step_grads(model, "bert")
+    assert trained == got, f"no gradient for {sorted(trained - got)}"

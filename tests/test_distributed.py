@@ -6,15 +6,22 @@
 * FSDP2 (``torch.distributed.fsdp.fully_shard``) over gloo on CPU, the same checks (skips, with
   the reason, where the installed torch cannot shard on CPU / gloo).
 * Hugging Face ``Trainer`` with a small subclass that adds ``fusedadapter.fusion_regularization_loss``.
+* DDP with its **default arguments** (``find_unused_parameters=False``, which fails on the second
+  step if a trained parameter gets no gradient): patched BERT and Llama (attention dropout 0, so no
+  logit dropout: the fusion key bias cancels in the softmax and must still get its exact zero
+  gradient), the same after ``adapter_drop`` (the skipped sites are frozen), and an accelerated
+  AdapterHub BERT with ``attention_probs_dropout_prob=0`` (AdapterHub environment). All DDP runs
+  share one 2-process spawn (a spawn costs ~30 s on a busy 2-core machine).
 
-AdapterFusion stage 2 throughout: a tiny random BERT with a classification head, three adapters
-and the dynamic fusion patched in; the base model and the adapters frozen; the fusion's
-query / key / value and the head trained. Dropout is off (the ranks of a DDP run draw different
+AdapterFusion stage 2 throughout: a tiny random model with a classification head, three adapters
+and the dynamic fusion; the base model and the adapters frozen; the fusion's query / key / value
+(and, patched, the head) trained. Dropout is off (the ranks of a DDP run draw different
 logit-dropout masks than one process does on the whole batch, so only then can the runs agree).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 import traceback
@@ -25,14 +32,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fusedadapter as fa
+from conftest import adapters_available, requires_adapterhub
+from fusedadapter.dispatch import available_backends
 from fusedadapter.patching import fusion_sites
 from fusedadapter.testing import perturb_
 from tiny_models import one_thread, tiny_inputs, tiny_model  # noqa: F401 (autouse fixture)
 
 WORLD = 2
 PER_RANK = 2
-STEPS = 2
+STEPS = 3
 LR = 0.5
+ADAMW_LR, ADAMW_DECAY = 1e-2, 0.1  # the scenarios other than "bert" train with AdamW
 ADAPTERS = {
     "a": fa.AdapterConfig(bottleneck_size=6),
     "b": fa.AdapterConfig(bottleneck_size=3, non_linearity="gelu"),
@@ -58,8 +68,8 @@ def build_model():
     return model.train()
 
 
-def global_batch(step: int) -> dict:
-    batch = tiny_inputs("bert", batch=WORLD * PER_RANK, seq=6, seed=10 + step)
+def global_batch(step: int, arch: str = "bert") -> dict:
+    batch = tiny_inputs(arch, batch=WORLD * PER_RANK, seq=6, seed=10 + step)
     batch["labels"] = torch.tensor([(step + i) % 3 for i in range(WORLD * PER_RANK)])
     return batch
 
@@ -121,35 +131,112 @@ def fsdp_regularization_loss(model) -> torch.Tensor:
     return total
 
 
+# ------------------------------------------------------------------------------------------
+# DDP scenarios (defaults: find_unused_parameters=False)
+# ------------------------------------------------------------------------------------------
+DDP_SCENARIOS = ["bert", "llama", "llama-drop"] + (["ah", "ah-drop"] if adapters_available() else [])
+
+
+def calibration(arch: str) -> list:
+    return [tiny_inputs(arch, batch=2, seq=6, seed=50 + i) for i in range(2)]
+
+
+def build_patched_llama(drop: bool):
+    model = tiny_model("llama", dropout=False, head=True)  # LlamaForSequenceClassification, 3 labels
+    fa.patch(model, ADAPTERS, fusion="dynamic", backend="torch")
+    assert all(site.dropout_p == 0 for _, _, site in fusion_sites(model))  # Llama: no fusion dropout
+    g = torch.Generator().manual_seed(4)
+    for _, _, site in fusion_sites(model):
+        perturb_(site, g)
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_fusion_param(name) or name.startswith("score."))
+    if drop:  # after the freezing, before DDP and the optimizer (docs/adapterdrop.md)
+        fa.adapter_drop(model, calibration("llama"), keep=2, skip_layers=1)
+    return model.train()
+
+
+def build_accelerated_adapterhub(drop: bool):
+    import adapters
+
+    model = tiny_model("bert", dropout=False, head=True)
+    assert model.config.attention_probs_dropout_prob == 0  # the fusion's dropout: off
+    adapters.init(model)
+    for name, cfg in ADAPTERS.items():
+        model.add_adapter(name, config=adapters.SeqBnConfig(reduction_factor=32 // cfg.bottleneck_size,
+                                                             non_linearity=cfg.non_linearity or "relu"))
+    fuse = adapters.Fuse(*ADAPTERS)
+    model.add_adapter_fusion(fuse, config="dynamic")
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if hasattr(m, "adapter_fusion_layer") and len(m.adapters):
+            perturb_(m.adapters, g)
+            perturb_(m.adapter_fusion_layer, g)
+    model.train_adapter_fusion(fuse)  # AdapterHub's stage 2: the fusion layers (and the head) train
+    fa.accelerate(model, backend="torch")
+    if drop:
+        fa.adapter_drop(model, calibration("bert"), keep=2, skip_layers=1)
+    return model.train()
+
+
+def build_scenario(kind: str):
+    if kind == "bert":
+        return build_model()
+    if kind.startswith("llama"):
+        return build_patched_llama(kind.endswith("-drop"))
+    return build_accelerated_adapterhub(kind.endswith("-drop"))
+
+
+def scenario_arch(kind: str) -> str:
+    return "llama" if kind.startswith("llama") else "bert"
+
+
+def _ddp_scenario(kind: str, rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = build_scenario(kind)
+    engine = DDP(model)  # the defaults: find_unused_parameters=False
+    params = trained(model)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if kind == "bert":  # compared with one process below: plain SGD
+        opt = torch.optim.SGD(params.values(), lr=LR)
+    else:  # AdamW's decoupled weight decay reaches every parameter with a gradient (a zero one too)
+        opt = torch.optim.AdamW(params.values(), lr=ADAMW_LR, weight_decay=ADAMW_DECAY)
+    grads = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        out = engine(**shard(global_batch(step, scenario_arch(kind)), rank))
+        (out.loss + fa.fusion_regularization_loss(model)).backward()
+        grads.append(snapshot(params))
+        opt.step()
+    return {"grads": grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "init": init, "trained": sorted(params)}
+
+
 def _worker(rank: int, kind: str, rdzv: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=WORLD)
-        model = build_model()
+        dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=120))
         if kind == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            for scenario in DDP_SCENARIOS:
+                torch.save(_ddp_scenario(scenario, rank), os.path.join(out_dir, f"ddp-{scenario}-rank{rank}.pt"))
+            dist.destroy_process_group()
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-            # find_unused_parameters: with logit dropout off the key bias gets no gradient (it adds
-            # one constant to every adapter's logit, and the fused op leaves it out)
-            engine = DDP(model, find_unused_parameters=True)
-            reg = fa.fusion_regularization_loss
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (WORLD,))
-            for layer in model.bert.encoder.layer:  # each block with its fusion sites: one FSDP unit
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            engine = model
-            reg = fsdp_regularization_loss
+        model = build_model()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.bert.encoder.layer:  # each block with its fusion sites: one FSDP unit
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         params = trained(model)
         opt = torch.optim.SGD(params.values(), lr=LR)
         grads = []
         for step in range(STEPS):
             opt.zero_grad()
-            out = engine(**shard(global_batch(step), rank))
-            (out.loss + reg(model)).backward()
+            out = model(**shard(global_batch(step), rank))
+            (out.loss + fsdp_regularization_loss(model)).backward()
             grads.append(snapshot(params))
             opt.step()
         result = {"grads": grads, "params": {n: full(p.detach()).clone() for n, p in params.items()}}
@@ -161,25 +248,33 @@ def _worker(rank: int, kind: str, rdzv: str, out_dir: str) -> None:
         raise
 
 
-def run_distributed(kind: str, tmp_path) -> list:
+def run_distributed(kind: str, tmp_path):
+    """FSDP2: the ranks' results (a list); "ddp": {scenario: the ranks' results} of DDP_SCENARIOS."""
     rdzv = os.path.join(tempfile.mkdtemp(dir=tmp_path), "rendezvous")
     try:
         mp.spawn(_worker, args=(kind, rdzv, str(tmp_path)), nprocs=WORLD, join=True)
     except Exception as exc:
         errors = [p.read_text() for p in sorted(tmp_path.glob(f"{kind}-rank*.err"))]
         raise AssertionError(f"{kind} workers failed: {exc}\n" + "\n".join(errors)) from None
+    if kind == "ddp":
+        return {sc: [torch.load(tmp_path / f"ddp-{sc}-rank{r}.pt") for r in range(WORLD)] for sc in DDP_SCENARIOS}
     return [torch.load(tmp_path / f"{kind}-rank{r}.pt") for r in range(WORLD)]
+
+
+def check_ranks_agree(ranks: list, what: str) -> None:
+    """Every rank holds the same gradients (none missing) and parameters, bit for bit."""
+    for r in ranks[1:]:
+        for step in range(STEPS):
+            for n, g in ranks[0]["grads"][step].items():
+                assert g is not None and r["grads"][step][n] is not None, f"{what}: step {step}: {n} got no gradient"
+                assert torch.equal(g, r["grads"][step][n]), f"{what}: step {step} grad {n} differs across ranks"
+        for n, p in ranks[0]["params"].items():
+            assert torch.equal(p, r["params"][n]), f"{what}: param {n} differs across ranks"
 
 
 def check_against_single_process(results: list, what: str) -> None:
     ranks = results
-    for r in ranks[1:]:  # every rank holds the same gradients and parameters, bit for bit
-        for step in range(STEPS):
-            for n, g in ranks[0]["grads"][step].items():
-                assert (g is None) == (r["grads"][step][n] is None), n
-                assert g is None or torch.equal(g, r["grads"][step][n]), f"{what}: step {step} grad {n} differs across ranks"
-        for n, p in ranks[0]["params"].items():
-            assert torch.equal(p, r["params"][n]), f"{what}: param {n} differs across ranks"
+    check_ranks_agree(ranks, what)
     single = train_single_process()
     for step in range(STEPS):
         for n, g in single["grads"][step].items():
@@ -201,9 +296,77 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with the gloo backend is not available")
 
 
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    """Every DDP scenario, trained in one 2-process gloo spawn with DDP's default arguments."""
+    return run_distributed("ddp", tmp_path_factory.mktemp("ddp"))
+
+
+def check_adamw_ddp_run(ranks: list, what: str) -> None:
+    """Ranks agree; the key bias got its exact zero gradient every step and moved only by AdamW's
+    weight decay (lr * decay per step); the other fusion weights trained."""
+    check_ranks_agree(ranks, what)
+    res = ranks[0]
+    key_biases = [n for n in res["trained"] if n.endswith(".key.bias")]
+    assert key_biases, f"{what}: no trained key bias"
+    for step in range(STEPS):
+        for n in key_biases:
+            g = res["grads"][step][n]
+            assert g is not None and g.shape == res["init"][n].shape and not g.any(), f"{what}: {n} grad {g}"
+    for n in key_biases:
+        decayed = res["init"][n] * (1 - ADAMW_LR * ADAMW_DECAY) ** STEPS
+        torch.testing.assert_close(res["params"][n], decayed, rtol=1e-6, atol=0, msg=f"{what}: {n}")
+        assert not torch.equal(res["params"][n], res["init"][n]), f"{what}: weight decay did not reach {n}"
+    for n in res["trained"]:
+        if n.endswith(("query.weight", "value.weight")):
+            assert not torch.equal(res["params"][n], res["init"][n]), f"{what}: {n} did not train"
+
+
 @needs_gloo
-def test_ddp_gloo_two_processes_matches_single_process(tmp_path):
-    check_against_single_process(run_distributed("ddp", tmp_path), "DDP")
+def test_ddp_gloo_two_processes_matches_single_process(ddp_results):
+    """Patched BERT (dropout 0) under DDP with its default arguments, equal to one process."""
+    check_against_single_process(ddp_results["bert"], "DDP")
+
+
+@needs_gloo
+def test_ddp_default_arguments_patched_llama(ddp_results):
+    """A patched Llama (attention dropout 0, so no logit dropout), DDP defaults, AdamW, 3 steps."""
+    check_adamw_ddp_run(ddp_results["llama"], "DDP Llama")
+
+
+def _site_params(names, layer: int) -> list:
+    return [n for n in names if "fusedadapter_" in n and f"layers.{layer}." in n]
+
+
+@needs_gloo
+def test_ddp_default_arguments_after_adapter_drop(ddp_results):
+    """adapter_drop(keep=2, skip_layers=1) freezes the skipped block-0 site: DDP's defaults work,
+    and block 0's site stays as it was."""
+    ranks = ddp_results["llama-drop"]
+    check_adamw_ddp_run(ranks, "DDP Llama after adapter_drop")
+    res = ranks[0]
+    assert not _site_params(res["trained"], 0) and _site_params(res["trained"], 1)
+    for n in _site_params(res["params"], 0):
+        assert torch.equal(res["params"][n], res["init"][n]), f"skipped {n} moved"
+
+
+@needs_gloo
+@requires_adapterhub
+@pytest.mark.adapterhub
+@pytest.mark.parametrize("scenario", ["ah", "ah-drop"])
+def test_ddp_default_arguments_accelerated_adapterhub(ddp_results, scenario):
+    """fa.accelerate'd AdapterHub BERT, attention_probs_dropout_prob=0 (AdapterHub gives every
+    trained parameter a gradient; so do we), and the same after adapter_drop(keep=2, skip_layers=1)."""
+    ranks = ddp_results[scenario]
+    check_adamw_ddp_run(ranks, f"DDP accelerated AdapterHub ({scenario})")
+    res = ranks[0]
+    fusion = [n for n in res["trained"] if ".adapter_fusion_layer." in n]
+    assert fusion and all(".adapter_fusion_layer." in n or n.startswith("classifier.") for n in res["trained"])
+    if scenario == "ah-drop":
+        assert not any("layer.0." in n for n in res["trained"]) and any("layer.1." in n for n in res["trained"])
+        for n, p in res["params"].items():
+            if "layer.0." in n and "adapter" in n:
+                assert torch.equal(p, res["init"][n]), f"skipped {n} moved"
 
 
 def _fsdp2_unsupported_reason():
@@ -270,3 +433,59 @@ def test_hf_trainer_fusion_training_with_regularization(tmp_path):
             assert moved, f"{n} was not trained"
         if not p.requires_grad:
             assert not moved, f"frozen {n} moved"
+
+
+# ------------------------------------------------------------------------------------------
+# the key bias's exact zero gradient, per backend and path (what DDP's defaults need)
+# ------------------------------------------------------------------------------------------
+def _fast_backends():
+    """(backend, widths): every fast backend this machine runs, and the torch backend's plain form
+    (adapters wider in total than 2 H: their own up projections, functional._plain_form)."""
+    narrow, wide = [3, 5, 4], [12, 14, 13]  # H = 16: R = 12 folded, 39 > 32 plain
+    avail = available_backends("cpu")
+    out = [pytest.param(b, narrow, id=b) for b in ("torch", "cpu", "triton") if avail.get(b) is None]
+    out.append(pytest.param("torch", wide, id="torch-plain"))
+    if torch.cuda.is_available() and available_backends("cuda").get("cuda") is None:
+        out.append(pytest.param("cuda", narrow, id="cuda"))
+    return out
+
+
+@pytest.mark.parametrize("backend,widths", _fast_backends())
+def test_key_bias_gets_an_exact_zero_gradient_without_logit_dropout(backend, widths):
+    """Training mode, logit dropout 0: the key bias cancels in the softmax, so its gradient is a zero
+    tensor (not None), on the module and the functional form; every other parameter still gets its
+    gradient; with logit dropout on, the key bias's gradient is the real (nonzero) one."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    acts = ["relu", "gelu", "tanh"]
+    cfgs = {n: fa.AdapterConfig(bottleneck_size=w, non_linearity=a) for n, w, a in zip("abc", widths, acts)}
+    g = torch.Generator().manual_seed(21)
+    for dropout in (0.0, 0.3):
+        site = fa.FusedAdapterFusion(16, cfgs, "dynamic", backend=backend, attention_dropout=dropout)
+        perturb_(site, g)
+        site = site.to(device).train()
+        assert site.dropout_p == dropout
+        x = torch.randn(2, 5, 16, generator=g).to(device)
+        res = torch.randn(2, 5, 16, generator=g).to(device)
+        w = torch.randn(2, 5, 16, generator=g).to(device)
+        (site(x, res) * w).sum().backward()
+        kb = site.key.bias.grad
+        assert kb is not None and kb.shape == site.key.bias.shape, f"{backend} dropout {dropout}: key bias grad {kb}"
+        if dropout == 0.0:
+            assert not kb.any(), f"{backend}: key bias grad {kb} (exactly zero expected)"
+            missing = [n for n, p in site.named_parameters() if p.grad is None]
+            assert not missing, f"{backend}: no gradient for {missing}"
+            # the functional form, on the same tensors
+            kb_param = site.key.bias.detach().clone().requires_grad_(True)
+            ad = list(site.adapters.values())
+            out = fa.adapter_fusion(
+                x, res, down_weights=[a.down.weight for a in ad], down_biases=[a.down.bias for a in ad],
+                up_weights=[a.adapter_up.weight for a in ad], up_biases=[a.adapter_up.bias for a in ad],
+                activations=acts, query_weight=site.query.weight, query_bias=site.query.bias,
+                key_weight=site.key.weight, key_bias=kb_param, value_weight=site.value.weight, backend=backend)
+            (out * w).sum().backward()
+            assert kb_param.grad is not None and not kb_param.grad.any(), f"{backend} functional: {kb_param.grad}"
+        else:
+            assert kb.abs().max() > 1e-4, f"{backend}: under logit dropout the key bias has a real gradient, got {kb}"
+    # no autograd, nothing attached: eval outputs unchanged in kind (a plain tensor, no grad_fn)
+    with torch.no_grad():
+        assert site.eval()(x, res).grad_fn is None

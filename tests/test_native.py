@@ -100,8 +100,8 @@ def test_training_grads_many_adapters_at_the_oracle_edge(cpu_op, dtype):
 
 # Issue 13: the cpu backend's fp32 gradient tail (measured by benchmarks/grad_tail.py). The worst sites
 # found: H=17, N=20 mixed widths (1-256) and activations, ln_before on every other adapter, key and value
-# off, one token. With the softmax backward in fp32 the fusion-weight gradients were 8.7x-16x past the
-# oracle's bound (the torch backend, which runs the plain form at R > 2H, 0.1x-0.5x); csrc/fusion_cpu.cpp's
+# off, one token. With the softmax backward in fp32 the fusion-weight gradients were 8.7x-11.6x past the
+# oracle's bound (the torch backend, which runs the plain form at R > 2H: 0.1x-0.5x); csrc/fusion_cpu.cpp's
 # epilogue_backward now does the per-row logit, softmax and dl math in double.
 TAIL_SITES = [
     (62040, False, [256, 8, 2, 8, 256, 1, 33, 5, 33, 16, 16, 128, 16, 64, 128, 17, 3, 5, 33, 128],
@@ -111,14 +111,14 @@ TAIL_SITES = [
      ["tanh", "gelu", "tanh", "quick_gelu", "quick_gelu", "sigmoid", "tanh", "sigmoid", "gelu_new", "leakyrelu",
       "leakyrelu", "quick_gelu", "sigmoid", "linear", "gelu_new", "gelu_new", "leakyrelu", "linear", "swish",
       "gelu_new"]),
-    (28408, True, [17, 128, 2, 2, 16, 2, 1, 16, 3, 8, 64, 16, 2, 3, 16, 33, 5, 256, 1, 1],
-     ["linear", "sigmoid", "quick_gelu", "gelu", "gelu", "relu", "linear", "tanh", "tanh", "leakyrelu", "linear",
-      "gelu_new", "swish", "sigmoid", "quick_gelu", "linear", "quick_gelu", "linear", "leakyrelu", "gelu"]),
+    (38630, True, [2, 17, 33, 1, 2, 2, 5, 128, 256, 2, 3, 8, 33, 3, 3, 128, 3, 17, 3, 2],
+     ["swish", "relu", "quick_gelu", "gelu", "leakyrelu", "gelu", "tanh", "relu", "gelu", "leakyrelu", "gelu_new",
+      "relu", "leakyrelu", "gelu", "sigmoid", "linear", "linear", "sigmoid", "sigmoid", "relu"]),
 ]
 
 
 @pytest.mark.parametrize("case", TAIL_SITES, ids=lambda c: f"seed{c[0]}{'-train' if c[1] else ''}")
-def test_fp32_gradient_tail_sites(cpu_path, case):
+def test_fp32_gradient_tail_sites(cpu_op, case):  # the backward epilogue is one code path for every GEMM path
     seed, train, widths, acts = case
     site = make_site(17, widths, acts, ln_before=tuple(range(0, len(widths), 2)), seed=seed, key=False, value=False)
     check_parity("cpu", site, torch.float32, lead=(1,), train=train, seed=seed % 1000)

@@ -33,7 +33,7 @@ from ..dispatch import BACKENDS
 from ..fold import AdapterWeights, FusionWeights, fold
 from ..functional import fold_plain, run_site
 from ..masking import current_adapter_mask
-from ..modules import cached_fold
+from ..modules import cached_fold, site_fold
 from ..patching import invalidate_compiled_graphs
 from ..reference import reference_fusion
 
@@ -110,9 +110,8 @@ class _AdapterHubSite:
         return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
                              get(self.key, "bias"), get(self.value, "weight"))
 
-    def folded(self, dtype):
-        ads, fus = self.adapter_weights(), self.fusion_weights()
-        return cached_fold(self, "folded", dtype, lambda: fold(ads, fus, dtype), ads, fus)
+    def folded(self, dtype, n_tokens=None):
+        return site_fold(self, self.adapter_weights(), self.fusion_weights(), dtype, n_tokens)
 
     def plain_folded(self, dtype):
         fus = self.fusion_weights()

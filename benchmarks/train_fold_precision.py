@@ -1,0 +1,126 @@
+"""Which parts of the training fold need float64? Measure it against the DESIGN §4 oracle.
+
+AdapterFusion stage 2 (adapters frozen, fusion query/key/value trained): for random perturbed
+sites (mixed widths, activations, ln_before, flags, residual_before, logit dropout replayed from a
+mask, 1..300 tokens) run the torch backend with the trained products of the fold in float64
+(today's fold) or float32, in the folded form and in the per-token form, and report for each the
+worst ratio err / bound over outputs, probabilities and every gradient (inputs and fusion
+parameters), fp32 and bf16 activations. A ratio <= 1 passes the oracle.
+
+    python -m benchmarks.train_fold_precision --sites 40 --out benchmarks/results/<dir>/train_fold/precision.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+
+import torch
+
+import fusedadapter as fa
+import fusedadapter.fold as fold_mod
+from fusedadapter.testing import FLOORS, rel_err, perturb_
+
+VARIANTS = {"folded-fp64": ("folded", torch.float64), "folded-fp32": ("folded", torch.float32),
+            "per_token": ("per_token", torch.float32)}
+
+
+def random_site(rng: random.Random, seed: int):
+    h = rng.choice([8, 17, 32, 64, 96])
+    n = rng.choice([1, 2, 3, 5, 8])
+    cfgs = []
+    for i in range(n):
+        cfgs.append(fa.AdapterConfig(bottleneck_size=rng.choice([1, 2, 4, 8, 16]),
+                                     non_linearity=rng.choice(["relu", "gelu", "tanh", "swish"]),
+                                     ln_before=rng.random() < 0.3, scaling=rng.choice([1.0, 0.5, 2.0])))
+    flags = dict(query=rng.random() > 0.15, key=rng.random() > 0.15, value=rng.random() > 0.15,
+                 residual_before=rng.random() < 0.25)
+    site = fa.FusedAdapterFusion(h, cfgs, fa.FusionConfig.load("dynamic", **flags), backend="reference").double()
+    perturb_(site, torch.Generator().manual_seed(seed))
+    m = rng.choice([1, 3, 16, 64, 300])
+    dropout = rng.random() < 0.5
+    return site, m, dropout
+
+
+def stage2_run(site, backend, dtype, a, res, mask, dropout, variant=None):
+    m = copy.deepcopy(site).to(dtype)
+    m.backend = backend
+    m.adapters.requires_grad_(False)
+    m.train(dropout)
+    if not dropout:
+        m.dropout_p = 0.0
+    a, res = a.to(dtype).requires_grad_(True), res.to(dtype).requires_grad_(True)
+    saved = (fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION)
+    if variant is not None:
+        fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION = VARIANTS[variant]
+    try:
+        out, p = m(a, res, return_probs=True, dropout_mask=mask if dropout else None)
+    finally:
+        fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION = saved
+    g = torch.Generator().manual_seed(7)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)).sum() + (
+        p * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)).sum()
+    names = [n for n, q in m.named_parameters() if q.requires_grad]
+    params = [q for q in m.parameters() if q.requires_grad]
+    grads = torch.autograd.grad(loss, [a, res] + params, allow_unused=True)
+    result = {"out": out.detach(), "probs": p.detach(), "d_a": grads[0], "d_res": grads[1]}
+    for n, gq in zip(names, grads[2:]):
+        result[f"d_{n}"] = None if gq is None else gq.detach()
+    return result
+
+
+def worst_ratio(site, m, dropout, dtype, variant, seed=1, backend="torch"):
+    g = torch.Generator().manual_seed(seed)
+    h = site.hidden_size
+    a = torch.randn(m, h, generator=g, dtype=torch.float64).to(dtype).double()
+    res = torch.randn(m, h, generator=g, dtype=torch.float64).to(dtype).double()
+    mask = torch.rand(m, site.num_adapters, generator=g) > 0.3
+    rounded = copy.deepcopy(site).to(dtype).double()
+    truth = stage2_run(rounded, "reference", torch.float64, a, res, mask, dropout)
+    ref = stage2_run(site, "reference", dtype, a, res, mask, dropout)
+    got = stage2_run(site, backend, dtype, a, res, mask, dropout, variant)
+    worst, where = 0.0, None
+    for k, t in truth.items():
+        if t is None or got[k] is None:
+            other = got[k] if t is None else t
+            if other is not None and other.abs().max().item() > 1e-9 * max(x.abs().max().item() for x in truth.values() if x is not None):
+                return float("inf"), k
+            continue
+        bound = 2 * rel_err(ref[k], t) + FLOORS[dtype]
+        r = rel_err(got[k], t) / bound
+        if r > worst:
+            worst, where = r, k
+    return worst, where
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sites", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    table = {}
+    for i in range(args.sites):
+        site, m, dropout = random_site(rng, args.seed * 1000 + i)
+        for dtype in (torch.float32, torch.bfloat16):
+            for variant in VARIANTS:
+                r, k = worst_ratio(site, m, dropout, dtype, variant, seed=i + 1)
+                row = table.setdefault(f"{variant} {str(dtype).split('.')[-1]}", {"sites": 0, "fail": 0, "worst": 0.0, "worst_at": None})
+                row["sites"] += 1
+                row["fail"] += r > 1.0
+                if r > row["worst"]:
+                    row["worst"], row["worst_at"] = r, f"site {i} (H={site.hidden_size}, N={site.num_adapters}, M={m}, dropout={dropout}) {k}"
+    for name, row in table.items():
+        print(f"{name:24s} sites {row['sites']:4d}  over the bound {row['fail']:3d}  worst err/bound {row['worst']:.3f}  at {row['worst_at']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python -m benchmarks.train_fold_precision " + " ".join(argv or sys.argv[1:]),
+                       "torch": torch.__version__, "rows": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

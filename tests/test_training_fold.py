@@ -1,0 +1,171 @@
+"""Training without the per-call fold tax (issue 11): AdapterFusion stage 2 (adapters frozen,
+fusion query/key/value trained) caches the adapter half of the fold and recomputes under
+autograd only the products with the trained weights. The cache never serves stale weights, and
+outputs and gradients hold the DESIGN §4 oracle in both training forms."""
+
+import copy
+
+import pytest
+import torch
+import torch.utils.checkpoint
+
+import fusedadapter as fa
+import fusedadapter.fold as fold_mod
+from benchmarks.train_fold_precision import random_site, worst_ratio
+from parity import make_inputs, make_site
+
+
+def stage2(backend="torch", seed=0):
+    m = make_site(24, [5, 7, 4], ["relu", "gelu", "swish"], ln_before=(1,), seed=seed)
+    m.backend = backend
+    m.adapters.requires_grad_(False)
+    return m.train()
+
+
+def run(m, a, res, mask):
+    """(out, probs, grads of every trainable parameter and of the inputs), float64."""
+    a, res = a.clone().requires_grad_(True), res.clone().requires_grad_(True)
+    out, p = m(a, res, return_probs=True, dropout_mask=mask)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + p.pow(2).sum()
+    params = [q for q in m.parameters() if q.requires_grad]
+    grads = torch.autograd.grad(loss, [a, res] + params, allow_unused=True)
+    return [out, p] + [torch.zeros(()) if g is None else g for g in grads]
+
+
+def assert_matches_reference(m, a, res, mask):
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    got, want = run(m, a, res, mask), run(ref, a, res, mask)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(params=["folded", "per_token"])
+def form(request, monkeypatch):
+    monkeypatch.setattr(fold_mod, "TRAIN_FORM", request.param)
+    return request.param
+
+
+def test_adapter_half_is_cached_across_training_calls(form, monkeypatch):
+    m = stage2()
+    a, res, _, mask = make_inputs(m)
+    calls = []
+    real = fold_mod.fold_adapters
+    monkeypatch.setattr("fusedadapter.modules.fold_adapters", lambda *x, **k: calls.append(1) or real(*x, **k))
+    for _ in range(3):
+        assert_matches_reference(m, a, res, mask)
+    assert len(calls) == 1  # the reference copies never fold; the fused site folded its adapters once
+
+
+def test_training_cache_invalidated_by_optimizer_steps(form):
+    m = stage2()
+    a, res, _, mask = make_inputs(m)
+    opt = torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.3)
+    for _ in range(2):
+        m(a, res, dropout_mask=mask).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        assert_matches_reference(m, a, res, mask)
+    # a step of the adapters themselves (stage 1), then stage 2 again: the half must be rebuilt
+    m.adapters.requires_grad_(True)
+    opt = torch.optim.SGD(m.adapters.parameters(), lr=0.3)
+    m(a, res, dropout_mask=mask).pow(2).mean().backward()
+    opt.step()
+    m.adapters.requires_grad_(False)
+    assert_matches_reference(m, a, res, mask)
+
+
+def test_training_cache_invalidated_by_load_state_dict_to_and_in_place_edits(form):
+    m = stage2()
+    a, res, _, mask = make_inputs(m)
+    assert_matches_reference(m, a, res, mask)
+    m.load_state_dict(make_site(24, [5, 7, 4], ["relu", "gelu", "swish"], ln_before=(1,), seed=9).state_dict())
+    assert_matches_reference(m, a, res, mask)
+    m.float().double()  # new storages
+    assert_matches_reference(m, a, res, mask)
+    with torch.no_grad():
+        m.adapters["0"].adapter_up.weight.mul_(1.5)
+        m.adapters["1"].layer_norm.weight.add_(0.2)
+        m.adapters["2"].down.bias.sub_(0.4)
+    assert_matches_reference(m, a, res, mask)
+    m.adapters["2"].scaling = 3.0
+    assert_matches_reference(m, a, res, mask)
+
+
+def test_training_cache_follows_requires_grad_changes(form):
+    m = stage2()
+    a, res, _, mask = make_inputs(m)
+    assert_matches_reference(m, a, res, mask)
+    m.adapters["1"].adapter_up.weight.requires_grad_(True)  # joint training: adapters get gradients
+    assert_matches_reference(m, a, res, mask)
+    m.adapters["1"].adapter_up.weight.requires_grad_(False)
+    m.query.requires_grad_(False)  # only key and value trained
+    assert_matches_reference(m, a, res, mask)
+    m.requires_grad_(False)  # nothing trained: the eval fold, cached
+    with torch.no_grad():
+        out = m(a, res, dropout_mask=mask)
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    torch.testing.assert_close(out, ref(a, res, dropout_mask=mask), rtol=1e-9, atol=1e-9)
+
+
+def test_gradient_checkpointing_does_not_refold_the_adapters(form, monkeypatch):
+    m = stage2()
+    a, res, _, mask = make_inputs(m)
+    calls = []
+    real = fold_mod.fold_adapters
+    monkeypatch.setattr("fusedadapter.modules.fold_adapters", lambda *x, **k: calls.append(1) or real(*x, **k))
+    m.eval()  # no dropout: the recomputed forward is the same function
+    for _ in range(2):
+        out = torch.utils.checkpoint.checkpoint(lambda x, r: m(x, r), a.clone().requires_grad_(True), res,
+                                                use_reentrant=False)
+        out.pow(2).sum().backward()
+    assert len(calls) == 1
+    assert m.query.weight.grad is not None and m.value.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stage2_oracle_outputs_and_gradients(backend, dtype, form):
+    if fa.available_backends("cpu").get(backend) is not None:
+        pytest.skip(f"backend {backend} unavailable")
+    import random
+
+    rng = random.Random(3)
+    for i in range(4):
+        site, m, dropout = random_site(rng, 100 + i)
+        ratio, where = worst_ratio(site, m, dropout, dtype, None, seed=i + 1, backend=backend)
+        assert ratio <= 1.0, f"site {i}: {where} at {ratio:.2f}x the oracle bound"
+
+
+@pytest.mark.parametrize("flags", [{}, {"query": False}, {"key": False}, {"value": False},
+                                   {"query": False, "key": False}])
+def test_float64_fold_function_matches_autograd_and_saves_no_float64(flags):
+    m = make_site(20, [4, 6], ["relu", "gelu"], fa.FusionConfig.load("dynamic", **flags)).float()
+    m.adapters.requires_grad_(False)
+    half = fold_mod.fold_adapters(m.adapter_weights(), torch.float32, training=True)
+    fusion = m.fusion_weights()
+    params = [t for t in (fusion.query_weight, fusion.query_bias, fusion.key_weight, fusion.key_bias,
+                          fusion.value_weight) if t is not None]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = fold_mod.fold_fusion_train(half, fusion, torch.float32, n_tokens=10**6)
+    assert got.query_pre is None  # the folded form
+    assert not any(t.dtype == torch.float64 and t is not half.rows64 for t in saved)
+    want = fold_mod.fold_fusion(half, fusion, torch.float32, precision=torch.float64)  # plain autograd, float64
+    g = torch.Generator().manual_seed(0)
+    outs = [(x, y) for x, y in ((got.w_query, want.w_query), (got.b_query, want.b_query), (got.w_out, want.w_out),
+                                (got.shift_weight, want.shift_weight), (got.shift_bias, want.shift_bias))
+            if y is not None]
+    for x, y in outs:
+        assert torch.equal(x, y)
+    ups = [torch.randn(y.shape, generator=g) for _, y in outs]
+    gx = torch.autograd.grad([x for x, _ in outs if x.requires_grad], params, [u for (x, _), u in zip(outs, ups) if x.requires_grad],
+                             allow_unused=True)
+    gy = torch.autograd.grad([y for _, y in outs if y.requires_grad], params, [u for (_, y), u in zip(outs, ups) if y.requires_grad],
+                             allow_unused=True)
+    for a, b in zip(gx, gy):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
