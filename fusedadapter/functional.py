@@ -174,6 +174,9 @@ def fold_plain(fusion: FusionWeights, dtype: torch.dtype) -> dict:
 def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual_before: bool, temperature: float,
                dropout_p: float, seed: int, keep_mask, adapter_mask=None):
     """Run a backend op on folded weights. a, res, c: (M, H) in the compute dtype; adapter_mask (M, N) or None."""
+    if folded.query_pre is not None:
+        return _run_per_token(op, folded, a, res, c, residual_before=residual_before, temperature=temperature,
+                              dropout_p=dropout_p, seed=seed, keep_mask=keep_mask, adapter_mask=adapter_mask)
     out_dtype = a.dtype
     if folded.ln_mode != "none" and a.dtype in (torch.float16, torch.bfloat16):
         # ln_before adapters: the LayerNorm runs here, outside the op. Its output rounded to half,
@@ -196,6 +199,52 @@ def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual
     out, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, folded.w_query, folded.b_query, folded.w_out,
                     folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask,
                     shift, adapter_mask)
+    return out.to(out_dtype), probs
+
+
+def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temperature, dropout_p: float,
+                   seed: int, keep_mask, adapter_mask=None):
+    """The per-token training form (:func:`fusedadapter.fold.fold_fusion_train`): the op on the frozen
+    rows, ``xq = W_K^T (W_Q c + b_Q)`` before it and ``W_V`` after the weighted sum, all in the
+    weight dtype (fp32 activations for half inputs: these products hold trained weights)."""
+    fw = folded.query_pre
+    out_dtype = a.dtype
+    wd = folded.w_out.dtype
+    if a.dtype != wd:
+        a, res, c = a.to(wd), res.to(wd), (a.to(wd) if c is a else c.to(wd))
+    xd = _down_input(a, folded.ln_mode)
+    q = F.linear(c, fw.query_weight, fw.query_bias) if fw.query_weight is not None else c
+    xq = q @ fw.key_weight if fw.key_weight is not None else q          # W_K^T q, row form
+    shift = None
+    if dropout_p > 0:
+        if fw.key_bias is not None:
+            shift = q @ fw.key_bias                                     # kappa = q . b_K
+        if residual_before:
+            kr = F.linear(res, fw.key_weight) if fw.key_weight is not None else res
+            extra = (q * kr).sum(-1)
+            shift = extra if shift is None else shift + extra
+    elif fw.key_bias is not None and fw.key_bias.requires_grad:
+        try:  # b_K cancels in the softmax: its exact gradient is 0 (zero_grads.py, issue 13 item 7)
+            from .zero_grads import attach_zero_grads
+        except ImportError:  # pragma: no cover
+            attach_zero_grads = None
+        if attach_zero_grads is not None:
+            xq = attach_zero_grads(xq, fw.key_bias)
+    w_query = folded.w_query
+    if isinstance(temperature, torch.Tensor):  # see run_folded
+        xq = xq / temperature
+        shift = None if shift is None else shift / temperature
+        temperature = 1.0
+    # op: sum_n p_n u_n (+ res under residual_before, so that W_V applies to it too)
+    op_res = res if residual_before else None
+    mix, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, w_query, None, folded.w_out,
+                    folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask,
+                    shift, adapter_mask)
+    out = F.linear(mix, fw.value_weight) if fw.value_weight is not None else mix
+    if not residual_before:
+        out = out + res
+    elif adapter_mask is not None:  # a row with every adapter masked is the bare sub-layer (see run_folded)
+        out = torch.where(adapter_mask.any(dim=-1, keepdim=True), out, res)
     return out.to(out_dtype), probs
 
 
@@ -262,7 +311,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
                 # The raw fusion weights are needed only for residual_before and dropout's logit shift;
                 # casting them (3 H x H matrices) on every eval call cost ~0.13 ms at H = 768.
                 need_raw = site.residual_before or dropout_p > 0
-                out, probs = run_folded(op, site.folded(wdtype), a, res, c,
+                out, probs = run_folded(op, site.folded(wdtype, n_tokens=n_tokens), a, res, c,
                                         fusion=site.fusion_weights(wdtype) if need_raw else None,
                                         residual_before=site.residual_before, temperature=temperature,
                                         dropout_p=dropout_p, seed=seed, keep_mask=keep_mask,
@@ -363,7 +412,7 @@ class _ExplicitSite:
         return FusionWeights(*(_cast(t, dtype) for t in (f.query_weight, f.query_bias, f.key_weight, f.key_bias,
                                                          f.value_weight)))
 
-    def folded(self, dtype):
+    def folded(self, dtype, n_tokens=None):
         return fold(self.weights, self.fusion, dtype)
 
     def plain_folded(self, dtype):
