@@ -24,7 +24,7 @@
 # Steps (each recorded in steps.tsv as name, exit code, seconds, kind; a failing step is recorded
 # and the next one runs; every step has its own timeout):
 #   env          GPU and versions -> env.txt
-#   build-cuda   (background, MAX_JOBS=4) the CUDA extension, ahead of the tests that need it
+#   build-cuda   (background, MAX_JOBS=8) the CUDA extension, ahead of the tests that need it
 #   spills       (background, CPU only) ptxas -v spill report of the target-row kernels -> spills.json
 #   tests-triton GPU tests of the Triton backend first: parity fwd+bwd fp32/fp16/bf16, adapter
 #                masks, dropout replay, numerics, one autotuned config per kernel (pytest -n, xdist)
@@ -41,8 +41,8 @@
 # would write (JUnit report and log, results.json/csv, skipped.json, summary.md, plots), packed as
 # a real run packs them; summary.md says it was a dry run. tests/test_device_check.py runs it in CI.
 #
-# Budgets (seconds, override by environment): DC_TOTAL=280 (all steps), DC_BUILD=150 (CUDA build),
-# DC_TESTS=110 (Triton tests), DC_TESTS_CUDA=60, DC_WORKERS=6 (xdist workers), DC_TEST_TIMEOUT=90
+# Budgets (seconds, override by environment): DC_TOTAL=280 (all steps), DC_BUILD=120 (CUDA build),
+# DC_TESTS=100 (Triton tests), DC_TESTS_CUDA=45, DC_WORKERS=6 (xdist workers), DC_TEST_TIMEOUT=90
 # (per test, with pytest-timeout). PYTHON picks the interpreter (default python3).
 set -u
 OUT=${1:?usage: benchmarks/device_check.sh OUTDIR}
@@ -52,9 +52,9 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 DRY=${DEVICE_CHECK_DRY_RUN:-0}
 TOTAL=${DC_TOTAL:-280}
-T_BUILD=${DC_BUILD:-150}
-T_TESTS=${DC_TESTS:-110}
-T_TESTS_CUDA=${DC_TESTS_CUDA:-60}
+T_BUILD=${DC_BUILD:-120}
+T_TESTS=${DC_TESTS:-100}
+T_TESTS_CUDA=${DC_TESTS_CUDA:-45}
 WORKERS=${DC_WORKERS:-6}
 START=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
@@ -133,7 +133,7 @@ if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_OPTS+=(--timeou
 
 # In the background while the Triton tests run: the CUDA extension build (needed by tests-cuda and
 # the cuda provider) and the spill report (CPU only: Triton's own ptxas on this machine's Triton).
-gpu_step build-cuda "$T_BUILD" env MAX_JOBS="${MAX_JOBS:-4}" "$PY" -m fusedadapter.extension cuda \
+gpu_step build-cuda "$T_BUILD" env MAX_JOBS="${MAX_JOBS:-8}" "$PY" -m fusedadapter.extension cuda \
   > "$WORK/build-cuda.log" 2>&1 &
 BUILD_PID=$!
 gpu_step spills 100 env -u TRITON_INTERPRET "$PY" -m fusedadapter.kernels.aot_check --target-only \
@@ -145,7 +145,7 @@ SPILLS_PID=$!
 # each config of the autotune lists. tests/test_gpu_*.py are the GPU-only files.
 TRITON_TESTS=(tests/test_triton.py)
 for f in tests/test_gpu_*.py; do [ -f "$f" ] && TRITON_TESTS+=("$f"); done
-gpu_step tests-triton "$(min "$T_TESTS" "$(( $(left) - 120 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" --junitxml="$WORK/pytest-triton.xml" "${TRITON_TESTS[@]}" \
+gpu_step tests-triton "$(min "$T_TESTS" "$(( $(left) - 150 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" --junitxml="$WORK/pytest-triton.xml" "${TRITON_TESTS[@]}" \
   > "$WORK/pytest-triton.log" 2>&1
 tail -n 15 "$WORK/pytest-triton.log"
 
@@ -157,26 +157,28 @@ if [ "$(grep '^build-cuda' "$WORK/steps.tsv" | cut -f2)" != "0" ]; then
   echo "== the CUDA extension did not build: FUSEDADAPTER_SKIP_CUDA=1 from here on"
   export FUSEDADAPTER_SKIP_CUDA=1
 fi
-gpu_step tests-cuda "$(min "$T_TESTS_CUDA" "$(( $(left) - 90 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
+gpu_step tests-cuda "$(min "$T_TESTS_CUDA" "$(( $(left) - 115 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
   --junitxml="$WORK/pytest-cuda.xml" tests/test_native.py -k "cuda" > "$WORK/pytest-cuda.log" 2>&1
 tail -n 15 "$WORK/pytest-cuda.log"
 wait "$SPILLS_PID"
 
-# the grid, keeping ~105 s for the two switch rows and the summary
-BUDGET=$(( $(left) - 105 ))
+# the target row first (it always gets >= 30 s), then the grid, keeping ~95 s for the switch rows
+# and the summary
+BUDGET=$(( $(left) - 95 ))
+[ "$BUDGET" -lt 30 ] && BUDGET=30
 gpu_step bench "$(( BUDGET + 25 ))" "$PY" -m benchmarks gpu --device cuda --out "$WORK/bench" --budget-s "$BUDGET" \
   --no-progress > "$WORK/bench.log" 2>&1
 tail -n 30 "$WORK/bench.log"
 # The target row again with one switch flipped each (so one run times both sides): bf16 w_query
 # without the hi/lo split, and the configs before the spill measurement (configs.GPU_CONFIGS_V1).
 TARGET_ROW=(--providers triton torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
-gpu_step bench-nosplit "$(min 40 "$(( $(left) - 50 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
+gpu_step bench-nosplit "$(min 30 "$(( $(left) - 45 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-nosplit" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-nosplit.log" 2>&1
-gpu_step bench-configs-v1 "$(min 40 "$(( $(left) - 40 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
+gpu_step bench-configs-v1 "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-configs-v1" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1
 
 # summary.{md,json} in the work folder (they go into the archive too) and in OUTDIR
-step summary 40 "$PY" -m benchmarks device-summary "$WORK" --out "$OUT"
+step summary 20 "$PY" -m benchmarks device-summary "$WORK" --out "$OUT"
 
 # pack: logs over 2 MiB keep their tail; an archive over 15 MiB goes without the plots
 for f in $(find "$WORK" -type f \( -name '*.log' -o -name '*.xml' \) -size +2M); do
