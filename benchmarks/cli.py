@@ -220,6 +220,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .bench_decode import main as decode_main
 
         return decode_main(argv[1:])
+    if argv and argv[0] == "train":  # a model-level stage-2 training step vs the floor (its own options)
+        from .bench_train import main as train_main
+
+        return train_main(argv[1:])
     if argv and argv[0] == "_rss":  # internal: one provider's peak RSS in a fresh process
         from .layer import rss_worker
 
@@ -247,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     mp.add_argument("--repeats", type=int, default=5)
     mp.add_argument("--warmup", type=int, default=1)
     mp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    sub.add_parser("train", help="a model-level AdapterFusion stage-2 training step: patch, the eager reference and "
+                   "the stage-2 floor (python -m benchmarks train --help)")
     sub.add_parser("decode", help="generate() with the KV cache on a patched Llama-shape model vs bare "
                    "(python -m benchmarks decode --help)")
     tp = sub.add_parser("table", help="regenerate fusedadapter/dispatch_table.json from benchmarks/results/")
