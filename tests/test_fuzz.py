@@ -4,6 +4,12 @@ Profiles (env FUSEDADAPTER_FUZZ_PROFILE): "ci" (default: fixed seed, bounded exa
 with the test's statistics) and "long" (many more examples, for local runs):
 
     FUSEDADAPTER_FUZZ_PROFILE=long python -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics
+
+The long profile draws half its sites from where the fp32 gradient tail lives (issue 13;
+benchmarks/grad_tail.py measures it): mixed ``ln_before``, query/key/value flags off, 1 or 2 tokens,
+N up to 20 adapters of mixed widths at small hidden sizes. A site whose softmax saturates (the
+probabilities other than the largest summing to < 1e-12) is beyond what the float64 truth resolves
+for the logit gradients and can fail on every backend (README, Reliability).
 """
 
 import os
@@ -25,28 +31,58 @@ settings.load_profile(PROFILE)
 
 ACTS = ["relu", "gelu", "gelu_new", "swish", "tanh", "sigmoid", "leakyrelu", "linear", "quick_gelu"]
 
-# Per backend: dtypes it supports here, and a scale factor on the example budget (the Triton
-# interpreter runs kernels element by element in Python).
+# Per backend: dtypes it supports, and a scale factor on the example budget (the Triton
+# interpreter runs kernels element by element in Python). A dtype the backend refuses here
+# (BackendUnavailable: bf16 under the Triton interpreter, whose bf16 arithmetic is wrong) is dropped.
 BACKEND_DTYPES = {
     "torch": ([torch.float64, torch.float32, torch.bfloat16], 1.0),
     "cpu": ([torch.float64, torch.float32, torch.bfloat16], 1.0),
-    "triton": ([torch.float32, torch.float16] if not torch.cuda.is_available() else
-               [torch.float32, torch.float16, torch.bfloat16], 0.25),
+    "triton": ([torch.float32, torch.float16, torch.bfloat16], 0.25),
     "cuda": ([torch.float32, torch.float16, torch.bfloat16], 1.0),
 }
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _runnable():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    avail = fa.available_backends(device)
+    avail = fa.available_backends(DEVICE)
     return [b for b in BACKEND_DTYPES if avail.get(b) is None]
+
+
+def _dtypes(backend):
+    return [d for d in BACKEND_DTYPES[backend][0] if fa.available_backends(DEVICE, d).get(backend) is None]
 
 
 RUNNABLE = _runnable()
 
 
 @st.composite
+def tail_site_specs(draw, small=False):
+    """Where the fp32 gradient tail lives: mixed ln_before, flags off, 1-2 tokens, N up to 20."""
+    n = draw(st.integers(2, 6 if small else 20))
+    width = st.sampled_from([1, 2, 3, 5, 8, 16, 17] if small else [1, 2, 3, 5, 8, 16, 17, 33, 64, 128, 256])
+    widths = draw(st.lists(width, min_size=n, max_size=n))
+    acts = draw(st.lists(st.sampled_from(ACTS), min_size=n, max_size=n))
+    hidden = draw(st.sampled_from([8, 13, 16, 17, 31] if small else [8, 13, 16, 17, 31, 40, 64, 97]))
+    flags = {
+        "query": draw(st.booleans()),
+        "key": draw(st.sampled_from([False, False, True])),
+        "value": draw(st.sampled_from([False, False, True])),
+        "residual_before": draw(st.sampled_from([False, False, False, True])),
+        "query_before_ln": draw(st.sampled_from([False, False, False, True])),
+        "temperature": draw(st.sampled_from([False, False, False, True])),
+    }
+    ln_before = tuple(i for i in range(n) if draw(st.booleans()))
+    if len(ln_before) in (0, n):  # mixed: some adapters with a LayerNorm before, some without
+        ln_before = tuple(range(0, n, 2))
+    lead = draw(st.sampled_from([(1,), (1, 1), (2,)]))
+    return dict(widths=widths, acts=acts, hidden=hidden, preset=draw(st.sampled_from(["dynamic", "static"])),
+                flags=flags, ln_before=ln_before, lead=lead, train=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@st.composite
 def site_specs(draw, small=False):
+    if PROFILE == "long" and draw(st.booleans()):
+        return draw(tail_site_specs(small=small))
     n = draw(st.integers(1, 6 if small else 32))
     width = st.sampled_from([1, 2, 3, 5, 8, 16, 17] if small else [1, 2, 3, 5, 8, 16, 17, 33, 64, 128, 256])
     widths = draw(st.lists(width, min_size=n, max_size=n))
@@ -85,7 +121,7 @@ def _budget(backend):
 
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_fuzz_parity(backend):
-    dtypes = BACKEND_DTYPES[backend][0]
+    dtypes = _dtypes(backend)
     small = backend == "triton" and not torch.cuda.is_available()
 
     @settings(max_examples=_budget(backend))
