@@ -160,6 +160,16 @@ def test_site_fold_enters_as_float32_constants(site_onnx):
             assert not all(x in inits for x in node.input[:2]), f"{node.name}: a product of two constants"
     h = site.hidden_size
     assert not [n for n, i in inits.items() if tuple(i.dims) == (h, h)], "an H x H fusion matrix in the graph"
+    # The same before ONNX's optimizer (which folds constant subgraphs of small models, hiding a
+    # traced fold): in the exported program no parameter is read and nothing is float64.
+    a, res = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    ep = torch.export.export(SiteCall(site).eval(), (a, res))
+    f64 = [n.name for n in ep.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+           and n.meta["val"].dtype == F64]
+    assert f64 == [], f"float64 values in the exported graph: {f64}"
+    params = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.PARAMETER}
+    read = [n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in params and n.users]
+    assert read == [], f"parameters read by the graph (a fold at every inference): {read}"
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu", "triton", "torch", "reference", "cuda"])
