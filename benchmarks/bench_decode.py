@@ -43,14 +43,14 @@ N_ADAPTERS = 8
 REDUCTION = 16
 
 
-def build_models(backends, *, device="cpu", seed=0) -> Dict[str, torch.nn.Module]:
+def build_models(backends, *, device="cpu", seed=0, model="llama-small") -> Dict[str, torch.nn.Module]:
     """{"bare": LlamaForCausalLM, backend: the same weights patched with 8 adapters + fusion, ...}."""
     from transformers import LlamaForCausalLM
 
     from .models import _config
 
     torch.manual_seed(seed)
-    cfg = _config("llama-small")
+    cfg = _config(model)
     try:
         bare = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     except (TypeError, ValueError):
@@ -87,19 +87,31 @@ def decode_steps(models, *, prompt: int, new_tokens: int, device="cpu", seed=1) 
     return steps
 
 
-def run_decode(backends, *, device="cpu", repeats=7, prompt=16, new_tokens=32, warmup=1, threads=None):
-    """(rows, per-round samples in ms) of the decode benchmark."""
+def run_decode(backends, *, device="cpu", repeats=7, prompt=16, new_tokens=32, warmup=1, threads=None,
+               model="llama-small"):
+    """(rows, per-round samples in ms) of the decode benchmark (torch's thread count is restored after)."""
+    old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _run_decode(backends, device=device, repeats=repeats, prompt=prompt, new_tokens=new_tokens,
+                           warmup=warmup, model=model)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_decode(backends, *, device, repeats, prompt, new_tokens, warmup, model):
     device = torch.device(device)
     avail = fa.available_backends(device)
     backends = [b for b in backends if avail.get(b) is None]
-    models = build_models(backends, device=device)
+    models = build_models(backends, device=device, model=model)
     steps = decode_steps(models, prompt=prompt, new_tokens=new_tokens, device=device)
     failed = {}
     samples = time_interleaved(steps, device, repeats=repeats, min_sample_s=0.0, warmup=warmup,
                                on_error=lambda n, e: failed.setdefault(n, e))
-    base_cfg = dict(model="llama-small", layers=6, hidden=768, n=N_ADAPTERS, reduction_factor=REDUCTION, r=768 // REDUCTION,
+    mcfg = models["bare"].config
+    base_cfg = dict(model=model, layers=mcfg.num_hidden_layers, hidden=mcfg.hidden_size, n=N_ADAPTERS,
+                    reduction_factor=REDUCTION, r=mcfg.hidden_size // REDUCTION,
                     batch=1, prompt=prompt, new_tokens=new_tokens, dtype="float32", threads=torch.get_num_threads(),
                     repeats=repeats, cpu=cpu_name() if device.type == "cpu" else device_name(device),
                     load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
@@ -133,7 +145,7 @@ def markdown(rows, command: str) -> str:
     cfg = rows[0]["config"] if rows else {}
     lines = ["# Decoding with the KV cache: patched Llama-shape model vs bare", "",
              f"`{command}`", "",
-             f"LlamaForCausalLM H=768, 6 layers, batch 1, prompt {cfg.get('prompt')} tokens, {cfg.get('new_tokens')} new "
+             f"LlamaForCausalLM ({cfg.get('model')}) H={cfg.get('hidden')}, {cfg.get('layers')} layers, batch 1, prompt {cfg.get('prompt')} tokens, {cfg.get('new_tokens')} new "
              f"tokens per generate() call (greedy), {cfg.get('dtype')}, {cfg.get('threads')} torch thread(s), "
              f"{cfg.get('repeats')} interleaved repeats; patched: {N_ADAPTERS} seq_bn adapters rf {REDUCTION} + dynamic "
              f"fusion per layer. Device: {rows[0]['device_name'] if rows else '-'}; load average at the end "
@@ -162,10 +174,12 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench-out/decode")
+    ap.add_argument("--model", default="llama-small", choices=["llama-small", "llama-tiny"],
+                    help="llama-tiny: H=64, 2 layers (a smoke test of the benchmark itself)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     rows, _ = run_decode(args.backends, device=args.device, repeats=args.repeats, prompt=args.prompt,
-                         new_tokens=args.new_tokens, warmup=args.warmup, threads=args.threads)
+                         new_tokens=args.new_tokens, warmup=args.warmup, threads=args.threads, model=args.model)
     out = Path(args.out)
     ResultWriter(out).add(rows)
     command = "python -m benchmarks decode " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
