@@ -250,3 +250,50 @@ def test_cache_sees_scaling_edit_on_an_accelerated_adapterhub_model():
         want = model(**batch).last_hidden_state
     assert (after - before).abs().max() > 1e-2
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# The fast fold-cache check (issue 12): a warm eval call does not rebuild the key, and still sees
+# every change the full key sees
+# ------------------------------------------------------------------------------------------
+def test_warm_eval_call_skips_the_full_key(monkeypatch):
+    import fusedadapter.modules as modules
+
+    m = fresh()
+    a, res = inputs(m)
+    warm(m, a, res)
+    calls = []
+    real = modules.fold_inputs_key
+    monkeypatch.setattr(modules, "fold_inputs_key", lambda *x: calls.append(1) or real(*x))
+    with torch.no_grad():
+        m(a, res)
+        m(a, res)
+    assert calls == []
+
+
+def test_fast_check_sees_replaced_parameters_modules_and_round_trips():
+    m = fresh()
+    a, res = inputs(m)
+    warm(m, a, res)
+    m.key.weight = torch.nn.Parameter(torch.randn_like(m.key.weight) * 0.3)  # a replaced Parameter
+    with torch.no_grad():
+        torch.testing.assert_close(m(a, res), expect(m, a, res), rtol=1e-5, atol=1e-5)
+    lin = torch.nn.Linear(7, 24)
+    torch.nn.init.normal_(lin.weight, std=0.5)
+    m.adapters["1"].adapter_up = lin  # a replaced layer
+    with torch.no_grad():
+        torch.testing.assert_close(m(a, res), expect(m, a, res), rtol=1e-5, atol=1e-5)
+    for _ in range(2):  # new storages at possibly reused addresses; edits in between
+        m.double()
+        with torch.no_grad():
+            m.adapters["2"].adapter_up.weight.mul_(1.3)
+        m.float()
+        with torch.no_grad():
+            torch.testing.assert_close(m(a, res), expect(m, a, res), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        m.value.weight.data = m.value.weight.data * 0.5  # .data: new storage, same version counter
+        torch.testing.assert_close(m(a, res), expect(m, a, res), rtol=1e-5, atol=1e-5)
+    m.train()  # under autograd with trainable parameters: never the cached eval fold
+    out = m(a, res, dropout_mask=torch.ones(*a.shape[:-1], 3, dtype=torch.bool))
+    out.sum().backward()
+    assert m.query.weight.grad is not None
