@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import re
 import os
 import shutil
 import subprocess
@@ -66,6 +67,28 @@ def _arch_flags(archs: List[str]) -> List[str]:
     return out
 
 
+_FUNC = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                   r"(\d+) bytes spill loads")
+
+
+def ptxas_spills(log: str) -> List[dict]:
+    """Per kernel function in ``nvcc -Xptxas -v`` output: {"function", "stack_frame", "spill_stores",
+    "spill_loads"} (bytes), names demangled with c++filt where it exists."""
+    rows = [{"function": m.group(1), "stack_frame": int(m.group(2)), "spill_stores": int(m.group(3)),
+             "spill_loads": int(m.group(4))} for m in _FUNC.finditer(log)]
+    filt = shutil.which("c++filt")
+    if rows and filt:
+        try:
+            names = subprocess.run([filt], input="\n".join(r["function"] for r in rows), capture_output=True,
+                                   text=True, timeout=30).stdout.splitlines()
+            if len(names) == len(rows):
+                for r, n in zip(rows, names):
+                    r["function"] = n
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return rows
+
+
 def _run(cmd: List[str]) -> Tuple[int, str, float]:
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -101,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         jobs = []
         for f in cu_files:
             jobs.append((f.name, [nvcc, "-c", str(f), "-o", os.path.join(tmp, f.stem + ".o"), "-std=c++20", "-O2",
-                                  "-Xcompiler", "-fPIC", *NVCC_FLAGS, *_arch_flags(archs), *inc]))
+                                  "-Xcompiler", "-fPIC", "-Xptxas", "-v", *NVCC_FLAGS, *_arch_flags(archs), *inc]))
         for f in host_files:
             jobs.append((f.name, [args.cxx, "-fsyntax-only", "-std=c++20", "-fPIC", "-Wall", str(f), *inc]))
         print(f"compile_check: nvcc {nvcc}, archs {archs}, {len(cu_files)} .cu + {len(host_files)} host .cpp, "
@@ -112,8 +135,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 status = "ok" if rc == 0 else f"FAILED (exit {rc})"
                 print(f"  {name}: {status} in {secs:.1f}s", flush=True)
                 if rc != 0 or "warning" in out.lower():
-                    print(out[-8000:], flush=True)
+                    print("\n".join(line for line in out.splitlines() if not line.startswith("ptxas info"))[-8000:],
+                          flush=True)
                 failed += rc != 0
+                spills = ptxas_spills(out)
+                if spills:  # ptxas -v: every kernel's spills (reported, not an error)
+                    bad = [r for r in spills if r["spill_stores"] or r["spill_loads"] or r["stack_frame"]]
+                    print(f"  {name}: ptxas -v: {len(spills)} kernel(s), {len(bad)} with spills or a stack frame",
+                          flush=True)
+                    for r in bad:
+                        print(f"    {r['function'][:110]}: stack {r['stack_frame']} B, spill stores "
+                              f"{r['spill_stores']} B, loads {r['spill_loads']} B", flush=True)
     if failed:
         print(f"compile_check: {failed} file(s) failed", file=sys.stderr)
         return 1

@@ -76,3 +76,18 @@ def test_target_row_kernels_do_not_spill_on_sm90(tmp_path):
     for row in data["rows"]:
         assert row["target"] and row["aligned"]
         assert row["spill_stores"] == row["spill_loads"] == row["stack_frame"] == 0, row
+
+
+def test_compile_check_reads_cuda_kernel_spills():
+    # csrc/compile_check.py passes -Xptxas -v to nvcc and reports each CUDA kernel's spills
+    from fusedadapter.csrc.compile_check import ptxas_spills
+
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 0 barriers\n"
+           "ptxas info    : Function properties for _Z3barv\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    rows = ptxas_spills(log)
+    assert [(r["stack_frame"], r["spill_stores"], r["spill_loads"]) for r in rows] == [(8, 4, 12), (0, 0, 0)]
+    assert rows[0]["function"] in ("foo(float*)", "_Z3fooPf")  # demangled where c++filt exists
