@@ -13,7 +13,32 @@ from typing import Any, Mapping, Optional, Union
 
 from .activations import canonical_activation
 
-__all__ = ["AdapterConfig", "FusionConfig", "FUSION_PRESETS"]
+__all__ = ["AdapterConfig", "FusionConfig", "FUSION_PRESETS", "check_adapter_name"]
+
+
+def check_adapter_name(name, where: str = "") -> str:
+    """The one rule for adapter names (:class:`fusedadapter.FusedAdapterFusion`, :func:`fusedadapter.patch`):
+    a non-empty ``str`` without ``'.'`` (names are module keys: ``adapters.<name>.adapter_up.weight``)
+    or ``','`` (AdapterHub names a fusion by its adapters' names joined with ``','``, as its
+    ``Fuse`` and its saved folders do). Returns ``name``; raises ``ValueError`` (``where`` prefixes
+    the message)."""
+    if not isinstance(name, str) or not name or "." in name or "," in name:
+        raise ValueError(f"{where}adapter names must be non-empty strings without '.' or ',' (module keys; "
+                         f"AdapterHub joins a fusion's adapter names with ','), got {name!r}")
+    return name
+
+
+def _flag(owner: str, field: str, value):
+    """A boolean config flag: ``True``/``False`` (numpy bools too), or the ints 0 and 1 (as ``False`` and
+    ``True``); anything else raises ``TypeError`` naming the field (``"no"`` or ``"False"`` are truthy
+    strings and used to switch a flag on)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{owner}.{field} must be a bool (True or False), got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -35,6 +60,7 @@ class AdapterConfig:
     ln_before: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "ln_before", _flag("AdapterConfig", "ln_before", self.ln_before))
         if self.bottleneck_size is not None:
             if isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) or self.bottleneck_size < 1:
                 raise ValueError(f"AdapterConfig.bottleneck_size must be a positive int or None, got {self.bottleneck_size!r}")
@@ -88,11 +114,13 @@ class FusionConfig:
     residual_before: bool = False
     temperature: bool = False
     value_before_softmax: bool = True
-    value_initialized: Union[bool, str] = True
+    value_initialized: bool = True  # AdapterHub annotates it str, but uses it (and saves it) as a bool
     dropout_prob: Optional[float] = None
     regularization: bool = True
 
     def __post_init__(self):
+        for name in _BOOL_FLAGS:
+            object.__setattr__(self, name, _flag("FusionConfig", name, getattr(self, name)))
         if self.dropout_prob is not None and not (0.0 <= float(self.dropout_prob) < 1.0):
             raise ValueError(f"FusionConfig.dropout_prob must be in [0, 1) or None, got {self.dropout_prob!r}")
 
@@ -126,6 +154,9 @@ class FusionConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+_BOOL_FLAGS = ("query", "key", "value", "query_before_ln", "residual_before", "temperature", "value_before_softmax",
+               "value_initialized", "regularization")
 
 FUSION_PRESETS = {
     "dynamic": FusionConfig(),

@@ -196,7 +196,17 @@ def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual
         op_res = res
     shift = _logit_shift(folded, fusion, c.to(wd), res.to(wd), residual_before) if dropout_p > 0 else None
     folded = keep_unused_shift(folded, used=shift is not None)  # b_K's exact zero gradient (zero_grads.py)
-    out, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, folded.w_query, folded.b_query, folded.w_out,
+    w_query, b_query = folded.w_query, folded.b_query
+    if isinstance(temperature, torch.Tensor):
+        # A 0-dim tensor (FusedAdapterFusion's stepped temperature; under torch.compile a graph
+        # value, not a constant): the op's float temperature cannot take it without a host sync, so
+        # divide what the logits are linear in (GEMM1's logit weights and the dropout shift) and run
+        # the op at temperature 1: softmax(where(keep, (l + kappa)/(1-p), 0) / T) is unchanged.
+        w_query = w_query / temperature
+        b_query = None if b_query is None else b_query / temperature
+        shift = None if shift is None else shift / temperature
+        temperature = 1.0
+    out, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, w_query, b_query, folded.w_out,
                     folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask,
                     shift, adapter_mask)
     return out.to(out_dtype), probs

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .activations import activation_code, reference_activation
-from .config import AdapterConfig, FusionConfig
+from .config import AdapterConfig, FusionConfig, check_adapter_name
 from .dispatch import BACKENDS
 from .fold import AdapterWeights, FusionWeights, fold, fold_adapters, fold_fusion_train
 from .functional import fold_plain, run_site
@@ -118,7 +118,7 @@ def site_fold(holder, adapters, fusion, dtype, n_tokens=None):
                                                            fusion.key_bias, fusion.value_weight)):
         return cached_fold(holder, "folded", dtype, lambda: fold(adapters, fusion, dtype), adapters, fusion)
     half = cached_fold(holder, "adapters", dtype, lambda: fold_adapters(adapters, dtype, training=True), adapters)
-    return fold_fusion_train(half, fusion, dtype, n_tokens)
+    return fold_fusion_train(half, fusion, dtype, n_tokens, memo=holder._fold_cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +228,25 @@ class BottleneckAdapter(nn.Module):
 AdaptersSpec = Union[Sequence[AdapterConfig], Mapping[str, AdapterConfig]]
 
 
+@torch.library.custom_op("fusedadapter::step_temperature", mutates_args=("temperature",))
+def _step_temperature_op(temperature: torch.Tensor, reduction: float) -> torch.Tensor:
+    """AdapterHub's temperature step: returns ``T`` (a new tensor) and sets ``temperature`` to
+    ``max(T - reduction, 1)`` in place (float64 arithmetic: the same values as AdapterHub's floats).
+
+    An opaque op, not inline tensor ops, because torch.compile (2.13) mishandles the inline form
+    two ways: dynamo drops in-place writes to a 0-dim float64 CPU buffer (T never moves), and
+    AOTAutograd's partitioner recomputes a saved pre-step value from the buffer *after* the write
+    (a compiled backward then uses the next call's temperature). This op's output is saved as is."""
+    old = temperature.clone()
+    temperature.sub_(reduction).clamp_(min=1.0)
+    return old
+
+
+@_step_temperature_op.register_fake
+def _(temperature, reduction):
+    return torch.empty_like(temperature)
+
+
 class FusedAdapterFusion(nn.Module):
     """N bottleneck adapters and AdapterHub's fusion attention over them, as one site.
 
@@ -258,8 +277,7 @@ class FusedAdapterFusion(nn.Module):
         for name, cfg in items:
             if not isinstance(cfg, AdapterConfig):
                 raise TypeError(f"adapter {name!r}: expected an AdapterConfig, got {type(cfg).__name__}")
-            if not isinstance(name, str) or not name or "." in name:
-                raise ValueError(f"adapter names must be non-empty strings without '.', got {name!r}")
+            check_adapter_name(name)
         self.hidden_size = hidden_size
         self.fusion_config = FusionConfig.load(fusion)
         self.backend = backend
@@ -276,9 +294,10 @@ class FusedAdapterFusion(nn.Module):
                 self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
         self.dropout_p = cfg.effective_dropout(attention_dropout)
         # AdapterHub's BertFusion.T (50 under temperature=True, else 1; lowered by T0/1000 on every
-        # forward call, floor 1; not saved): a 0-dim float64 buffer, non-persistent, stepped in place
-        # by forward, so under torch.compile the step runs in the graph (no guard on its value, no
-        # recompiles) and a value set by hand (``site.T = ...``, a property) reaches compiled graphs.
+        # forward call, floor 1; not saved): a 0-dim float64 buffer (float64: AdapterHub's T is a
+        # Python float), non-persistent, stepped in place by forward (_step_temperature_op), so
+        # under torch.compile the step runs in the graph (no guard on its value, no recompiles) and
+        # a value set by hand (``site.T = ...``, a property) reaches compiled graphs.
         t0 = 50.0 if cfg.temperature else 1.0
         self.reduction = t0 / 1000.0
         self.register_buffer("_temperature", torch.tensor(t0, dtype=torch.float64), persistent=False)
@@ -353,10 +372,7 @@ class FusedAdapterFusion(nn.Module):
             from .export import exported_temperature
 
             return exported_temperature(self, self._temperature)
-        with torch.no_grad():
-            t = self._temperature.clone()
-            self._temperature.copy_(torch.clamp(t - self.reduction, min=1.0))
-        return t
+        return _step_temperature_op(self._temperature, self.reduction)
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) would round the temperature buffer (AdapterHub's T is a Python float):

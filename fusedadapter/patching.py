@@ -45,7 +45,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from .config import AdapterConfig, FusionConfig
+from .config import AdapterConfig, FusionConfig, check_adapter_name
 from .masking import current_adapter_mask
 from .modules import FusedAdapterFusion
 
@@ -483,9 +483,7 @@ def _normalize_adapters(adapters) -> Dict[str, AdapterConfig]:
     for name, cfg in items:
         if not isinstance(cfg, AdapterConfig):
             raise TypeError(f"fusedadapter.patch: adapter {name!r}: expected an AdapterConfig, got {type(cfg).__name__}")
-        if not isinstance(name, str) or not name or "." in name or "," in name:
-            raise ValueError(f"fusedadapter.patch: adapter names must be non-empty strings without '.' or ',', "
-                             f"got {name!r}")
+        check_adapter_name(name, "fusedadapter.patch: ")
         out[name] = cfg
     return out
 

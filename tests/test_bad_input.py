@@ -147,3 +147,56 @@ def test_error_messages_name_expected_values():
     with pytest.raises(ValueError) as info:
         site()(torch.randn(4, 7), torch.randn(4, 7))
     assert re.search(r"16", str(info.value))
+
+
+FLAG_FIELDS = ["query", "key", "value", "query_before_ln", "residual_before", "temperature", "value_before_softmax",
+               "value_initialized", "regularization"]
+
+
+@pytest.mark.parametrize("field", FLAG_FIELDS)
+@pytest.mark.parametrize("bad", ["no", "False", None, 2, 0.0, [True]], ids=repr)
+def test_fusion_config_flags_must_be_bools(field, bad):
+    """Any truthy value used to switch a flag on (``query="no"`` built a query): now a TypeError
+    naming the field and the type, through every way a config is made."""
+    pattern = rf"FusionConfig\.{field} must be a bool \(True or False\), got {re.escape(repr(bad))}"
+    for make in (lambda: fa.FusionConfig(**{field: bad}), lambda: fa.FusionConfig.load("static", **{field: bad}),
+                 lambda: fa.FusionConfig.load({field: bad}),
+                 lambda: fa.FusedAdapterFusion(16, [fa.AdapterConfig()], fusion={field: bad})):
+        with pytest.raises(TypeError, match=pattern):
+            make()
+
+
+def test_config_flags_accept_bools_and_the_ints_0_and_1():
+    np = pytest.importorskip("numpy")
+    assert fa.FusionConfig(query=False, key=0, value=1, temperature=np.bool_(True)) == fa.FusionConfig(
+        query=False, key=False, value=True, temperature=True)
+    assert fa.FusionConfig(key=0).key is False and fa.FusionConfig(value=1).value is True
+    assert fa.AdapterConfig(ln_before=1).ln_before is True
+    with pytest.raises(TypeError, match=r"AdapterConfig\.ln_before must be a bool .*got 'yes'"):
+        fa.AdapterConfig(ln_before="yes")
+    site = fa.FusedAdapterFusion(16, [fa.AdapterConfig()], fusion={"query": 0})
+    assert site.query is None
+
+
+BAD_NAMES = ["a,b", "a.b", "", 3, None]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_adapter_name_rule_is_one_rule(name):
+    """FusedAdapterFusion and fusedadapter.patch apply the same rule (``"a,b"`` used to be accepted
+    by the module and rejected by patch)."""
+    import transformers
+
+    pattern = r"adapter names must be non-empty strings without '\.' or ','"
+    with pytest.raises(ValueError, match=pattern):
+        fa.FusedAdapterFusion(16, {name: fa.AdapterConfig()})
+    config = transformers.BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    model = transformers.BertModel(config)
+    with pytest.raises(ValueError, match="fusedadapter.patch: " + pattern):
+        fa.patch(model, {name: fa.AdapterConfig()})
+    from fusedadapter.config import check_adapter_name
+
+    with pytest.raises(ValueError, match=pattern):
+        check_adapter_name(name)
+    assert check_adapter_name("sst-2_v1") == "sst-2_v1"
