@@ -9,7 +9,7 @@
 #   device_check.tar.gz  everything else: env.txt, steps.tsv, pytest-*.{xml,log}, build-cuda.log,
 #                        spills.json (ptxas -v of the target-row kernels with this machine's Triton),
 #                        bench/ (results.csv, results.json, skipped.json, summary.md, PNG plots),
-#                        bench-nosplit/ and bench-configs-v1/ (the target row with a switch flipped),
+#                        bench-nosplit/, bench-configs-v1/, bench-precast/ (target row, a switch flipped),
 #                        summary.{md,json}; logs over 2 MiB keep their last 2 MiB, and if the archive
 #                        would pass 15 MiB the plots are left out
 #   summary.md / summary.json   dry run or not, GPU, versions, commit, every step with its status,
@@ -30,9 +30,10 @@
 #                masks, dropout replay, numerics, one autotuned config per kernel (pytest -n, xdist)
 #   tests-cuda   the CUDA backend's tests (after build-cuda; FUSEDADAPTER_SKIP_CUDA=1 if it failed)
 #   bench        python -m benchmarks gpu: the issue-3 target row first, then the grid, in the time left
-#   bench-nosplit, bench-configs-v1   the target row (triton, torch) again with one switch flipped:
-#                FUSEDADAPTER_TRITON_SPLIT_BF16=0 (no w_query hi/lo split at bf16) and
-#                FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement)
+#   bench-nosplit, bench-configs-v1, bench-precast   the target row (triton, torch) again with one
+#                switch flipped: FUSEDADAPTER_TRITON_SPLIT_BF16=0 (no w_query hi/lo split at bf16),
+#                FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement),
+#                FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not per tile)
 #   summary      summary.{md,json}
 # Tests that need no GPU are not run here (CI runs them).
 #
@@ -143,7 +144,7 @@ SPILLS_PID=$!
 # The Triton tests run one fixed config per kernel (their fixtures set it; autotuning every variant
 # they create would take minutes); test_gpu_autotune runs the autotuner and test_gpu_every_config
 # each config of the autotune lists. tests/test_gpu_*.py are the GPU-only files.
-TRITON_TESTS=(tests/test_triton.py)
+TRITON_TESTS=(tests/test_triton.py tests/test_triton_switches.py)
 for f in tests/test_gpu_*.py; do [ -f "$f" ] && TRITON_TESTS+=("$f"); done
 gpu_step tests-triton "$(min "$T_TESTS" "$(( $(left) - 150 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" --junitxml="$WORK/pytest-triton.xml" "${TRITON_TESTS[@]}" \
   > "$WORK/pytest-triton.log" 2>&1
@@ -162,20 +163,24 @@ gpu_step tests-cuda "$(min "$T_TESTS_CUDA" "$(( $(left) - 115 ))")" "$PY" -m pyt
 tail -n 15 "$WORK/pytest-cuda.log"
 wait "$SPILLS_PID"
 
-# the target row first (it always gets >= 30 s), then the grid, keeping ~95 s for the switch rows
+# the target row first (it always gets >= 30 s), then the grid, keeping ~125 s for the switch rows
 # and the summary
-BUDGET=$(( $(left) - 95 ))
+BUDGET=$(( $(left) - 125 ))
 [ "$BUDGET" -lt 30 ] && BUDGET=30
 gpu_step bench "$(( BUDGET + 25 ))" "$PY" -m benchmarks gpu --device cuda --out "$WORK/bench" --budget-s "$BUDGET" \
   --no-progress > "$WORK/bench.log" 2>&1
 tail -n 30 "$WORK/bench.log"
 # The target row again with one switch flipped each (so one run times both sides): bf16 w_query
-# without the hi/lo split, and the configs before the spill measurement (configs.GPU_CONFIGS_V1).
+# without the hi/lo split, the configs before the spill measurement (configs.GPU_CONFIGS_V1), and
+# the weights cast to bf16 once instead of tile by tile in every CTA; in this order, each while
+# 20 s are left for the summary (a row that does not fit is recorded as skipped).
 TARGET_ROW=(--providers triton torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
-gpu_step bench-nosplit "$(min 30 "$(( $(left) - 45 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
+gpu_step bench-nosplit "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-nosplit" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-nosplit.log" 2>&1
 gpu_step bench-configs-v1 "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-configs-v1" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1
+gpu_step bench-precast "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_PRECAST=1 "$PY" -m benchmarks gpu \
+  --device cuda --out "$WORK/bench-precast" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-precast.log" 2>&1
 
 # summary.{md,json} in the work folder (they go into the archive too) and in OUTDIR
 step summary 20 "$PY" -m benchmarks device-summary "$WORK" --out "$OUT"

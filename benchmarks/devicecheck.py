@@ -162,7 +162,8 @@ def target_row(rows) -> Dict[str, dict]:
 
 
 SWITCHES = {"bench-nosplit": "FUSEDADAPTER_TRITON_SPLIT_BF16=0 (bf16 w_query without the hi/lo split)",
-            "bench-configs-v1": "FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement)"}
+            "bench-configs-v1": "FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement)",
+            "bench-precast": "FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not tile by tile per CTA)"}
 
 
 def switch_rows(out: Path, main_rows) -> Dict[str, dict]:

@@ -138,7 +138,7 @@ def main(argv) -> int:
         _spills(work)
     elif step == "bench":
         _bench(work)
-    elif step in ("bench-nosplit", "bench-configs-v1"):
+    elif step in ("bench-nosplit", "bench-configs-v1", "bench-precast"):
         _switch_row(work, step)
     else:
         print(f"devicecheck_stub: unknown step {step!r}", file=sys.stderr)

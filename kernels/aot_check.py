@@ -61,10 +61,11 @@ _DIVISIBLE = {
 
 # The variants the issue-3 target row (bf16, 16384 tokens, H=768, N=8, r=48, relu, shared input)
 # runs: its no-grad forward (eval) and its training step (hash dropout with the logit shift).
+# "precast": the same with FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not per tile).
 TARGET_VARIANTS = {
-    "fwd_gemm1": ("bf16 shared-x eval relu", "bf16 shared-x train-hash relu"),
-    "fwd_gemm2": ("bf16 residual",),
-    "bwd_epilogue": ("bf16 shared-x train-hash",),
+    "fwd_gemm1": ("bf16 shared-x eval relu", "bf16 shared-x train-hash relu", "bf16 shared-x eval relu precast"),
+    "fwd_gemm2": ("bf16 residual", "bf16 residual precast"),
+    "bwd_epilogue": ("bf16 shared-x train-hash", "bf16 shared-x train-hash precast"),
     "mm": ("bf16 operands",),
 }
 
@@ -84,9 +85,12 @@ def _variants(name, quick):
                              ACT_MASK=(1 << 1) | (1 << 2) | (1 << 4), UNIFORM_ACT=-1, N_PAD=32, HAS_AMASK=True)))
             out.append(("fp32 shared-x train-keep", "fp32", dict(base_fwd, HAS_XQ=False, HAS_SHIFT=True, DROPOUT=True,
                                                                  HAS_KEEP=True, SPLIT_WQ=False)))
+        if not quick:  # FUSEDADAPTER_TRITON_PRECAST=1: w_down cast to bf16 once (w_query is hi/lo split)
+            out.append(("bf16 shared-x eval relu precast", "bf16", dict(out[0][2], _ROLES=dict(wd_ptr="act"))))
     elif name == "fwd_gemm2":
         out.append(("bf16 residual", "bf16", dict(HAS_RES=True)))
         if not quick:
+            out.append(("bf16 residual precast", "bf16", dict(HAS_RES=True, _ROLES=dict(wo_ptr="act"))))
             out.append(("fp32 residual", "fp32", dict(HAS_RES=True)))
     elif name == "bwd_epilogue":
         common = dict(HAS_BD=True, HAS_BQ=True, HAS_GP=True, STORE_G=True, STORE_WM=True, ACT_MASK=2, UNIFORM_ACT=1,
@@ -94,6 +98,8 @@ def _variants(name, quick):
         out.append(("bf16 shared-x train-hash", "bf16", dict(common, HAS_XQ=False, DROPOUT=True, HAS_KEEP=False,
                                                              STORE_DSHIFT=True)))
         if not quick:
+            out.append(("bf16 shared-x train-hash precast", "bf16",
+                        dict(out[0][2], _ROLES=dict(wd_ptr="act", wq_ptr="act", wo_ptr="act"))))
             out.append(("bf16 xq eval mixed-acts N32", "bf16",
                         dict(common, HAS_XQ=True, DROPOUT=False, HAS_KEEP=False, STORE_DSHIFT=False,
                              ACT_MASK=(1 << 2) | (1 << 3) | (1 << 8), UNIFORM_ACT=-1, N_PAD=32)))
@@ -192,10 +198,12 @@ def compile_one(name, fn, label, dt, flags, cfg, arch, *, ptxas=None, flags_ptxa
                 "fp64": ("*fp64", tl.float64)}
     act_ptr, act_tl = tl_types[dt]
     acc_ptr, acc_tl = tl_types["fp64"] if dt == "fp64" else tl_types["fp32"]
+    flags = dict(flags)
+    roles = dict(_PTRS[name], **flags.pop("_ROLES", {}))
     consts = dict(flags, ACC=acc_tl, DOT=act_tl, **{k: cfg[k] for k in configs.BLOCK_KEYS[name]})
     sig = {}
     for arg in fn.arg_names:
-        role = _PTRS[name].get(arg)
+        role = roles.get(arg)
         if role is not None:
             sig[arg] = {"act": act_ptr, "acc": acc_ptr, "i32": "*i32", "u8": "*u8"}[role]
         elif arg in consts:

@@ -69,6 +69,11 @@ SPLIT_WEIGHTS_DOWN: set = set()
 SPLIT_WEIGHTS_QUERY = {torch.float16} | ({torch.bfloat16} if os.environ.get("FUSEDADAPTER_TRITON_SPLIT_BF16", "1")
                                          != "0" else set())
 SPLIT_WEIGHTS_BACKWARD: set = set()
+# FUSEDADAPTER_TRITON_PRECAST=1: the fp32 weight tiles the kernels round to fp16/bf16 one by one in
+# every CTA's main loop (w_out, w_down, and w_query where it is not hi/lo split) are cast once per
+# weight tensor instead (cached while the tensor and its version are unchanged) and read at half
+# the bytes; the dots see bit-identical operands. Off by default until a GPU measures it.
+PRECAST = os.environ.get("FUSEDADAPTER_TRITON_PRECAST", "0") == "1"
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
@@ -729,6 +734,30 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+_CASTS: Dict[int, tuple] = {}
+
+
+def _dot_weight(w: torch.Tensor, dtype: torch.dtype, split: bool) -> torch.Tensor:
+    """``w`` as the kernels' dot operand: cast to the half dtype once (PRECAST), else ``w`` itself (fp32
+    tiles rounded in the kernel). A split weight stays fp32 (the kernel takes its hi and lo halves)."""
+    if not PRECAST or split or dtype not in (torch.float16, torch.bfloat16) or w.dtype == dtype:
+        return w
+    try:
+        version = w._version
+    except RuntimeError:  # an inference tensor has no version counter: cast per call
+        return w.to(dtype)
+    hit = _CASTS.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == version and hit[2].dtype == dtype:
+        return hit[2]
+    cast = w.to(dtype)
+    if len(_CASTS) > 64:
+        _CASTS.clear()
+    import weakref
+
+    _CASTS[id(w)] = (weakref.ref(w), version, cast)
+    return cast
+
+
 def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
                   temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None, adapter_mask=None):
     """Forward of ``fusedadapter::fusion_triton`` (the op schema of fusedadapter.ops)."""
@@ -750,9 +779,12 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
     z = _new((m, r), xd.dtype, xd.device)
     dummy = site.segid
     mk = _configs.token_key(m)
+    wd_k = _dot_weight(w_down, xd.dtype, site.meta["SPLIT_WD"])
+    wq_k = _dot_weight(w_query, xd.dtype, site.meta["SPLIT_WQ"])
+    wo_k = _dot_weight(w_out, xd.dtype, False)
     with site.device_guard():
         _FWD1(lambda META: (triton.cdiv(m, META["BLOCK_M"]),),
-              xd, x_q, w_down, b_down if b_down is not None else dummy, w_query,
+              xd, x_q, wd_k, b_down if b_down is not None else dummy, wq_k,
               b_query if b_query is not None else dummy, shift if shift is not None else dummy,
               site.keep if site.has_keep else dummy, site.amask if site.has_amask else dummy, site.segid, site.codes,
               z, probs,
@@ -763,7 +795,7 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
               **site.meta)
         if h > 0:
             _FWD2(lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(h, META["BLOCK_H"])),
-                  z, probs, site.segid, w_out, residual if residual is not None else out, out,
+                  z, probs, site.segid, wo_k, residual if residual is not None else out, out,
                   m, h, r, n, z.stride(0), w_out.stride(0), residual.stride(0) if residual is not None else 0,
                   out.stride(0), mk, HAS_RES=residual is not None, ACC=site.meta["ACC"], DOT=site.meta["DOT"])
     return out, probs
@@ -845,11 +877,14 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
     wm = _new((m, r + n), dt, dev) if need_wm else None
     dshift = _new((m,), acc, dev) if need_ds else None
     dummy = site.segid
+    split_wd = site.meta["SPLIT_WD"] and dt in SPLIT_WEIGHTS_BACKWARD
+    split_wq = site.meta["SPLIT_WQ"] and dt in SPLIT_WEIGHTS_BACKWARD
     if m > 0:
         with site.device_guard():
             _BWD1(lambda META: (triton.cdiv(m, META["BLOCK_M"]),),
-                  grad_out, gp if gp is not None else dummy, probs, xd, x_q, w_down,
-                  b_down if b_down is not None else dummy, w_query, b_query if b_query is not None else dummy, w_out,
+                  grad_out, gp if gp is not None else dummy, probs, xd, x_q, _dot_weight(w_down, dt, split_wd),
+                  b_down if b_down is not None else dummy, _dot_weight(w_query, dt, split_wq),
+                  b_query if b_query is not None else dummy, _dot_weight(w_out, dt, False),
                   site.keep if site.has_keep else dummy, site.segid, site.codes,
                   g if g is not None else dummy, wm if wm is not None else dummy,
                   dshift if dshift is not None else dummy,
@@ -860,8 +895,7 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
                   HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None, HAS_GP=gp is not None,
                   DROPOUT=site.dropout, HAS_KEEP=site.has_keep, STORE_G=need_g, STORE_WM=need_wm,
                   STORE_DSHIFT=need_ds,
-                  **dict(site.meta, SPLIT_WD=site.meta["SPLIT_WD"] and dt in SPLIT_WEIGHTS_BACKWARD,
-                         SPLIT_WQ=site.meta["SPLIT_WQ"] and dt in SPLIT_WEIGHTS_BACKWARD))
+                  **dict(site.meta, SPLIT_WD=split_wd, SPLIT_WQ=split_wq))
 
     with site.device_guard():
         if needs[0] or needs[1]:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ["env", "build-cuda", "spills", "tests-triton", "tests-cuda", "bench", "bench-nosplit", "bench-configs-v1",
-         "summary"]
-GPU_STEPS = ["build-cuda", "spills", "tests-triton", "tests-cuda", "bench", "bench-nosplit", "bench-configs-v1"]
+SWITCH_STEPS = ["bench-nosplit", "bench-configs-v1", "bench-precast"]
+STEPS = ["env", "build-cuda", "spills", "tests-triton", "tests-cuda", "bench", *SWITCH_STEPS, "summary"]
+GPU_STEPS = ["build-cuda", "spills", "tests-triton", "tests-cuda", "bench", *SWITCH_STEPS]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_archive_holds_the_reports_and_results(dry_run):
         for need in ("env.txt", "steps.tsv", "pytest-triton.xml", "pytest-triton.log", "pytest-cuda.xml",
                      "pytest-cuda.log", "build-cuda.log", "spills.json", "bench/results.json", "bench/results.csv",
                      "bench/skipped.json", "bench/summary.md", "bench-nosplit/results.json",
-                     "bench-configs-v1/results.json", "summary.md", "summary.json"):
+                     "bench-configs-v1/results.json", "bench-precast/results.json", "summary.md", "summary.json"):
             assert need in names, (need, sorted(names))
         assert any(n.startswith("bench/") and n.endswith(".png") for n in names), sorted(names)
         member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "bench/results.json")
@@ -88,7 +88,7 @@ def test_summary_says_dry_run_and_lists_every_step(dry_run):
     assert data["target"]["triton"]["time_ms_nograd"] > 0
     assert any(e["path"] == "bench/results.json" for e in data["archive"])
     assert "## Archive contents" in md
-    assert set(data["switches"]) == {"bench-nosplit", "bench-configs-v1"}
+    assert set(data["switches"]) == set(SWITCH_STEPS)
     assert data["switches"]["bench-nosplit"]["triton"]["nograd"]["ms"] > 0
     assert "FUSEDADAPTER_TRITON_SPLIT_BF16=0" in md
 
