@@ -217,8 +217,10 @@ class _FoldFusion64(torch.autograd.Function):
     recomputed in backward, so no float64 intermediate is kept between forward and backward."""
 
     @staticmethod
-    def forward(ctx, rows64, wq, bq, wk, wv, dtype):
+    def forward(ctx, rows64, wq, bq, wk, wv, dtype, memo=None):
         ctx.save_for_backward(rows64, wq, bq, wk, wv)
+        if memo is not None:  # the same weights folded earlier (gradient checkpointing, accumulation)
+            return tuple(t.clone() for t in memo)
         rk = rows64 @ wk.to(_F64).t() if wk is not None else rows64
         w_query = (rk @ wq.to(_F64) if wq is not None else rk).to(dtype)
         b_query = (rk @ bq.to(_F64)).to(dtype) if (bq is not None and wq is not None) else rows64.new_empty(0, dtype=dtype)
@@ -247,7 +249,7 @@ class _FoldFusion64(torch.autograd.Function):
             d_wk = (g_rk.t() @ rows64).to(wk.dtype)
         if wv is not None and need[4]:
             d_wv = (g_wo.to(_F64) @ rows64).to(wv.dtype)
-        return None, d_wq, d_bq, d_wk, d_wv, None
+        return None, d_wq, d_bq, d_wk, d_wv, None, None
 
 
 def key_bias_shift_f64(wq, bq, bk, dtype):
@@ -294,15 +296,32 @@ def training_fold_form(n_tokens: Optional[int], hidden: int, rows: int) -> str:
     return "per_token" if n_tokens < TRAIN_PER_TOKEN_RATIO * rows else "folded"
 
 
-def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dtype, n_tokens: Optional[int]) -> Folded:
-    """The differentiable fusion half for a training call over the (cached, frozen) adapter half."""
+def _fusion_stamp(fusion: FusionWeights, half: AdapterHalf, dtype):
+    ts = (fusion.query_weight, fusion.query_bias, fusion.key_weight, fusion.value_weight)
+    return (id(half.rows64), dtype) + tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in ts)
+
+
+def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dtype, n_tokens: Optional[int],
+                      memo: Optional[dict] = None) -> Folded:
+    """The differentiable fusion half for a training call over the (cached, frozen) adapter half.
+
+    ``memo`` (a dict the caller keeps per site): the folded form's float64 products for the current
+    fusion weights, so a forward rerun with unchanged weights (gradient checkpointing's recompute,
+    gradient accumulation) does not pay them again; the backward is always computed."""
     hidden = half.rows.shape[1]
     form = training_fold_form(n_tokens, hidden, half.rows.shape[0])
     if form == "folded":
         if dtype == torch.float64 or TRAIN_FOLD_PRECISION != torch.float64 or half.rows64 is None:
             return fold_fusion(half, fusion, dtype, precision=torch.float64 if dtype == torch.float64 else TRAIN_FOLD_PRECISION)
+        stamp = _fusion_stamp(fusion, half, dtype) if memo is not None else None
+        hit = memo.get("train64") if memo is not None else None
+        vals = hit[1] if hit is not None and hit[0] == stamp else None
         w_query, b_query, w_out = _FoldFusion64.apply(half.rows64, fusion.query_weight, fusion.query_bias,
-                                                      fusion.key_weight, fusion.value_weight, dtype)
+                                                      fusion.key_weight, fusion.value_weight, dtype, vals)
+        if memo is not None and vals is None:
+            memo["train64"] = (stamp, (w_query.detach(), b_query.detach(), w_out.detach()),
+                               [half.rows64] + [t for t in (fusion.query_weight, fusion.query_bias, fusion.key_weight,
+                                                             fusion.value_weight) if t is not None])  # kept alive: ids stay unique
         shift_weight, shift_bias = key_bias_shift_f64(fusion.query_weight, fusion.query_bias, fusion.key_bias, dtype)
         has_bq = fusion.query_bias is not None and fusion.query_weight is not None
         return Folded(w_down=half.w_down, b_down=half.b_down, w_query=w_query, b_query=b_query if has_bq else None,
