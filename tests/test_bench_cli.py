@@ -149,3 +149,12 @@ def test_device_summary_reads_the_target_row(tmp_path):
                                   "speedup_vs_torch_nograd": True, "speedup_vs_reference_full": True}
     assert data["steps"][0] == {"step": "tests", "rc": 0, "seconds": 12.0}
     assert "| triton |" in (tmp_path / "summary.md").read_text()
+
+
+def test_printed_table_and_summary_say_what_the_modes_mean(tiny_run):
+    out, stdout, _ = tiny_run
+    md = (out / "summary.md").read_text()
+    for text in (stdout, md):
+        for phrase in ("nograd = eval forward under torch.inference_mode", "forward = the forward of a fusion-training step",
+                       "backward = that step's backward alone", "full = forward + backward"):
+            assert phrase in text, phrase
