@@ -247,7 +247,8 @@ def summarize(outdir, out_copy=None) -> int:
     if sp and "error" not in sp:
         lines += ["", f"Spills (ptxas -v, sm_{sp.get('arch', 90)}, triton {sp.get('triton')}): {sp.get('compiled')} "
                       f"target-row compiles, {sp.get('spilling')} spill; target-row configs spilling: "
-                      f"{len(sp.get('target_spilling', []))}"]
+                      f"{len(sp.get('target_spilling', []))}"
+                      + (" (interrupted by its time limit: the rest was not compiled)" if sp.get("interrupted") else "")]
         lines += [f"- spills: {lab}" for lab in sp.get("target_spilling", [])]
     elif sp:
         lines += ["", f"Spills: {sp['error']}"]

@@ -264,7 +264,6 @@ def run(arch: int = 90, quick: bool = False, kernels=None, target_only: bool = F
     to compile instead of ``configs.GPU_CONFIGS`` (the config search of ``configs.py``)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("aot_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
-    from . import configs
     from . import fusion
 
     fns = {"fwd_gemm1": fusion._fwd_gemm1_kernel, "fwd_gemm2": fusion._fwd_gemm2_kernel,
@@ -272,6 +271,17 @@ def run(arch: int = 90, quick: bool = False, kernels=None, target_only: bool = F
     ptxas, cuobjdump = _tools(arch)
     pflags = _ptxas_flags()
     rows, ok = [], True
+    try:
+        _compile_all(fns, rows, arch, quick, kernels, target_only, candidates, aligned, ptxas, cuobjdump, pflags)
+    except KeyboardInterrupt:  # `timeout --signal=INT` (device_check.sh): report what was compiled
+        rows.append(dict(kernel="-", variant="-", config={}, error="interrupted: the rest was not compiled"))
+    ok = all("error" not in r for r in rows)
+    return ok, rows
+
+
+def _compile_all(fns, rows, arch, quick, kernels, target_only, candidates, aligned, ptxas, cuobjdump, pflags):
+    from . import configs
+
     for name, fn in fns.items():
         if kernels and name not in kernels:
             continue
@@ -282,11 +292,8 @@ def run(arch: int = 90, quick: bool = False, kernels=None, target_only: bool = F
             if target_only and label not in TARGET_VARIANTS.get(name, ()):
                 continue
             for cfg in ([configs.FP64_CONFIG[name]] if dt == "fp64" else cfgs):
-                row = compile_one(name, fn, label, dt, flags, cfg, arch, ptxas=ptxas, flags_ptxas=pflags,
-                                  cuobjdump=cuobjdump, aligned=aligned)
-                ok = ok and "error" not in row
-                rows.append(row)
-    return ok, rows
+                rows.append(compile_one(name, fn, label, dt, flags, cfg, arch, ptxas=ptxas, flags_ptxas=pflags,
+                                        cuobjdump=cuobjdump, aligned=aligned))
 
 
 def spill_summary(rows) -> dict:
@@ -295,7 +302,8 @@ def spill_summary(rows) -> dict:
     spilling = [r for r in done if spills(r) > 0]
     return {"compiled": len(done), "spilling": len(spilling),
             "target_spilling": [_label(r) for r in spilling if r.get("target")],
-            "ptxas_missing": [_label(r) for r in done if "spill_stores" not in r]}
+            "ptxas_missing": [_label(r) for r in done if "spill_stores" not in r],
+            "interrupted": any(r.get("kernel") == "-" for r in rows)}
 
 
 def _triton_version() -> str:
@@ -306,7 +314,7 @@ def _triton_version() -> str:
 
 def _label(r) -> str:
     cfg = "x".join(str(v) for k, v in r["config"].items() if k.startswith("BLOCK"))
-    return f"{r['kernel']} [{r['variant']}] {cfg} w{r['config']['num_warps']} s{r['config']['num_stages']}"
+    return f"{r['kernel']} [{r['variant']}] {cfg} w{r['config'].get('num_warps')} s{r['config'].get('num_stages')}"
 
 
 def main(argv=None):
@@ -334,7 +342,7 @@ def main(argv=None):
     else:
         for r in rows:
             cfg = "x".join(str(v) for k, v in r["config"].items() if k.startswith("BLOCK"))
-            cfg += f" w{r['config']['num_warps']} s{r['config']['num_stages']}"
+            cfg += f" w{r['config'].get('num_warps')} s{r['config'].get('num_stages')}"
             tag = "*" if r.get("target") else " "
             if "error" in r and "shared" not in r:
                 print(f"{r['kernel']:13s}{tag}{r['variant']:40s} {cfg:18s} ERROR {r['error']}")
