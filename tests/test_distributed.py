@@ -193,6 +193,21 @@ def scenario_arch(kind: str) -> str:
 def _ddp_scenario(kind: str, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import fusedadapter.fold as fold
+
+    form = getattr(fold, "TRAIN_FORM", None)
+    if form is not None and kind == "llama":  # the folded training form here; the cost model picks
+        fold.TRAIN_FORM = "folded"             # the per-token form for these few tokens elsewhere
+    try:
+        return _ddp_train(kind, rank)
+    finally:
+        if form is not None:
+            fold.TRAIN_FORM = form
+
+
+def _ddp_train(kind: str, rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     model = build_scenario(kind)
     engine = DDP(model)  # the defaults: find_unused_parameters=False
     params = trained(model)
@@ -438,31 +453,45 @@ def test_hf_trainer_fusion_training_with_regularization(tmp_path):
 # ------------------------------------------------------------------------------------------
 # the key bias's exact zero gradient, per backend and path (what DDP's defaults need)
 # ------------------------------------------------------------------------------------------
+def _train_forms():
+    """The training forms of the fold (fusedadapter.fold.TRAIN_FORM, where it exists)."""
+    import fusedadapter.fold as fold
+
+    return ["folded", "per_token"] if hasattr(fold, "TRAIN_FORM") else [None]
+
+
 def _fast_backends():
-    """(backend, widths): every fast backend this machine runs, and the torch backend's plain form
-    (adapters wider in total than 2 H: their own up projections, functional._plain_form)."""
+    """(backend, widths, training form): every fast backend this machine runs in every training
+    form, and the torch backend's plain form (adapters wider in total than 2 H: their own up
+    projections, functional._plain_form)."""
     narrow, wide = [3, 5, 4], [12, 14, 13]  # H = 16: R = 12 folded, 39 > 32 plain
     avail = available_backends("cpu")
-    out = [pytest.param(b, narrow, id=b) for b in ("torch", "cpu", "triton") if avail.get(b) is None]
-    out.append(pytest.param("torch", wide, id="torch-plain"))
+    backends = [b for b in ("torch", "cpu", "triton") if avail.get(b) is None]
     if torch.cuda.is_available() and available_backends("cuda").get("cuda") is None:
-        out.append(pytest.param("cuda", narrow, id="cuda"))
+        backends.append("cuda")
+    out = [pytest.param(b, narrow, f, id=f"{b}-{f}") for b in backends for f in _train_forms()]
+    out.append(pytest.param("torch", wide, None, id="torch-plain"))
     return out
 
 
-@pytest.mark.parametrize("backend,widths", _fast_backends())
-def test_key_bias_gets_an_exact_zero_gradient_without_logit_dropout(backend, widths):
+@pytest.mark.parametrize("backend,widths,form", _fast_backends())
+def test_key_bias_gets_an_exact_zero_gradient_without_logit_dropout(backend, widths, form, monkeypatch):
     """Training mode, logit dropout 0: the key bias cancels in the softmax, so its gradient is a zero
     tensor (not None), on the module and the functional form; every other parameter still gets its
     gradient; with logit dropout on, the key bias's gradient is the real (nonzero) one."""
+    if form is not None:
+        monkeypatch.setattr("fusedadapter.fold.TRAIN_FORM", form)
     device = "cuda" if backend == "cuda" else "cpu"
     acts = ["relu", "gelu", "tanh"]
     cfgs = {n: fa.AdapterConfig(bottleneck_size=w, non_linearity=a) for n, w, a in zip("abc", widths, acts)}
     g = torch.Generator().manual_seed(21)
-    for dropout in (0.0, 0.3):
+    # (logit dropout, adapters frozen: AdapterFusion's stage 2, where the fold may cache the adapters' half)
+    for dropout, stage2 in ((0.0, False), (0.0, True), (0.3, False)):
         site = fa.FusedAdapterFusion(16, cfgs, "dynamic", backend=backend, attention_dropout=dropout)
         perturb_(site, g)
         site = site.to(device).train()
+        if stage2:
+            site.adapters.requires_grad_(False)
         assert site.dropout_p == dropout
         x = torch.randn(2, 5, 16, generator=g).to(device)
         res = torch.randn(2, 5, 16, generator=g).to(device)
@@ -472,8 +501,10 @@ def test_key_bias_gets_an_exact_zero_gradient_without_logit_dropout(backend, wid
         assert kb is not None and kb.shape == site.key.bias.shape, f"{backend} dropout {dropout}: key bias grad {kb}"
         if dropout == 0.0:
             assert not kb.any(), f"{backend}: key bias grad {kb} (exactly zero expected)"
-            missing = [n for n, p in site.named_parameters() if p.grad is None]
+            missing = [n for n, p in site.named_parameters() if p.requires_grad and p.grad is None]
             assert not missing, f"{backend}: no gradient for {missing}"
+            if stage2:
+                continue
             # the functional form, on the same tensors
             kb_param = site.key.bias.detach().clone().requires_grad_(True)
             ad = list(site.adapters.values())
