@@ -28,7 +28,8 @@ from the backend resolver):
 
 The fold runs outside the trace only under non-strict ``torch.export`` (the default, and the
 first strategy ``torch.onnx.export`` tries). Under ``strict=True`` (dynamo) the fold is traced
-into the graph instead (float64 ops on the parameters at every inference), with a warning.
+into the graph instead (float64 ops on the parameters at every inference; the warning this
+module emits then is not surfaced by dynamo).
 """
 
 from __future__ import annotations
