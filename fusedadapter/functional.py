@@ -20,7 +20,7 @@ from .dispatch import resolve_backend
 from .fold import AdapterWeights, Folded, FusionWeights, fold, key_bias_shift
 from .ops import acc_dtype, hash_keep_mask, masked_softmax
 from .reference import reference_fusion
-from .zero_grads import keep_unused_shift
+from .zero_grads import keep_unused_shift, site_key_bias
 
 __all__ = ["adapter_fusion", "run_site", "check_site_inputs", "fusion_regularization_loss",
            "draw_seed", "adapter_mask_rows", "PLAIN_FORM_RATIO"]
@@ -195,7 +195,6 @@ def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual
     else:
         op_res = res
     shift = _logit_shift(folded, fusion, c.to(wd), res.to(wd), residual_before) if dropout_p > 0 else None
-    folded = keep_unused_shift(folded, used=shift is not None)  # b_K's exact zero gradient (zero_grads.py)
     w_query, b_query = folded.w_query, folded.b_query
     if isinstance(temperature, torch.Tensor):
         # A 0-dim tensor (FusedAdapterFusion's stepped temperature; under torch.compile a graph
@@ -312,7 +311,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
             if name == "torch" and use_plain_form(hidden, site.bottleneck):
                 if dropout_p > 0 and keep_mask is None:
                     keep_mask = hash_keep_mask(seed, n_tokens, site.num_adapters, dropout_p, device=a.device)
-                plain = keep_unused_shift(site.plain_folded(wdtype), used=dropout_p > 0)  # b_K's zero gradient
+                plain = keep_unused_shift(site.plain_folded(wdtype), dropout_p > 0, site_key_bias(site))  # b_K: zero grad
                 out, probs = _plain_form(plain, site.adapter_weights(wdtype), a, res, c,
                                          temperature=temperature, dropout_p=dropout_p, keep_mask=keep_mask,
                                          residual_before=site.residual_before, fusion=site.fusion_weights(wdtype),
@@ -321,7 +320,8 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
                 # The raw fusion weights are needed only for residual_before and dropout's logit shift;
                 # casting them (3 H x H matrices) on every eval call cost ~0.13 ms at H = 768.
                 need_raw = site.residual_before or dropout_p > 0
-                out, probs = run_folded(op, site.folded(wdtype, n_tokens=n_tokens), a, res, c,
+                folded = keep_unused_shift(site.folded(wdtype, n_tokens=n_tokens), dropout_p > 0, site_key_bias(site))
+                out, probs = run_folded(op, folded, a, res, c,
                                         fusion=site.fusion_weights(wdtype) if need_raw else None,
                                         residual_before=site.residual_before, temperature=temperature,
                                         dropout_p=dropout_p, seed=seed, keep_mask=keep_mask,

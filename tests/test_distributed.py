@@ -191,8 +191,6 @@ def scenario_arch(kind: str) -> str:
 
 
 def _ddp_scenario(kind: str, rank: int) -> dict:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     import fusedadapter.fold as fold
 
     form = getattr(fold, "TRAIN_FORM", None)
