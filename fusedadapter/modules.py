@@ -80,8 +80,10 @@ def cached_fold(holder, tag, dtype, make, adapters, fusion=None):
         from .export import fold_for_export
 
         return fold_for_export(tag, dtype, make, adapters, fusion)
+    if torch.compiler.is_compiling():  # in-graph fold; nothing here for dynamo to guard on
+        return make()
     key, tensors = fold_inputs_key(adapters, fusion)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return make()
     if any(t.is_inference() for t in tensors):
         with torch.no_grad():
@@ -124,41 +126,52 @@ def site_fold(holder, adapters, fusion, dtype, n_tokens=None):
 # ---------------------------------------------------------------------------------------------
 # The fast fold-cache check (issue 12, host overhead). A hit of the full key (fold_inputs_key)
 # rebuilds AdapterWeights for every adapter and a tuple per tensor on every call (~0.1 ms at
-# N=8). The fast entry of a FusedAdapterFusion instead compares (1) a structure generation,
-# bumped on any attribute set on a site or an adapter (a float scaling, an activation, a replaced
-# module) and on any parameter, buffer or submodule registration anywhere (a replaced
-# Parameter), and (2) each fold input's version counter and data pointer (in-place edits,
-# optimizer steps, load_state_dict, .to(), ``.data =``). The entry holds the inputs' storages, so
-# a data pointer cannot be reused by another storage while it is compared against.
+# N=8). The fast entry of a FusedAdapterFusion instead walks the site's modules' own dicts for
+# the fold's inputs (every parameter, the float scalings and activation names), compares them by
+# identity with the ones it was built from (a replaced Parameter, layer, adapter or scaling
+# misses), and compares each tensor's version counter and data pointer (in-place edits,
+# optimizer steps, load_state_dict, .to(), ``.data =``). The entry holds the tensors' storages,
+# so a data pointer cannot be reused by another storage while it is compared against. (Global
+# module registration hooks would be cheaper still, but make torch.compile recompile.)
 # ---------------------------------------------------------------------------------------------
-_STRUCT_GEN = [0]
-
-
-def _bump_structure(*_args, **_kwargs):
-    _STRUCT_GEN[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_bump_structure)
-torch.nn.modules.module.register_module_module_registration_hook(_bump_structure)
-torch.nn.modules.module.register_module_buffer_registration_hook(_bump_structure)
-
-_UNTRACKED_ATTRS = frozenset(("_fast_fold", "_fold_cache"))
+def _site_inputs(site) -> list:
+    out = []
+    for a in site.adapters._modules.values():
+        for m in a.adapter_down._modules.values():
+            out.extend(m._parameters.values())
+        out.extend(a.adapter_up._parameters.values())
+        d = a.__dict__
+        out.append(d["scaling"] if "scaling" in d else a._parameters.get("scaling"))
+        out.append(d.get("activation_name"))
+        out.append(a.config)
+    mods = site._modules
+    for name in ("query", "key", "value"):
+        lin = mods.get(name)
+        if lin is None:
+            out.append(None)
+        else:
+            out.extend(lin._parameters.values())
+    return out
 
 
 class _FastFold:
-    __slots__ = ("gen", "dtype", "tensors", "versions", "ptrs", "storages", "value")
+    __slots__ = ("dtype", "inputs", "tensors", "versions", "ptrs", "storages", "value")
 
-    def __init__(self, dtype, tensors, value):
-        self.gen = _STRUCT_GEN[0]
+    def __init__(self, dtype, inputs, value):
         self.dtype = dtype
-        self.tensors = tensors
-        self.versions = [t._version for t in tensors]
-        self.ptrs = [t.data_ptr() for t in tensors]
-        self.storages = [t.untyped_storage() for t in tensors]
+        self.inputs = inputs
+        self.tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        self.versions = [t._version for t in self.tensors]
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        self.storages = [t.untyped_storage() for t in self.tensors]
         self.value = value
 
-    def get(self, dtype):
-        if self.gen != _STRUCT_GEN[0] or self.dtype != dtype:
+    def get(self, site, dtype):
+        if self.dtype != dtype:
+            return None
+        now = _site_inputs(site)
+        old = self.inputs
+        if len(now) != len(old) or any(x is not y for x, y in zip(now, old)):
             return None
         ts = self.tensors
         try:
@@ -202,10 +215,6 @@ class BottleneckAdapter(nn.Module):
             self.scaling = float(config.scaling)
         self.adapter_down.apply(_init_bert)
         self.adapter_up.apply(_init_bert)
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        _bump_structure()  # scaling, activation_name, a replaced layer: what fold() reads
 
     @property
     def down(self) -> nn.Linear:
@@ -404,21 +413,18 @@ class FusedAdapterFusion(nn.Module):
         return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
                              get(self.key, "bias"), get(self.value, "weight"))
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name not in _UNTRACKED_ATTRS:
-            _bump_structure()
-
     def folded(self, dtype, n_tokens=None):
+        if torch.compiler.is_compiling():  # in-graph fold; no cache state for dynamo to guard on
+            return site_fold(self, self.adapter_weights(), self.fusion_weights(), dtype, n_tokens)
         fast = self.__dict__.get("_fast_fold")
-        if fast is not None and not torch.compiler.is_compiling():
-            value = fast.get(dtype)
+        if fast is not None:
+            value = fast.get(self, dtype)
             if value is not None:
                 return value
         value = site_fold(self, self.adapter_weights(), self.fusion_weights(), dtype, n_tokens)
         entry = (self._fold_cache or {}).get("folded")
         if entry is not None and entry[2] is value:  # the cached eval fold: remember it for the fast check
-            self._fast_fold = _FastFold(dtype, entry[1], value)
+            self._fast_fold = _FastFold(dtype, _site_inputs(self), value)
         return value
 
     def plain_folded(self, dtype):
