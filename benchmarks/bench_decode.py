@@ -21,13 +21,12 @@ Rows (``kernel="decode"``) go to ``OUT/results.{csv,json}`` and the table to ``O
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 from .grids import PRESETS, preset, sweep
 from .layer import run_layer
-from .providers import MODES, SITE_PROVIDERS, SiteSpec
+from .providers import MODES, SITE_PROVIDERS
 from .report import format_console, markdown_summary, paired_ratio, write_plots
 from .results import ResultWriter, load_rows
 
@@ -155,7 +155,7 @@ def _layer(name: str, args, argv: List[str]) -> int:
     if opts.device == "cpu":
         notes.append("Triton on CPU runs only through its interpreter (a test tool): never timed here.")
     head = _headline(rows) if name == "site-768" else []
-    md = _finish(rows, out, title=f"fusedadapter benchmark: {name}", command=command, skipped=skipped,
+    _finish(rows, out, title=f"fusedadapter benchmark: {name}", command=command, skipped=skipped,
                  plots=not args.no_plots, notes=notes + head)
     print()
     print(format_console(rows))
@@ -205,7 +205,7 @@ def _report(args) -> int:
     rows = _latest(load_rows(out))
     if not rows:
         raise SystemExit(f"no results.json under {out}")
-    md = _finish(rows, out, title=args.title, command=args.command or "(several commands; see config.preset)",
+    _finish(rows, out, title=args.title, command=args.command or "(several commands; see config.preset)",
                  skipped=None, plots=not args.no_plots, notes=_headline(rows))
     print(format_console(rows))
     print(f"\nwrote {out / 'summary.md'}")

@@ -196,7 +196,6 @@ def run_models(specs: Sequence[ModelSpec], *, device="cpu", providers=None, mode
         return rows, skipped
     for spec in specs:
         spec_rows: List[Row] = []
-        cfg = asdict(spec)
         bare_state = copy.deepcopy(_bare(spec).state_dict())
         models = {}
         for p in ok:

@@ -60,7 +60,7 @@ def measure_rates(device, dtype: torch.dtype = torch.bfloat16, *, n: int = 8192,
         torch.matmul(a, b, out=c)
     ms = _median_event_ms(lambda: torch.matmul(a, b, out=c), iters)
     flops = 2.0 * n ** 3 / (ms * 1e-3)
-    del a, b, c
+    a = b = c = None  # free the device memory (not `del`: the timed lambda closes over these names)
     numel = copy_mib * 1024 * 1024 // 4
     src = torch.empty(numel, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
@@ -68,7 +68,7 @@ def measure_rates(device, dtype: torch.dtype = torch.bfloat16, *, n: int = 8192,
         dst.copy_(src)
     ms = _median_event_ms(lambda: dst.copy_(src), iters)
     bw = 2.0 * src.numel() * src.element_size() / (ms * 1e-3)
-    del src, dst
+    src = dst = None
     torch.cuda.empty_cache()
     return Rates(flops, bw, str(mm_dtype).replace("torch.", ""))
 

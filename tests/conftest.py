@@ -21,6 +21,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """FUSEDADAPTER_REQUIRE_BACKENDS=torch,cpu,triton (.ci/run): a listed backend that cannot run
+    here fails the session instead of its tests quietly skipping (tests/backends.py)."""
+    from backends import REQUIRE_ENV, missing_required, required_backends
+
+    if not required_backends():
+        return
+    missing = missing_required()
+    if missing:
+        raise pytest.UsageError(f"{REQUIRE_ENV}={os.environ[REQUIRE_ENV]}: required backend(s) cannot run here:\n  "
+                                + "\n  ".join(missing))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

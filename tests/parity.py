@@ -8,7 +8,7 @@ the output, the fusion probabilities and every gradient (inputs and parameters) 
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -20,7 +20,7 @@ import torch
 import fusedadapter as fa
 from conftest import adapters_available
 from fusedadapter.export import ExportError, WithFusionProbs, custom_domain_ops, onnx_export
-from fusedadapter.patching import collect_fusion_probs, fusion_sites, set_backend
+from fusedadapter.patching import collect_fusion_probs, fusion_sites
 from fusedadapter.testing import assert_oracle, perturb_
 from tiny_models import last_hidden, one_thread, tiny_inputs, tiny_model  # noqa: F401 (autouse fixture)
 
@@ -332,7 +332,7 @@ def test_adapterhub_fixture_exports_and_matches_adapterhub(tmp_path):
     expected = load_file(os.path.join(FIXTURE, "expected.safetensors"))
     model = fa.load_adapterhub(base_model(), os.path.join(FIXTURE, FUSION))
     x = {"input_ids": expected["input_ids"], "attention_mask": expected["attention_mask"]}
-    with torch.no_grad(), collect_fusion_probs(model) as store:
+    with torch.no_grad(), collect_fusion_probs(model):
         eager = last_hidden(model(**x))
     ah32, ah64 = expected["last_hidden_state.f32"], expected["last_hidden_state.f64"]
     assert_oracle(eager, ah32, ah64, F32, what="load_adapterhub (PyTorch) vs AdapterHub")
