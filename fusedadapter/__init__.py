@@ -37,3 +37,5 @@ __all__ = [
     "save_adapterhub",
 ]
 __all__ += ["adapter_drop", "AdapterDropReport"]
+from .multitask import MultiFusion, MultiHead, fusion_route  # noqa: E402 (issue 16: multi-task serving)
+__all__ += ["MultiFusion", "MultiHead", "fusion_route"]

@@ -1,0 +1,400 @@
+"""Multi-task serving: several named fusions over one shared adapter pool, routed per batch row.
+
+AdapterFusion's stage 2 trains one fusion per target task over the same pool of adapters. A
+:class:`MultiFusion` site holds the pool once and K named fusions over it (each a subset of the
+pool, in its own order, with its own :class:`~fusedadapter.FusionConfig`)::
+
+    site = MultiFusion(768, {"a": cfg, "b": cfg, "c": cfg},
+                       {"sst": ("dynamic", ["a", "b"]), "mnli": ("static", ["b", "c", "a"])})
+    with fusedadapter.fusion_route(["sst", "mnli", "sst"]):      # one fusion per batch row
+        out = site(adapter_input, residual)                       # or site(..., route=...)
+
+Each row runs through its own fusion: the rows of fusion k are gathered (a slice when they are
+contiguous), that fusion's :class:`~fusedadapter.FusedAdapterFusion` runs on them (every
+backend, forward and backward, its fold cache, masks and dropout), and the outputs are put back
+in row order (out of place: autograd flows). Each row's down projections are computed once (in
+its fusion's GEMM1); the per-fusion work runs on row groups, group by group (punica's SGMV
+pattern). A fusion without rows is not run (its temperature does not step) and, under autograd,
+its trainable parameters and the pool adapters no routed fusion uses get exact zero gradients
+(:func:`fusedadapter.zero_grads.attach_zero_grads`), as ``DistributedDataParallel`` and
+AdapterHub-style optimizers expect a gradient for every trainable parameter.
+
+Parameter names are AdapterHub's: ``adapters.<adapter>.adapter_down.0.weight`` ... (held once,
+shared by every fusion: the fusion modules reference the pool's adapter modules, they are not
+registered under them) and ``adapter_fusion_layer.<fusion name>.query.weight`` ... with the
+fusion name defaulting to the adapters' names joined by ``','`` (AdapterHub's default
+``Fuse`` name; ``Fuse(..., name=...)`` gives others).
+
+Routing (the ``route``): a fusion name (every row), a sequence of names (one per batch row), or
+an integer tensor / sequence of fusion indices (``(batch,)``, in :attr:`MultiFusion.fusion_names`
+order). :func:`fusion_route` sets it for every :class:`MultiFusion` called in this thread inside
+the block (a ``threading.local``, like :func:`fusedadapter.adapter_mask`): that is how a patched
+model gets one. A route of batch ``B`` meeting a site of batch ``B*k`` (``generate(num_beams=k)``)
+is repeated per row as the inputs are. Masks (``adapter_mask=`` or an :func:`adapter_mask` block)
+have the pool's columns (:attr:`MultiFusion.adapter_names`, or named columns in the block); each
+fusion takes its adapters' columns. Probabilities (``return_probs``) come back in the pool's
+columns, ``(..., len(pool))``, zero for the adapters a row's fusion does not fuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, FusionConfig, check_adapter_name
+from .dispatch import BACKENDS
+from . import masking
+from .masking import current_adapter_mask
+from .modules import BottleneckAdapter, FusedAdapterFusion
+from .zero_grads import attach_zero_grads
+
+__all__ = ["MultiFusion", "MultiHead", "fusion_route", "current_fusion_route", "normalize_fusions"]
+
+_state = threading.local()
+
+RouteLike = Union[str, Sequence[str], Sequence[int], torch.Tensor]
+FusionSpec = Union[Sequence[str], Tuple[Union[str, Mapping, FusionConfig], Sequence[str]]]
+
+
+@contextlib.contextmanager
+def fusion_route(route: Optional[RouteLike]) -> Iterator[None]:
+    """Route the batch rows of every :class:`MultiFusion` site called in this thread inside the block.
+
+    ``route``: a fusion name (all rows), a sequence of fusion names (one per batch row), or fusion
+    indices (an integer tensor or sequence, ``(batch,)``). ``None`` clears an enclosing route.
+    Blocks nest (the innermost wins); other threads are not affected. Checked against each site's
+    fusions and batch when the site runs (unknown names, bad shapes raise there)."""
+    if route is not None and not isinstance(route, (str, torch.Tensor, list, tuple)):
+        raise TypeError(f"fusion_route: expected a fusion name, a sequence of names or indices, or an integer "
+                        f"tensor, got {type(route).__name__}")
+    if isinstance(route, torch.Tensor) and (route.dim() != 1 or route.is_floating_point() or route.is_complex()
+                                            or route.dtype == torch.bool):
+        raise ValueError(f"fusion_route: a route tensor must be 1-D (batch,) of integer fusion ids, got "
+                         f"{route.dtype} {tuple(route.shape)}")
+    previous = getattr(_state, "value", None)
+    _state.value = route
+    try:
+        yield
+    finally:
+        _state.value = previous
+
+
+def current_fusion_route() -> Optional[RouteLike]:
+    """The route of the innermost :func:`fusion_route` block of this thread, or None."""
+    return getattr(_state, "value", None)
+
+
+def normalize_fusions(fusions, pool: Sequence[str], where: str = "MultiFusion") -> List[Tuple[str, FusionConfig, List[str]]]:
+    """``[(name, FusionConfig, adapter names)]`` from a mapping ``name -> (config, adapters)`` (or
+    ``name -> adapters``, config ``"dynamic"``), or a sequence of ``(config, adapters)`` / adapter
+    lists (named by their adapters joined with ``','``, AdapterHub's default)."""
+    if isinstance(fusions, Mapping):
+        items = list(fusions.items())
+    elif isinstance(fusions, (list, tuple)):
+        items = [(None, spec) for spec in fusions]
+    else:
+        raise TypeError(f"{where}: fusions must be a mapping name -> (fusion config, adapter names) or a sequence, "
+                        f"got {type(fusions).__name__}")
+    if not items:
+        raise ValueError(f"{where}: fusions must name at least one fusion")
+    out, seen = [], set()
+    for name, spec in items:
+        if (isinstance(spec, tuple) and len(spec) == 2 and not isinstance(spec[1], str)
+                and isinstance(spec[1], (list, tuple))):
+            config, names = spec
+        elif isinstance(spec, (list, tuple)) and all(isinstance(n, str) for n in spec):
+            config, names = "dynamic", spec
+        else:
+            raise TypeError(f"{where}: fusion {name!r}: expected (fusion config, [adapter names]) or [adapter names], "
+                            f"got {spec!r}")
+        names = [str(n) for n in names]
+        if not names:
+            raise ValueError(f"{where}: fusion {name!r} fuses no adapters")
+        unknown = [n for n in names if n not in pool]
+        if unknown:
+            raise ValueError(f"{where}: fusion {name!r} fuses {unknown}, which the adapter pool {list(pool)} lacks")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: fusion {name!r} names an adapter twice: {names}")
+        name = ",".join(names) if name is None else name
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"{where}: fusion names must be non-empty strings without '.' (module keys), got {name!r}")
+        if name in seen:
+            raise ValueError(f"{where}: two fusions are named {name!r} (name them: a mapping name -> (config, adapters))")
+        seen.add(name)
+        out.append((name, FusionConfig.load(config), names))
+    return out
+
+
+def _share_adapters(fusion: FusedAdapterFusion, adapters: Mapping[str, BottleneckAdapter]) -> None:
+    """Point ``fusion.adapters`` at the pool's modules (in the fusion's order) without registering
+    them under the fusion: the parameters stay held (and named) once, by the pool."""
+    del fusion._modules["adapters"]
+    fusion.__dict__["adapters"] = nn.ModuleDict(adapters)
+    fusion.invalidate_fold_cache()
+
+
+class MultiFusion(nn.Module):
+    """K named AdapterFusion sites over one shared adapter pool; each batch row runs through one.
+
+    ``adapters``: the pool, a mapping name -> :class:`~fusedadapter.AdapterConfig` (or a sequence,
+    named ``"0"``, ``"1"``, ...). ``fusions``: see :func:`normalize_fusions`. ``backend``,
+    ``default_activation``, ``attention_dropout``: as :class:`~fusedadapter.FusedAdapterFusion`
+    (every fusion). ``fusions_by_name[name]`` is fusion ``name``'s own ``FusedAdapterFusion``
+    (its ``adapters`` are the pool's modules).
+    """
+
+    def __init__(self, hidden_size: int, adapters, fusions, backend: str = "auto", *,
+                 default_activation: str = "relu", attention_dropout: float = 0.1):
+        super().__init__()
+        if isinstance(adapters, Mapping):
+            items = list(adapters.items())
+        elif isinstance(adapters, (list, tuple)):
+            items = [(str(i), cfg) for i, cfg in enumerate(adapters)]
+        else:
+            raise TypeError(f"MultiFusion: adapters must be a mapping or a sequence of AdapterConfig, got "
+                            f"{type(adapters).__name__}")
+        if not items:
+            raise ValueError("MultiFusion: the adapter pool must name at least one AdapterConfig")
+        for name, cfg in items:
+            check_adapter_name(name, "MultiFusion: ")
+            if not isinstance(cfg, AdapterConfig):
+                raise TypeError(f"MultiFusion: adapter {name!r}: expected an AdapterConfig, got {type(cfg).__name__}")
+        self.hidden_size = hidden_size
+        self.adapters = nn.ModuleDict({n: BottleneckAdapter(hidden_size, c, default_activation) for n, c in items})
+        pool = list(self.adapters.keys())
+        specs = normalize_fusions(fusions, pool)
+        layers = {}
+        for name, config, names in specs:
+            site = FusedAdapterFusion(hidden_size, {n: self.adapters[n].config for n in names}, config, backend,
+                                      default_activation=default_activation, attention_dropout=attention_dropout)
+            _share_adapters(site, {n: self.adapters[n] for n in names})
+            layers[name] = site
+        self.adapter_fusion_layer = nn.ModuleDict(layers)
+        self._backend = backend
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def fusion_names(self) -> List[str]:
+        return list(self.adapter_fusion_layer.keys())
+
+    @property
+    def fusions_by_name(self) -> Mapping[str, FusedAdapterFusion]:
+        return self.adapter_fusion_layer
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.adapters.keys())
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+        self._backend = name
+        for site in self.adapter_fusion_layer.values():
+            site.backend = name
+
+    @property
+    def query_before_ln(self) -> bool:
+        """The fusions' common ``query_before_ln`` (patched models feed one query to the site)."""
+        flags = {s.fusion_config.query_before_ln for s in self.adapter_fusion_layer.values()}
+        if len(flags) != 1:
+            raise ValueError(f"MultiFusion: the fusions {self.fusion_names} disagree on query_before_ln")
+        return flags.pop()
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, adapters={self.adapter_names}, fusions={self.fusion_names}"
+
+    def invalidate_fold_cache(self) -> None:
+        for site in self.adapter_fusion_layer.values():
+            site.invalidate_fold_cache()
+
+    # ------------------------------------------------------------------ routing
+    def route_ids(self, route: Optional[RouteLike], batch: int) -> torch.Tensor:
+        """The ``(batch,)`` int64 CPU tensor of fusion indices for ``route`` (see the module doc)."""
+        names = self.fusion_names
+        if route is None:
+            if len(names) == 1:
+                return torch.zeros(batch, dtype=torch.int64)
+            raise ValueError(f"MultiFusion: no route for a site with fusions {names}: pass route= (one fusion name or "
+                             f"id per batch row) or call the model inside `with fusedadapter.fusion_route(...)`")
+        if isinstance(route, str):
+            ids = torch.full((batch,), self._fusion_index(route), dtype=torch.int64)
+        elif isinstance(route, torch.Tensor):
+            if route.dim() != 1 or route.is_floating_point() or route.is_complex() or route.dtype == torch.bool:
+                raise ValueError(f"MultiFusion: a route tensor must be 1-D (batch,) of integer fusion ids, got "
+                                 f"{route.dtype} {tuple(route.shape)}")
+            ids = route.detach().to("cpu", torch.int64)
+        elif isinstance(route, (list, tuple)):
+            if all(isinstance(r, str) for r in route):
+                ids = torch.tensor([self._fusion_index(r) for r in route], dtype=torch.int64)
+            elif all(isinstance(r, int) and not isinstance(r, bool) for r in route):
+                ids = torch.tensor(list(route), dtype=torch.int64)
+            else:
+                raise TypeError(f"MultiFusion: a route sequence must hold fusion names or int ids, got {list(route)!r}")
+        else:
+            raise TypeError(f"MultiFusion: route must be a fusion name, a sequence of names / ids or an integer "
+                            f"tensor, got {type(route).__name__}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
+            raise ValueError(f"MultiFusion: route ids must be in [0, {len(names)}) (fusions {names}), got "
+                             f"{ids.tolist()}")
+        if ids.shape[0] != batch:
+            rows = ids.shape[0]
+            if rows == 0 or batch % rows != 0:
+                raise ValueError(f"MultiFusion: the route has {rows} rows but the site runs on batch {batch}; give one "
+                                 f"fusion per batch row (a route of batch B follows generate()'s expansion to B*k)")
+            ids = ids.repeat_interleave(batch // rows)
+        return ids
+
+    def _fusion_index(self, name: str) -> int:
+        try:
+            return self.fusion_names.index(name)
+        except ValueError:
+            raise ValueError(f"MultiFusion: unknown fusion {name!r}; this site's fusions are {self.fusion_names}") from None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, adapter_input: torch.Tensor, residual: torch.Tensor, query: Optional[torch.Tensor] = None, *,
+                route: Optional[RouteLike] = None, return_probs: bool = False,
+                dropout_mask: Optional[torch.Tensor] = None, adapter_mask: Optional[torch.Tensor] = None):
+        """Inputs ``(batch, ..., H)`` as :class:`~fusedadapter.FusedAdapterFusion`; ``route`` (or the
+        enclosing :func:`fusion_route`) names each batch row's fusion. ``adapter_mask`` and
+        ``dropout_mask`` have the pool's columns (``(batch, len(pool))`` or ``(..., len(pool))``);
+        left ``None``, an enclosing :func:`fusedadapter.adapter_mask` block's mask applies.
+        Returns ``out`` (``(out, probs)``, probs in the pool's columns, with ``return_probs``)."""
+        if not isinstance(adapter_input, torch.Tensor) or adapter_input.dim() < 2:
+            raise ValueError(f"MultiFusion: adapter_input must be a (batch, ..., H) tensor, got "
+                             f"{getattr(adapter_input, 'shape', type(adapter_input).__name__)}")
+        batch = adapter_input.shape[0]
+        ids = self.route_ids(route if route is not None else current_fusion_route(), batch)
+        pool = self.adapter_names
+        block = getattr(masking._state, "value", None) if adapter_mask is None else None
+        named_block = block is not None and block[1] is not None
+        if block is not None and not named_block:  # an unnamed block mask: the pool's columns
+            adapter_mask = current_adapter_mask(None, batch=batch)
+        n_pool = len(pool)
+        for what, m in (("adapter_mask", adapter_mask), ("dropout_mask", dropout_mask)):
+            if m is not None and (not isinstance(m, torch.Tensor) or m.dim() < 2 or m.shape[-1] != n_pool
+                                  or m.shape[0] != batch):
+                raise ValueError(f"MultiFusion: {what} must have the pool's {n_pool} columns {pool} and the batch "
+                                 f"{batch} first: (batch, {n_pool}) or (*lead, {n_pool}), got "
+                                 f"{getattr(m, 'shape', type(m).__name__)}")
+        sites = list(self.adapter_fusion_layer.values())
+        counts = torch.bincount(ids, minlength=len(sites)).tolist()
+        order = None
+        if any(int(ids[i]) > int(ids[i + 1]) for i in range(batch - 1)):
+            order = torch.argsort(ids, stable=True)
+        outs, probs_parts, start = [], [], 0
+        for k, site in enumerate(sites):
+            n = counts[k]
+            if n == 0:
+                continue
+            if order is None:
+                take = (lambda t, s=start, n=n: t.narrow(0, s, n))
+            else:
+                idx = order[start:start + n].to(adapter_input.device)
+                take = (lambda t, idx=idx: t.index_select(0, idx))
+            start += n
+            whole = n == batch
+            cols = [pool.index(a) for a in site.adapters]
+            sub = [None if t is None else (t if whole else take(t)) for t in (adapter_input, residual, query)]
+            masks = []
+            for m in (adapter_mask, dropout_mask):
+                if m is not None:
+                    m = m if whole else take(m)
+                    if cols != list(range(n_pool)):
+                        m = m[..., cols]
+                masks.append(m)
+            if named_block:  # a named block mask: this fusion's own columns (the pool may be wider)
+                m = current_adapter_mask(site.adapters, batch=batch)
+                masks[0] = m if whole or m.dim() < 2 else take(m)
+            out, probs = site(sub[0], sub[1], sub[2], return_probs=True, dropout_mask=masks[1],
+                              adapter_mask=masks[0])
+            outs.append(out)
+            if return_probs:
+                if cols != list(range(n_pool)):
+                    full = probs.new_zeros((*probs.shape[:-1], n_pool))
+                    full[..., cols] = probs
+                    probs = full
+                probs_parts.append(probs)
+        if len(outs) == 1:
+            out = outs[0]
+            probs = probs_parts[0] if return_probs else None
+        else:
+            out = torch.cat(outs, 0)
+            probs = torch.cat(probs_parts, 0) if return_probs else None
+            if order is not None:
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(batch)
+                inverse = inverse.to(out.device)
+                out = out.index_select(0, inverse)
+                probs = None if probs is None else probs.index_select(0, inverse)
+        if torch.is_grad_enabled():
+            unused = self._unused_params(counts)
+            if unused:
+                out = attach_zero_grads(out, *unused)
+        if return_probs:
+            return out, probs
+        return out
+
+    def _unused_params(self, counts) -> List[torch.Tensor]:
+        """Trainable parameters no routed row reaches: those of fusions without rows, and of pool
+        adapters that no fusion with rows fuses."""
+        used_adapters, params = set(), []
+        for site, n in zip(self.adapter_fusion_layer.values(), counts):
+            if n:
+                used_adapters.update(site.adapters.keys())
+            else:
+                params.extend(p for p in site.parameters() if p.requires_grad)
+        for name, adapter in self.adapters.items():
+            if name not in used_adapters:
+                params.extend(p for p in adapter.parameters() if p.requires_grad)
+        return params
+
+
+class MultiHead(nn.Module):
+    """Per-task heads for a routed batch: row ``i`` goes through ``heads[route[i]]``.
+
+    ``heads``: a mapping task (fusion) name -> module (e.g. ``nn.Linear(H, labels)``), in the
+    fusions' order when the route holds ids. ``forward(x, route=None)`` (``route`` as
+    :func:`fusion_route`, else the enclosing block's) returns a list of per-row outputs (tasks may
+    have different output sizes), or one stacked tensor when every head's output has one shape."""
+
+    def __init__(self, heads: Mapping[str, nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleDict(dict(heads))
+
+    def forward(self, x: torch.Tensor, route: Optional[RouteLike] = None):
+        names = list(self.heads.keys())
+        route = route if route is not None else current_fusion_route()
+        if route is None:
+            raise ValueError("MultiHead: no route (pass route= or call it inside fusedadapter.fusion_route)")
+        if isinstance(route, str):
+            route = [route] * x.shape[0]
+        if isinstance(route, torch.Tensor):
+            route = route.tolist()
+        if len(route) != x.shape[0]:
+            raise ValueError(f"MultiHead: the route has {len(route)} rows, the input {x.shape[0]}")
+        rows: List[Optional[torch.Tensor]] = [None] * x.shape[0]
+        for k, name in enumerate(names):
+            idx = [i for i, r in enumerate(route) if r == name or r == k]
+            if idx:
+                y = self.heads[name](x[torch.tensor(idx, device=x.device)])
+                for j, i in enumerate(idx):
+                    rows[i] = y[j]
+        missing = [route[i] for i, r in enumerate(rows) if r is None]
+        if missing:
+            raise ValueError(f"MultiHead: unknown tasks {missing}; heads are {names}")
+        if len({tuple(r.shape) for r in rows}) == 1:
+            return torch.stack(rows)
+        return rows
