@@ -31,6 +31,14 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation
+from .adapterhub_format import (AH_FORMAT_VERSION, CONFIG_NAME, FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME,
+                                SAFE_FUSION_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterHubFormatError,
+                                bn_config_template)
+from .adapterhub_format import ADAPTER_PARAMS_IGNORED as _ADAPTER_PARAMS_IGNORED
+from .adapterhub_format import BN_DEFAULTS as _BN_DEFAULTS
+from .adapterhub_format import BN_PRESETS as _PRESETS
+from .adapterhub_format import LEGACY_ACTIVATION_RENAME as _LEGACY_ACTIVATION_RENAME
+from .adapterhub_format import LEGACY_WEIGHT_RENAME as _LEGACY_WEIGHT_RENAME
 from .config import AdapterConfig, FusionConfig
 from .patching import (SUPPORTED_ARCHITECTURES, ArchSpec, SitePlan, ah_prefix, arch_spec, find_layers, install,
                        patch_record)
@@ -38,58 +46,6 @@ from .patching import (SUPPORTED_ARCHITECTURES, ArchSpec, SitePlan, ah_prefix, a
 __all__ = ["load_adapterhub", "save_adapterhub", "AdapterHubFormatError", "bn_config_template",
            "CONFIG_NAME", "WEIGHTS_NAME", "SAFE_WEIGHTS_NAME", "FUSION_CONFIG_NAME", "FUSION_WEIGHTS_NAME",
            "SAFE_FUSION_WEIGHTS_NAME"]
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "pytorch_adapter.bin"
-SAFE_WEIGHTS_NAME = "adapter.safetensors"
-FUSION_CONFIG_NAME = "adapter_fusion_config.json"
-FUSION_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
-SAFE_FUSION_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
-AH_FORMAT_VERSION = "adapters.1.3.0"  # the file format written (AdapterHub reads "version" to skip legacy renames)
-
-# AdapterHub's ACTIVATION_RENAME, applied to configs without a "version" (adapter-transformers v1/v2 files)
-_LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
-_LEGACY_WEIGHT_RENAME = {
-    "attention_text_task_adapters": "adapters",
-    "attention_text_lang_adapters": "adapters",
-    "layer_text_task_adapters": "adapters",
-    "layer_text_lang_adapters": "adapters",
-    "invertible_lang_adapters": "invertible_adapters",
-}
-
-# BnConfig 1.3.0: every field and its default; SeqBnConfig / DoubleSeqBnConfig override some.
-_BN_DEFAULTS = {
-    "mh_adapter": None, "output_adapter": None, "reduction_factor": None, "non_linearity": None,
-    "original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
-    "init_weights": "bert", "init_weights_seed": None, "is_parallel": False, "scaling": 1.0, "use_gating": False,
-    "residual_before_ln": True, "adapter_residual_before_ln": False, "inv_adapter": None,
-    "inv_adapter_reduction_factor": None, "cross_adapter": False, "leave_out": [], "dropout": 0.0,
-    "phm_layer": False, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False, "shared_phm_rule": True,
-    "factorized_phm_rule": False, "phm_c_init": "normal", "phm_init_range": 0.0001, "learn_phm": True,
-    "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0,
-}
-_PRESETS = {
-    "seq_bn": dict(original_ln_before=True, original_ln_after=True, residual_before_ln=True, mh_adapter=False,
-                   output_adapter=True, non_linearity="relu", reduction_factor=16),
-    "double_seq_bn": dict(original_ln_before=False, original_ln_after=True, residual_before_ln=True, mh_adapter=True,
-                          output_adapter=True, non_linearity="swish", reduction_factor=16),
-}
-_PRESETS["pfeiffer"] = _PRESETS["seq_bn"]
-_PRESETS["houlsby"] = _PRESETS["double_seq_bn"]
-
-_ADAPTER_PARAMS_IGNORED = re.compile(r"^(adapter_norm_after|gate|adapter_norm_before)\.(weight|bias)$")
-
-
-class AdapterHubFormatError(ValueError):
-    """An AdapterHub file that is missing, malformed or does not fit the model."""
-
-
-def bn_config_template(preset: str) -> dict:
-    """All fields of AdapterHub's ``SeqBnConfig`` / ``DoubleSeqBnConfig`` (1.3.0), as saved."""
-    d = dict(_BN_DEFAULTS)
-    d.update(_PRESETS[preset])
-    d["leave_out"] = []
-    return d
 
 
 # --------------------------------------------------------------------------------------------

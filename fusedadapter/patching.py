@@ -45,9 +45,12 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from .adapterhub_format import bn_config_template
+from .compile_cache import invalidate_compiled_graphs  # re-exported: fusedadapter.patching.invalidate_compiled_graphs
 from .config import AdapterConfig, FusionConfig, check_adapter_name
 from .masking import current_adapter_mask
 from .modules import FusedAdapterFusion
+from .registry import set_integration_backend, undo_integrations
 
 __all__ = ["patch", "unpatch", "collect_fusion_probs", "set_backend", "fusion_sites", "SUPPORTED_ARCHITECTURES",
            "PLACEMENTS", "UnsupportedArchitecture", "is_patched"]
@@ -55,16 +58,6 @@ __all__ = ["patch", "unpatch", "collect_fusion_probs", "set_backend", "fusion_si
 LOCATIONS = ("mh_adapter", "output_adapter")  # AdapterHub's location keys
 _CHILD_NAMES = {"mh_adapter": "fusedadapter_attention", "output_adapter": "fusedadapter_output"}
 _RECORD_ATTR = "_fusedadapter_patch"
-
-
-def invalidate_compiled_graphs() -> None:
-    """Drop torch.compile's cached graphs after sites are added or removed.
-
-    Dynamo does not guard on module hooks (``skip_nnmodule_hook_guards``) nor on which instance of
-    a class it compiled, so a model compiled before ``patch`` (or another instance of its class)
-    would otherwise keep running a cached graph without the fusion sites: a silent wrong answer.
-    """
-    torch._dynamo.reset()
 
 
 class UnsupportedArchitecture(ValueError):
@@ -516,8 +509,6 @@ def reduction_factor_for(hidden: int, width: int) -> float:
 
 def adapterhub_config_dict(cfg: AdapterConfig, hidden: int, placement: Placement) -> dict:
     """The AdapterHub ``BnConfig`` dict (all 1.3.0 fields) for one of our adapters."""
-    from .checkpoint import bn_config_template
-
     d = bn_config_template(placement.name)
     d["reduction_factor"] = reduction_factor_for(hidden, cfg.width(hidden))
     d["non_linearity"] = cfg.non_linearity if cfg.non_linearity is not None else placement.default_activation
@@ -590,9 +581,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             site["runtime"].x = None
         object.__delattr__(model, _RECORD_ATTR)
         undone = True
-    from .integrations.adapterhub import _unaccelerate
-
-    undone = _unaccelerate(model) or undone
+    undone = undo_integrations(model) or undone  # fusedadapter.accelerate registers its undo (fusedadapter.registry)
     if not undone:
         raise ValueError("fusedadapter.unpatch: the model is neither patched (fusedadapter.patch / load_adapterhub) "
                          "nor accelerated (fusedadapter.accelerate)")
@@ -625,9 +614,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
             s["module"].backend = backend
         record.backend = backend
         found = True
-    from .integrations.adapterhub import _set_accelerated_backend
-
-    found = _set_accelerated_backend(model, backend) or found
+    found = set_integration_backend(model, backend) or found  # accelerated models (fusedadapter.registry)
     if not found:
         raise ValueError("fusedadapter.set_backend: the model is neither patched nor accelerated")
     return model

@@ -34,8 +34,9 @@ from ..fold import AdapterWeights, FusionWeights, fold
 from ..functional import fold_plain, run_site
 from ..masking import current_adapter_mask
 from ..modules import cached_fold, site_fold
-from ..patching import invalidate_compiled_graphs
+from ..compile_cache import invalidate_compiled_graphs
 from ..reference import reference_fusion
+from ..registry import register_integration
 
 __all__ = ["accelerate"]
 
@@ -339,3 +340,7 @@ def _set_accelerated_backend(model: nn.Module, backend: str) -> bool:
     for layer in layers:
         layer.__dict__[_STATE_ATTR].backend = backend
     return bool(layers)
+
+
+# fusedadapter.unpatch and fusedadapter.patching.set_backend call these (patching never imports this module).
+register_integration(undo=_unaccelerate, set_backend=_set_accelerated_backend)
