@@ -19,7 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fusedadapter as fa
+from backends import DEVICE, backend_params, runnable_dtypes
+from cases import ACTIVATIONS
 from parity import check_parity, make_site
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
@@ -29,7 +30,7 @@ settings.register_profile("long", max_examples=500, deadline=None,
 PROFILE = os.environ.get("FUSEDADAPTER_FUZZ_PROFILE", "ci")
 settings.load_profile(PROFILE)
 
-ACTS = ["relu", "gelu", "gelu_new", "swish", "tanh", "sigmoid", "leakyrelu", "linear", "quick_gelu"]
+ACTS = list(ACTIVATIONS)
 
 # Per backend: dtypes it supports, and a scale factor on the example budget (the Triton
 # interpreter runs kernels element by element in Python). A dtype the backend refuses here
@@ -40,19 +41,10 @@ BACKEND_DTYPES = {
     "triton": ([torch.float32, torch.float16, torch.bfloat16], 0.25),
     "cuda": ([torch.float32, torch.float16, torch.bfloat16], 1.0),
 }
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _runnable():
-    avail = fa.available_backends(DEVICE)
-    return [b for b in BACKEND_DTYPES if avail.get(b) is None]
 
 
 def _dtypes(backend):
-    return [d for d in BACKEND_DTYPES[backend][0] if fa.available_backends(DEVICE, d).get(backend) is None]
-
-
-RUNNABLE = _runnable()
+    return runnable_dtypes(backend, BACKEND_DTYPES[backend][0], DEVICE)
 
 
 @st.composite
@@ -119,7 +111,7 @@ def _budget(backend):
     return max(3, int(settings().max_examples * BACKEND_DTYPES[backend][1]))
 
 
-@pytest.mark.parametrize("backend", RUNNABLE)
+@pytest.mark.parametrize("backend", backend_params(tuple(BACKEND_DTYPES), DEVICE))
 def test_fuzz_parity(backend):
     dtypes = _dtypes(backend)
     small = backend == "triton" and not torch.cuda.is_available()

@@ -19,9 +19,10 @@ import torch
 import fusedadapter as fa
 from fusedadapter import dispatch, extension
 from fusedadapter.ops import FUSION_BACKWARD_SCHEMA, FUSION_SCHEMA, hash_keep_mask
+from cases import ACTIVATIONS, CORE_FLAG_SETS, flags_id
 from parity import check_parity, make_inputs, make_site
 
-ACTS = ["relu", "gelu", "gelu_new", "swish", "tanh", "sigmoid", "leakyrelu", "linear", "quick_gelu"]
+ACTS = ACTIVATIONS
 
 
 @pytest.fixture(scope="module")
@@ -144,16 +145,11 @@ def test_every_activation(epilogue_path, act):
         check_parity("cpu", site, dtype)
 
 
-FLAG_SETS = [
-    {},
-    {"query": False, "key": False, "value": False},
-    {"residual_before": True},
-    {"query_before_ln": True},
-]
+FLAG_SETS = CORE_FLAG_SETS
 
 
 @pytest.mark.parametrize("preset", ["dynamic", "static"])
-@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "preset")
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flags_id)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_flags_eval_and_train(cpu_op, preset, flags, train):
     site = make_site(32, [4, 9, 6], ["relu", "swish", "gelu"], preset, ln_before=(1,), **flags)

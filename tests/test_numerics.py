@@ -7,19 +7,20 @@ import pytest
 import torch
 
 import fusedadapter as fa
+from backends import backend_params, runnable_dtypes
 from fusedadapter.testing import assert_oracle
 from parity import make_inputs, make_site
 
 
 def runnable_backends():
-    return [b for b in ("torch", "cpu", "triton") if fa.available_backends("cpu").get(b) is None]
+    """torch, cpu and triton on the CPU; one that cannot run is a skip naming why (tests/backends.py)."""
+    return backend_params(("torch", "cpu", "triton"), "cpu")
 
 
 def half_dtypes(backend):
     # the half dtypes the backend accepts here: the Triton interpreter refuses bf16 (BackendUnavailable:
     # its bf16 arithmetic is wrong), so bf16 Triton runs on GPU only
-    dts = [torch.bfloat16, torch.float16]
-    return [d for d in dts if fa.available_backends("cpu", d).get(backend) is None]
+    return runnable_dtypes(backend, [torch.bfloat16, torch.float16], "cpu")
 
 
 @pytest.mark.parametrize("backend", runnable_backends())

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import fusedadapter as fa
+from cases import ADAPTERHUB_ACTIVATIONS, ADAPTERHUB_FLAG_SETS, flags_id
 from conftest import requires_adapterhub
 from fusedadapter.testing import perturb_, rel_err
 
 pytestmark = requires_adapterhub
 
-ACTS = ["relu", "gelu", "swish", "tanh", "gelu_new", "sigmoid", "leakyrelu"]
+ACTS = ADAPTERHUB_ACTIVATIONS
 
 
 class ReplayDropout(torch.nn.Module):
@@ -66,23 +67,11 @@ def run_adapterhub(ah_adapters, ah_fusion, a, res, q, train, keep):
     return out, torch.as_tensor(probs)
 
 
-FLAG_SETS = [
-    {},
-    {"query": False},
-    {"key": False},
-    {"value": False},
-    {"residual_before": True},
-    {"query_before_ln": True},
-    {"value_before_softmax": False},
-    {"value_initialized": False},
-    {"temperature": True},
-    {"dropout_prob": 0.3},
-    {"dropout_prob": 0.0},  # falls back to the attention dropout, as AdapterHub's `or`
-]
+FLAG_SETS = ADAPTERHUB_FLAG_SETS
 
 
 @pytest.mark.parametrize("preset", ["dynamic", "static"])
-@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "preset")
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flags_id)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_reference_matches_adapterhub(preset, flags, train):
     hidden, widths = 48, [6, 12, 3, 8]

@@ -8,6 +8,7 @@ import torch
 
 import fusedadapter as fa
 import fusedadapter.testing
+from backends import skip_unless_runnable
 from conftest import requires_adapterhub
 from parity import make_inputs, make_site
 
@@ -178,8 +179,7 @@ def test_module_converted_under_inference_mode_never_serves_stale_folds():
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_cache_sees_float_scaling_edits_and_keys_every_fold_input(backend):
-    if fa.available_backends("cpu").get(backend) is not None:
-        pytest.skip(f"backend {backend} unavailable")
+    skip_unless_runnable(backend, "cpu")
     m = fresh(backend)
     a, res = inputs(m)
     warm(m, a, res)

@@ -7,9 +7,10 @@ import torch
 
 import fusedadapter as fa
 from fusedadapter.ops import fusion_torch, hash_keep_mask
+from cases import ACTIVATIONS, KERNEL_FLAG_SETS, flags_id
 from parity import check_parity, make_inputs, make_site
 
-ACTS = ["relu", "gelu", "gelu_new", "swish", "tanh", "sigmoid", "leakyrelu", "linear", "quick_gelu"]
+ACTS = ACTIVATIONS
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 16])
@@ -28,21 +29,11 @@ def test_every_activation(act):
     check_parity("torch", site, torch.float32)
 
 
-FLAG_SETS = [
-    {},
-    {"query": False},
-    {"key": False},
-    {"value": False},
-    {"query": False, "key": False, "value": False},
-    {"residual_before": True},
-    {"query_before_ln": True},
-    {"value_before_softmax": False},
-    {"value_initialized": False},
-]
+FLAG_SETS = KERNEL_FLAG_SETS
 
 
 @pytest.mark.parametrize("preset", ["dynamic", "static"])
-@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "preset")
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=flags_id)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_every_flag_eval_and_train(preset, flags, train):
     site = make_site(32, [4, 9, 6], ["relu", "swish", "gelu"], preset, ln_before=(1,), **flags)

@@ -12,6 +12,7 @@ import torch.utils.checkpoint
 import fusedadapter as fa
 import fusedadapter.fold as fold_mod
 from benchmarks.train_fold_precision import random_site, worst_ratio
+from backends import skip_unless_runnable
 from parity import make_inputs, make_site
 
 
@@ -128,8 +129,7 @@ def test_gradient_checkpointing_does_not_refold_the_adapters(form, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stage2_oracle_outputs_and_gradients(backend, dtype, form):
-    if fa.available_backends("cpu").get(backend) is not None:
-        pytest.skip(f"backend {backend} unavailable")
+    skip_unless_runnable(backend, "cpu")
     import random
 
     rng = random.Random(3)

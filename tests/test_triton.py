@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fusedadapter as fa
+from cases import NONLINEAR
 from conftest import requires_cuda
 from fusedadapter.dispatch import BackendUnavailable, fusion_op
 from fusedadapter.ops import fusion_torch, hash_keep_mask, hash_uniform
@@ -25,7 +26,7 @@ interpreter_only = pytest.mark.skipif(not fusion.INTERPRET, reason="checks the T
 OP = torch.ops.fusedadapter.fusion_triton
 # The interpreter turns runtime loop bounds into Python ints through a deprecated numpy path.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-ACTS = ["linear", "relu", "gelu", "gelu_new", "swish", "tanh", "sigmoid", "leakyrelu", "quick_gelu"]
+ACTS = ("linear",) + NONLINEAR  # linear first: ACTS[1 + i % 8] cycles through the nonlinear ones
 
 
 @pytest.fixture(autouse=True)
