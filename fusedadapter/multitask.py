@@ -20,8 +20,8 @@ its trainable parameters and the pool adapters no routed fusion uses get exact z
 AdapterHub-style optimizers expect a gradient for every trainable parameter.
 
 Parameter names are AdapterHub's: ``adapters.<adapter>.adapter_down.0.weight`` ... (held once,
-shared by every fusion: the fusion modules reference the pool's adapter modules, they are not
-registered under them) and ``adapter_fusion_layer.<fusion name>.query.weight`` ... with the
+shared by every fusion: each fusion's ``adapters`` are the pool's modules; the state dict holds
+them once, under the pool's names) and ``adapter_fusion_layer.<fusion name>.query.weight`` ... with the
 fusion name defaulting to the adapters' names joined by ``','`` (AdapterHub's default
 ``Fuse`` name; ``Fuse(..., name=...)`` gives others).
 
@@ -130,11 +130,28 @@ def normalize_fusions(fusions, pool: Sequence[str], where: str = "MultiFusion") 
 
 
 def _share_adapters(fusion: FusedAdapterFusion, adapters: Mapping[str, BottleneckAdapter]) -> None:
-    """Point ``fusion.adapters`` at the pool's modules (in the fusion's order) without registering
-    them under the fusion: the parameters stay held (and named) once, by the pool."""
-    del fusion._modules["adapters"]
-    fusion.__dict__["adapters"] = nn.ModuleDict(adapters)
+    """Make ``fusion.adapters`` the pool's modules (in the fusion's order): shared modules, not
+    copies. ``parameters()`` / ``named_parameters()`` list each tensor once, under the pool's name
+    (the pool is registered before the fusions); the state dict leaves the fusion's aliases out
+    and loading fills them from the pool (the two hooks below), so files hold each adapter once,
+    under ``adapters.<name>``, as AdapterHub's do."""
+    fusion.adapters = nn.ModuleDict(adapters)
+    fusion.register_state_dict_post_hook(_drop_shared_adapter_keys)
+    fusion.register_load_state_dict_pre_hook(_fill_shared_adapter_keys)
     fusion.invalidate_fold_cache()
+
+
+def _drop_shared_adapter_keys(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "adapters.")]:
+        del state_dict[key]
+
+
+def _fill_shared_adapter_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+    # The pool (registered first) has loaded its keys already; the aliases load the same tensors
+    # onto themselves.
+    for name, t in module.adapters.state_dict(prefix=prefix + "adapters.", keep_vars=True).items():
+        state_dict.setdefault(name, t.detach())
 
 
 class MultiFusion(nn.Module):
@@ -290,11 +307,14 @@ class MultiFusion(nn.Module):
                                  f"{batch} first: (batch, {n_pool}) or (*lead, {n_pool}), got "
                                  f"{getattr(m, 'shape', type(m).__name__)}")
         sites = list(self.adapter_fusion_layer.values())
-        counts = torch.bincount(ids, minlength=len(sites)).tolist()
+        id_list = ids.tolist()
+        counts = [0] * len(sites)
+        for i in id_list:
+            counts[i] += 1
         order = None
-        if any(int(ids[i]) > int(ids[i + 1]) for i in range(batch - 1)):
+        if any(x > y for x, y in zip(id_list, id_list[1:])):  # rows not grouped by fusion: gather / scatter
             order = torch.argsort(ids, stable=True)
-        outs, probs_parts, start = [], [], 0
+        outs, probs_parts, row_index, start = [], [], [], 0
         for k, site in enumerate(sites):
             n = counts[k]
             if n == 0:
@@ -304,6 +324,7 @@ class MultiFusion(nn.Module):
             else:
                 idx = order[start:start + n].to(adapter_input.device)
                 take = (lambda t, idx=idx: t.index_select(0, idx))
+                row_index.append(idx)
             start += n
             whole = n == batch
             cols = [pool.index(a) for a in site.adapters]
@@ -330,15 +351,12 @@ class MultiFusion(nn.Module):
         if len(outs) == 1:
             out = outs[0]
             probs = probs_parts[0] if return_probs else None
-        else:
+        elif order is None:  # rows grouped by fusion, in the fusions' order
             out = torch.cat(outs, 0)
             probs = torch.cat(probs_parts, 0) if return_probs else None
-            if order is not None:
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(batch)
-                inverse = inverse.to(out.device)
-                out = out.index_select(0, inverse)
-                probs = None if probs is None else probs.index_select(0, inverse)
+        else:  # scatter each group's rows back (into a fresh tensor: autograd flows to the groups)
+            out = _scatter_rows(outs, row_index, batch)
+            probs = _scatter_rows(probs_parts, row_index, batch) if return_probs else None
         if torch.is_grad_enabled():
             unused = self._unused_params(counts)
             if unused:
@@ -354,12 +372,19 @@ class MultiFusion(nn.Module):
         for site, n in zip(self.adapter_fusion_layer.values(), counts):
             if n:
                 used_adapters.update(site.adapters.keys())
-            else:
-                params.extend(p for p in site.parameters() if p.requires_grad)
+            else:  # the fusion's own parameters (query / key / value), not the shared adapters
+                params.extend(p for n, p in site.named_parameters() if p.requires_grad and not n.startswith("adapters."))
         for name, adapter in self.adapters.items():
             if name not in used_adapters:
                 params.extend(p for p in adapter.parameters() if p.requires_grad)
         return params
+
+
+def _scatter_rows(parts: List[torch.Tensor], index: List[torch.Tensor], batch: int) -> torch.Tensor:
+    out = parts[0].new_empty((batch, *parts[0].shape[1:]))
+    for part, idx in zip(parts, index):
+        out.index_copy_(0, idx, part)
+    return out
 
 
 class MultiHead(nn.Module):

@@ -235,8 +235,17 @@ def test_parameters_held_once_with_adapterhub_names():
     m = make_multi()
     names = [n for n, _ in m.named_parameters()]
     assert len(names) == len(set(names)) == len(list(m.parameters()))
-    # the state dict: each parameter once (b's LayerNorm under its two AdapterHub names, as one adapter has it)
-    assert list(m.state_dict()) == [n for n, _ in m.named_parameters(remove_duplicate=False)]
+    # the state dict: each parameter once (b's LayerNorm under its two AdapterHub names, as one adapter
+    # has it), nothing under the fusions' aliases of the shared adapters; it loads back (strict)
+    sd = m.state_dict()
+    assert not [k for k in sd if ".adapters." in k]
+    assert list(sd) == [n for n, _ in m.named_parameters(remove_duplicate=False) if ".adapters." not in n]
+    assert set(names) <= set(sd) and len(sd) == len(names) + 2  # + adapter_down.0 (b's LN alias)
+    other = make_multi(seed=9)
+    other.load_state_dict(sd)
+    for n, p in other.named_parameters():
+        assert torch.equal(p, dict(m.named_parameters())[n]), n
+    assert other.adapter_fusion_layer["sst"].adapters["b"].adapter_up.weight is other.adapters["b"].adapter_up.weight
     assert "adapters.b.adapter_down.1.weight" in names and "adapters.c.scaling" in names
     assert "adapter_fusion_layer.sst.query.weight" in names and "adapter_fusion_layer.sst.value.weight" in names
     assert "adapter_fusion_layer.mnli.value.weight" not in names  # static: no value matrix

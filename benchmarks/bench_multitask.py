@@ -1,0 +1,183 @@
+"""Multi-task serving (issue 16): one routed forward of a mixed batch vs K forwards of its row subsets.
+
+    python -m benchmarks multitask [--k 2 4 8] [--batch 32] [--seq 128] [--repeats 7] [--threads 1]
+                                   [--backends auto] [--device cpu] [--rows contiguous interleaved]
+                                   [--json out.json]
+
+One fusion site of the BERT-base shape (H=768): a pool of 8 adapters (width 48, relu) shared by
+K ``dynamic`` fusions (each fuses all 8, in its own order: AdapterFusion's stage 2 trains one
+fusion per target task over the same adapters), :class:`fusedadapter.MultiFusion`. The batch
+(B rows of S tokens) is split evenly across the K fusions (B/K rows each).
+
+* ``separate``: the K fusions' own sites (``FusedAdapterFusion``), one forward each, on the row
+  subsets the caller already holds (slices: no copy), outputs left apart — what serving K tasks
+  costs without routing.
+* ``routed`` (``--rows contiguous``): one ``MultiFusion`` forward of the whole batch with the
+  route (rows of a task adjacent: the site takes slices, and concatenates the outputs in order).
+* ``routed-interleaved`` (``--rows interleaved``): the same batch with the tasks round-robin over
+  the rows (the site gathers each task's rows and scatters the outputs back).
+
+Timed under ``torch.inference_mode`` (serving), interleaved (``benchmarks.timing.time_interleaved``:
+each round runs every variant once, the first rotating), so load on a shared machine falls on all
+alike. Reported: median / p20 / p80 ms per forward, tokens/s, and the speed-up of each routed
+variant over ``separate`` as the median (p20, p80) of per-round ratios ``t_separate / t_routed``.
+A benchmark script, not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fusedadapter as fa  # noqa: E402
+from benchmarks.providers import Step  # noqa: E402
+from benchmarks.timing import quantiles, sync, time_interleaved  # noqa: E402
+from fusedadapter.multitask import MultiFusion  # noqa: E402
+from fusedadapter.testing import perturb_  # noqa: E402
+
+N_POOL, WIDTH = 8, 48
+
+
+def build(k: int, hidden: int, backend: str, device, dtype, seed: int = 0) -> MultiFusion:
+    pool = {f"task{i}": fa.AdapterConfig(bottleneck_size=WIDTH) for i in range(N_POOL)}
+    g = torch.Generator().manual_seed(seed)
+    names = list(pool)
+    fusions = {}
+    for j in range(k):
+        order = torch.randperm(N_POOL, generator=g).tolist()
+        fusions[f"fusion{j}"] = ("dynamic", [names[i] for i in order])
+    site = MultiFusion(hidden, pool, fusions, backend=backend)
+    perturb_(site, g)
+    return site.to(device=device, dtype=dtype).eval()
+
+
+def routes(k: int, batch: int):
+    per = batch // k
+    contiguous = [j for j in range(k) for _ in range(per)]
+    interleaved = [i % k for i in range(batch)]
+    return torch.tensor(contiguous), torch.tensor(interleaved)
+
+
+def run_point(k, args, device, dtype):
+    site = build(k, args.hidden, args.backend, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(device=device, dtype=dtype)
+    res = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(device=device, dtype=dtype)
+    contiguous, interleaved = routes(k, args.batch)
+    per = args.batch // k
+    sites = list(site.adapter_fusion_layer.values())
+    subsets = [(a[j * per:(j + 1) * per], res[j * per:(j + 1) * per]) for j in range(k)]
+    # the interleaved batch: row i is row i // k of fusion i % k's subset (same rows, another order)
+    src = torch.tensor([(i % k) * per + i // k for i in range(args.batch)], device=device)
+    a_i, res_i = a[src], res[src]
+
+    with torch.inference_mode():  # exactness check before timing: routed rows == their fusion's forward
+        want = torch.cat([s(x, r) for s, (x, r) in zip(sites, subsets)])
+        got = site(a, res, route=contiguous)
+        got_i = site(a_i, res_i, route=interleaved)
+        scale = want.abs().max().item()
+        err = max((got - want).abs().max().item(), (got_i - want[src]).abs().max().item()) / scale
+
+    def separate():
+        with torch.inference_mode():
+            return [s(x, r) for s, (x, r) in zip(sites, subsets)]
+
+    def routed():
+        with torch.inference_mode():
+            return site(a, res, route=contiguous)
+
+    def routed_interleaved():
+        with torch.inference_mode():
+            return site(a_i, res_i, route=interleaved)
+
+    steps = {"separate": Step(run=separate)}
+    if "contiguous" in args.rows:
+        steps["routed"] = Step(run=routed)
+    if "interleaved" in args.rows:
+        steps["routed-interleaved"] = Step(run=routed_interleaved)
+    sync(device)
+    ms = time_interleaved(steps, device, repeats=args.repeats, min_sample_s=args.min_sample_s, warmup=args.warmup)
+    tokens = args.batch * args.seq
+    out = {}
+    for name, ts in ms.items():
+        q = quantiles(ts)
+        row = {"median_ms": q["median"], "p20_ms": q["p20"], "p80_ms": q["p80"], "samples_ms": ts,
+               "tokens_per_s": tokens / (q["median"] * 1e-3)}
+        if name != "separate":
+            r = quantiles([s / t for s, t in zip(ms["separate"], ts)])
+            row.update(speedup_median=r["median"], speedup_p20=r["p20"], speedup_p80=r["p80"],
+                       speedup_of_mins=min(ms["separate"]) / min(ts))
+        out[name] = row
+    return out, err
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks multitask", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="fusions (default 2 4 8)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=768, help="hidden size (default 768, BERT-base)")
+    ap.add_argument("--backend", default="auto", help="fusedadapter backend of every fusion (default auto)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--rows", nargs="+", choices=["contiguous", "interleaved"], default=["contiguous", "interleaved"],
+                    help="routed variants: tasks' rows adjacent and/or round-robin (default both)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7; >= 5 for committed rows)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-sample-s", type=float, default=0.0, help="minimum seconds per sample (default 0: one call)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: steadier on a shared machine; 0 = torch's default)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if any(args.batch % k for k in args.k):
+        ap.error(f"--batch {args.batch} must split evenly over every --k {args.k}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    from fusedadapter.dispatch import resolve_backend
+
+    per_fusion_tokens = args.batch * args.seq // max(args.k)
+    resolved = resolve_backend(args.backend, device, dtype, per_fusion_tokens)[0]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"multi-task site: H={args.hidden}, pool of {N_POOL} adapters r={WIDTH}, K dynamic fusions over all of "
+          f"them, B={args.batch} S={args.seq}, {args.device} {args.dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.repeats} interleaved rounds, backend {args.backend!r} "
+          f"(runs {resolved!r} at {per_fusion_tokens} tokens per fusion)"
+          + (f", load average {load[0]:.1f}" if load else ""))
+    head = (f"{'K':>2} {'variant':<19} {'median ms':>9} {'p20':>8} {'p80':>8} {'tokens/s':>9}   "
+            f"{'vs separate':>11} {'p20':>6} {'p80':>6} {'of mins':>7}")
+    print(head)
+    print("-" * len(head))
+    results = {}
+    for k in args.k:
+        rows, err = run_point(k, args, device, dtype)
+        results[f"K={k}"] = {"max_rel_err_vs_separate": err, **rows}
+        for name, r in rows.items():
+            extra = ""
+            if "speedup_median" in r:
+                extra = (f"   {r['speedup_median']:>10.3f}x {r['speedup_p20']:>6.3f} {r['speedup_p80']:>6.3f} "
+                         f"{r['speedup_of_mins']:>7.3f}")
+            print(f"{k:>2} {name:<19} {r['median_ms']:>9.2f} {r['p20_ms']:>8.2f} {r['p80_ms']:>8.2f} "
+                  f"{r['tokens_per_s']:>9.0f}{extra}")
+        print(f"{'':>2} (routed rows vs their fusion's own forward: max rel err {err:.1e})")
+    if args.json:
+        from benchmarks.env import versions
+
+        meta = {"shape": {"B": args.batch, "S": args.seq, "hidden": args.hidden, "pool": N_POOL, "width": WIDTH},
+                "backend": args.backend, "resolved": resolved, "device": args.device, "dtype": args.dtype,
+                "threads": torch.get_num_threads(), "repeats": args.repeats, "versions": versions(),
+                "machine": platform.machine(), "processor": platform.processor(), "load_average": load}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
