@@ -1,7 +1,8 @@
 """Per-sample adapter masks: what ``adapter_mask`` costs, one fusion site on CPU (issue 8).
 
-``python benchmarks/bench_adapter_mask.py [--batch 8] [--seq 128] [--backends torch cpu]
+``python -m benchmarks adapter-mask [--batch 8] [--seq 128] [--backends torch cpu]
 [--variants none batch token] [--dtype float32] [--repeats 9] [--threads N] [--json out.json]``
+(or ``python benchmarks/bench_adapter_mask.py ...``)
 
 What is timed: ``FusedAdapterFusion.forward`` (H=768, N=8 adapters of width r=48, relu, the
 ``dynamic`` preset, perturbed weights) under ``torch.inference_mode`` on a (batch, seq, H) input
@@ -12,8 +13,8 @@ What is timed: ``FusedAdapterFusion.forward`` (H=768, N=8 adapters of width r=48
   masks every adapter, one row keeps a single adapter), broadcast over the sequence,
 - ``token``: the same mask expanded to (batch, seq, N) (per-token form).
 
-Every (backend, variant) pair alternates sample by sample (interleaved, the order reversed every
-other repeat), each sample averages enough calls to last ~``--sample-ms``; the table shows the
+Every (backend, variant) pair alternates sample by sample (interleaved, the first one rotating
+with the repeat: :mod:`benchmarks.timing`), each sample averages enough calls to last ~``--sample-ms``; the table shows the
 median per call with the 20th and 80th percentiles and each variant's overhead over ``none`` of
 the same backend (medians). Not a unit test: numbers depend on the machine and its load. On a
 machine shared with other work, ``--threads 1 --clock cpu`` times the CPU time of the calling
@@ -37,8 +38,8 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedadapter as fa  # noqa: E402
-from benchmarks.bench_native_cpu import make_site  # noqa: E402  (the same site: H, N adapters of width r)
-from benchmarks.timing import quantiles  # noqa: E402
+from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 
 def make_mask(batch: int, n: int) -> torch.Tensor:
@@ -51,34 +52,17 @@ def make_mask(batch: int, n: int) -> torch.Tensor:
     return mask
 
 
-def time_interleaved(site, x, res, points: List[Tuple[str, str]], masks: Dict[str, object], repeats: int,
-                     sample_ms: float, clock=time.perf_counter) -> Dict[Tuple[str, str], List[float]]:
-    """Per-call seconds, ``repeats`` samples per point, points alternating sample by sample."""
+def measure(mods, x, res, points: List[Tuple[str, str]], masks: Dict[str, object], repeats: int,
+            sample_ms: float, clock=time.perf_counter) -> Dict[Tuple[str, str], List[float]]:
+    """Per-call milliseconds, ``repeats`` samples per (backend, variant) point, the points
+    interleaved (:func:`benchmarks.timing.time_interleaved`; the first 'cpu' call loads the extension)."""
 
-    def call(variant):
-        m = masks[variant]
-        return site(x, res) if m is None else site(x, res, adapter_mask=m)
+    def step(backend, variant):
+        m, mask = mods[backend], masks[variant]
+        return Step(run=(lambda: m(x, res)) if mask is None else (lambda: m(x, res, adapter_mask=mask)))
 
-    calls = {}
-    for p in points:  # warm up (the first 'cpu' call loads the extension) and size the samples
-        site.backend = p[0]
-        for _ in range(3):
-            call(p[1])
-        t0, k = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.02 or k < 2:
-            call(p[1])
-            k += 1
-        calls[p] = max(1, int(sample_ms / 1e3 / ((time.perf_counter() - t0) / k)))
-    samples: Dict[Tuple[str, str], List[float]] = {p: [] for p in points}
-    for i in range(repeats):
-        for p in (points if i % 2 == 0 else points[::-1]):
-            site.backend = p[0]
-            k = calls[p]
-            t0 = clock()
-            for _ in range(k):
-                call(p[1])
-            samples[p].append((clock() - t0) / k)
-    return samples
+    steps = {p: step(*p) for p in points}
+    return time_interleaved(steps, "cpu", repeats=repeats, min_sample_s=sample_ms / 1e3, warmup=3, clock=clock)
 
 
 def main(argv=None) -> int:
@@ -105,10 +89,12 @@ def main(argv=None) -> int:
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         ap.error("--clock cpu counts the calling thread only: use it with --threads 1")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    backends = [b for b in args.backends if b in fa.available_backends("cpu")]
+    backends = [b for b in args.backends if fa.available_backends("cpu").get(b) is None]
     skipped = sorted(set(args.backends) - set(backends))
     dtype = getattr(torch, args.dtype)
-    site = make_site(args.hidden, args.adapters, args.width, dtype)  # parameters made outside inference mode
+    site = build_site(SiteSpec(tokens=args.batch * args.seq, hidden=args.hidden, n=args.adapters, width=args.width,
+                               dtype=args.dtype)).eval()
+    mods = site_copies(site, backends)  # parameters made outside inference mode
     tokens = args.batch * args.seq
     print(f"# adapter_mask overhead: FusedAdapterFusion.forward, H={args.hidden} N={args.adapters} r={args.width}, "
           f"input ({args.batch}, {args.seq}, {args.hidden}) = {tokens} tokens, {args.dtype}, inference_mode")
@@ -123,7 +109,7 @@ def main(argv=None) -> int:
         masks = {"none": None, "batch": bmask,
                  "token": bmask[:, None, :].expand(args.batch, args.seq, args.adapters).contiguous()}
         points = [(b, v) for b in backends for v in args.variants]
-        s = time_interleaved(site, x, res, points, masks, args.repeats, args.sample_ms, clock)
+        s = measure(mods, x, res, points, masks, args.repeats, args.sample_ms, clock)
     print(f"{'backend':>8} {'mask':>6} | {'ms per call (p20-p80)':>26} | {'overhead vs none':>16}")
     for b, v in points:
         q = quantiles(s[(b, v)])
@@ -131,10 +117,10 @@ def main(argv=None) -> int:
         base = quantiles(s[(b, "none")])["median"] if (b, "none") in s else None
         over = None if base is None else med / base - 1.0
         over_s = "" if over is None or v == "none" else f"{over * 100:+.1f}%"
-        print(f"{b:>8} {v:>6} | {med * 1e3:9.3f} ({p20 * 1e3:.3f}-{p80 * 1e3:.3f}) | {over_s:>16}")
+        print(f"{b:>8} {v:>6} | {med:9.3f} ({p20:.3f}-{p80:.3f}) | {over_s:>16}")
         rows.append(dict(backend=b, mask=v, tokens=tokens, hidden=args.hidden, adapters=args.adapters,
-                         width=args.width, dtype=args.dtype, median_s=med, p20_s=p20, p80_s=p80,
-                         overhead_vs_none=over, samples_s=s[(b, v)], threads=torch.get_num_threads(),
+                         width=args.width, dtype=args.dtype, median_s=med / 1e3, p20_s=p20 / 1e3, p80_s=p80 / 1e3,
+                         overhead_vs_none=over, samples_s=[t / 1e3 for t in s[(b, v)]], threads=torch.get_num_threads(),
                          clock=args.clock))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,7 @@
 """ONNX Runtime time of the exported fused model against the exported bare model (CPU, float32).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_export.py [--repeats 5] [--json out.json] [--md out.md]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks export [--repeats 5] [--json out.json] [--md out.md]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_export.py ...     # the same
 
 A BERT-base-shaped ``BertModel`` (random init, 12 blocks, H=768) and the same model after
 ``fusedadapter.patch`` with 8 ``seq_bn`` adapters of width 48 (reduction factor 16) and the
@@ -12,8 +13,8 @@ The fusion weights are perturbed away from AdapterHub's init (as trained weights
 Checked first (DESIGN §4 oracle, ``fusedadapter.testing``): the exported fused file at B x S in
 {1x8, 4x128} against the eager reference (float32 ``ref``, float64 ``truth``).
 
-Timed, interleaved (every round runs every variant once, in a shuffled order, so a busy machine
-slows all alike): ``ort_fused``, ``ort_bare``, and PyTorch (one thread) ``torch_bare``,
+Timed, interleaved (every round runs every variant once, the first one rotating, so a busy
+machine slows all alike: :func:`benchmarks.timing.time_interleaved`): ``ort_fused``, ``ort_bare``, and PyTorch (one thread) ``torch_bare``,
 ``torch_fused`` (the patched model, backend auto) and ``torch_reference`` (the patched model on
 the eager reference backend, AdapterHub's op sequence). Overheads are the median (p20, p80) over
 rounds of each round's ``variant / bare`` ratio minus one (ORT variants over ``ort_bare``, PyTorch
@@ -27,8 +28,6 @@ import copy
 import json
 import os
 import platform
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -36,9 +35,13 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedadapter as fa  # noqa: E402
+from benchmarks.models import bert  # noqa: E402
+from benchmarks.providers import Step  # noqa: E402
+from benchmarks.timing import paired_quantiles, quantiles, time_interleaved  # noqa: E402
 from fusedadapter.export import custom_domain_ops  # noqa: E402
 from fusedadapter.patching import fusion_sites  # noqa: E402
 from fusedadapter.testing import oracle_check, perturb_  # noqa: E402
@@ -55,13 +58,6 @@ class Hidden(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def _quantile(xs, q):
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def inputs(b, s, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 20000, (b, s), generator=g)
@@ -70,11 +66,8 @@ def inputs(b, s, seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def build():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    bare = BertModel(BertConfig()).eval()
+def build(layers=12, hidden=768):
+    bare = bert(layers, hidden, seed=0).eval()  # BERT-base at the defaults
     fused = fa.patch(copy.deepcopy(bare), {f"task{i}": fa.AdapterConfig(reduction_factor=RF) for i in range(N_ADAPTERS)},
                      fusion="dynamic")
     g = torch.Generator().manual_seed(1)
@@ -131,12 +124,16 @@ def main(argv=None):
     ap.add_argument("--variants", default="ort_bare,ort_fused,torch_bare,torch_fused,torch_reference",
                     help="comma-separated subset to time (ort_bare and ort_fused always)")
     ap.add_argument("--no-parity", action="store_true", help="skip the oracle check of the exported file")
+    ap.add_argument("--layers", type=int, default=12, help="BERT blocks (default 12: BERT-base)")
+    ap.add_argument("--hidden", type=int, default=768, help="BERT width (default 768)")
+    ap.add_argument("--batch", type=int, default=B)
+    ap.add_argument("--seq", type=int, default=S)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import onnx
     import onnxruntime as ort
 
-    bare, fused = build()
+    bare, fused = build(args.layers, args.hidden)
     tmp = tempfile.mkdtemp(prefix="bench_export_")
     paths = {"bare": os.path.join(tmp, "bare.onnx"), "fused": os.path.join(tmp, "fused.onnx")}
     export_s = {k: export(m, paths[k]) for k, m in (("bare", bare), ("fused", fused))}
@@ -147,50 +144,42 @@ def main(argv=None):
     par = None if args.no_parity else parity(fused, sessions["fused"])
     print("parity", json.dumps(par), "custom-domain nodes", custom, flush=True)
 
-    x = inputs(B, S, seed=7)
+    x = inputs(args.batch, args.seq, seed=7)
     ref_model = copy.deepcopy(fused)
     fa.patching.set_backend(ref_model.model, "reference")
     steps = {
-        "ort_bare": lambda: sessions["bare"].run(None, {k: v.numpy() for k, v in x.items()}),
-        "ort_fused": lambda: sessions["fused"].run(None, {k: v.numpy() for k, v in x.items()}),
-        "torch_bare": lambda: bare(**x),
-        "torch_fused": lambda: fused(**x),
-        "torch_reference": lambda: ref_model(**x),
+        "ort_bare": Step(run=lambda: sessions["bare"].run(None, {k: v.numpy() for k, v in x.items()})),
+        "ort_fused": Step(run=lambda: sessions["fused"].run(None, {k: v.numpy() for k, v in x.items()})),
+        "torch_bare": Step(run=lambda: bare(**x)),
+        "torch_fused": Step(run=lambda: fused(**x)),
+        "torch_reference": Step(run=lambda: ref_model(**x)),
     }
     wanted = set(args.variants.split(",")) | {"ort_bare", "ort_fused"}
     steps = {k: v for k, v in steps.items() if k in wanted}
-    times = {k: [] for k in steps}
-    with torch.no_grad():
-        for fn in steps.values():  # warm-up
-            fn()
-        for _ in range(args.repeats):
-            order = list(steps)
-            random.shuffle(order)
-            for k in order:
-                t0 = time.perf_counter()
-                steps[k]()
-                times[k].append(time.perf_counter() - t0)
-            print({k: round(v[-1], 3) for k, v in times.items()}, flush=True)
+    with torch.no_grad():  # one warm-up call each, then one call per variant and round, interleaved
+        ms = time_interleaved(steps, "cpu", repeats=args.repeats, min_sample_s=0.0, warmup=1)
+    times = {k: [t / 1e3 for t in v] for k, v in ms.items()}
 
     def overhead(name, base):
         if name not in times or base not in times:
             return None
-        ratios = [a / b - 1 for a, b in zip(times[name], times[base])]
-        return {"median": statistics.median(ratios), "p20": _quantile(ratios, 0.2), "p80": _quantile(ratios, 0.8),
+        q = paired_quantiles(times[name], times[base])
+        return {"median": q["median"] - 1, "p20": q["p20"] - 1, "p80": q["p80"] - 1,
                 "of_mins": min(times[name]) / min(times[base]) - 1}
 
     result = {
-        "shape": {"model": "bert-base (random init)", "batch": B, "seq": S, "adapters": N_ADAPTERS,
-                  "width": 768 // RF, "fusion": "dynamic", "dtype": "float32"},
+        "shape": {"model": "bert-base (random init)" if (args.layers, args.hidden) == (12, 768)
+                  else f"bert L={args.layers} H={args.hidden} (random init)", "batch": args.batch, "seq": args.seq,
+                  "adapters": N_ADAPTERS, "width": args.hidden // RF, "fusion": "dynamic", "dtype": "float32"},
         "threads": {"torch": torch.get_num_threads(), "ort_intra_op": 1, "ort_inter_op": 1},
         "repeats": args.repeats,
-        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "median_s": {k: quantiles(v)["median"] for k, v in times.items()},
         "min_s": {k: min(v) for k, v in times.items()},
         "overhead": {"ort_fused/ort_bare": overhead("ort_fused", "ort_bare"),
                      "torch_fused/torch_bare": overhead("torch_fused", "torch_bare"),
                      "torch_reference/torch_bare": overhead("torch_reference", "torch_bare")},
-        "ort_fused_vs_torch_reference_speedup": statistics.median(
-            [r / f for r, f in zip(times["torch_reference"], times["ort_fused"])]) if "torch_reference" in times else None,
+        "ort_fused_vs_torch_reference_speedup": paired_quantiles(times["torch_reference"], times["ort_fused"])["median"]
+        if "torch_reference" in times else None,
         "export_s": export_s,
         "onnx_bytes": sizes,
         "custom_domain_nodes": custom,
@@ -216,7 +205,7 @@ def main(argv=None):
 
         med = result["median_s"]
         lines = [
-            f"| what (B={B}, S={S}, 8 adapters r=48, fp32, 1 thread, {args.repeats} interleaved rounds) | median time | "
+            f"| what (B={args.batch}, S={args.seq}, 8 adapters r={args.hidden // RF}, fp32, 1 thread, {args.repeats} interleaved rounds) | median time | "
             f"overhead over bare, median (p20..p80; of mins) |",
             "| --- | --- | --- |",
             f"| ONNX Runtime, exported bare | {med['ort_bare'] * 1e3:.0f} ms | |",

@@ -5,27 +5,23 @@ the two GEMMs alone (GEMM1 ``[a] @ [w_down; w_query]^T`` and GEMM2 ``w @ w_out^T
 weights); the overhead is the call's median minus theirs, each the median of interleaved
 repeats of ``--inner`` back-to-back calls.
 
-    python -m benchmarks.bench_host_overhead --backends torch cpu
+    python -m benchmarks host-overhead --backends torch cpu     # or: python benchmarks/bench_host_overhead.py
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
-import time
 
 import torch
 
-import fusedadapter as fa
-from fusedadapter.testing import perturb_
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _time(fn, inner):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner * 1e6
+import fusedadapter as fa  # noqa: E402
+from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,8 +32,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    site = fa.FusedAdapterFusion(768, {f"a{i}": fa.AdapterConfig(reduction_factor=16) for i in range(8)}).eval()
-    perturb_(site, torch.Generator().manual_seed(0))
+    site = build_site(SiteSpec(tokens=args.tokens, hidden=768, n=8, reduction=16), backend="auto").eval()
+    backends = [b for b in args.backends if fa.available_backends("cpu").get(b) is None]
+    for b in sorted(set(args.backends) - set(backends)):
+        print(f"{b}: unavailable")
+    mods = site_copies(site, backends)
     a = torch.randn(1, args.tokens, 768)
     res = torch.randn(1, args.tokens, 768)
     with torch.no_grad():
@@ -46,24 +45,12 @@ def main(argv=None) -> int:
         w2 = f.w_out
         x = a.reshape(-1, 768)
         wmix = torch.randn(x.shape[0], w2.shape[1])
-        fns = {"gemms": lambda: (torch.mm(x, w1.t()), torch.mm(wmix, w2.t()))}
-        for b in args.backends:
-            if fa.available_backends("cpu").get(b) is not None:
-                print(f"{b}: unavailable")
-                continue
-            m = site if b == args.backends[0] else __import__("copy").deepcopy(site)
-            m.backend = b
-            fns[b] = (lambda m=m: m(a, res))
-        for fn in fns.values():
-            for _ in range(50):
-                fn()
-        samples = {k: [] for k in fns}
-        for _ in range(args.repeats):
-            for k, fn in fns.items():
-                samples[k].append(_time(fn, args.inner))
-    med = {k: statistics.median(v) for k, v in samples.items()}
+        steps = {"gemms": Step(run=lambda: (torch.mm(x, w1.t()), torch.mm(wmix, w2.t())))}
+        steps.update({b: Step(run=lambda m=m: m(a, res)) for b, m in mods.items()})
+        samples = time_interleaved(steps, "cpu", repeats=args.repeats, warmup=50, inner=args.inner)
+    med = {k: quantiles(v)["median"] * 1e3 for k, v in samples.items()}  # ms -> us
     print(f"two GEMMs alone: {med['gemms']:.1f} us")
-    for k in fns:
+    for k in steps:
         if k != "gemms":
             print(f"{k:6s} call {med[k]:7.1f} us  host overhead {med[k] - med['gemms']:6.1f} us")
     return 0

@@ -1,12 +1,12 @@
 """The ``cpu`` backend (C++ extension, csrc/) against the ``torch`` backend, one fusion site on CPU.
 
-``python benchmarks/bench_native_cpu.py [--tokens 1 8 64 1024] [--dtypes float32 bfloat16]
-[--repeats 15] [--threads N] [--json out.json]``
+``python -m benchmarks native-cpu [--tokens 1 8 64 1024] [--dtypes float32 bfloat16]
+[--repeats 15] [--threads N] [--json out.json]`` (or ``python benchmarks/bench_native_cpu.py ...``)
 
 What is timed: ``FusedAdapterFusion.forward`` (H=768, N=8 adapters of width r=48, relu, the
 ``dynamic`` preset, perturbed weights) under ``torch.inference_mode``, so the fold is cached
 and each call is the module's Python plus one op call. Backends alternate sample by sample
-(interleaved), each sample averages enough calls to last ~``--sample-ms``; the table shows the
+(interleaved, :mod:`benchmarks.timing`), each sample averages enough calls to last ~``--sample-ms``; the table shows the
 median per call with the 20th and 80th percentiles of the samples. Not a unit test: numbers
 depend on the machine and its load, so read them with their spread. On a shared machine whose
 cores are busy with other work, OpenMP regions of 2+ threads stall on descheduled threads (both
@@ -19,59 +19,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-from typing import Dict, List
 
 import torch
 
-import fusedadapter as fa
-from fusedadapter.testing import perturb_
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 
-def make_site(hidden: int, n: int, r: int, dtype: torch.dtype) -> fa.FusedAdapterFusion:
-    g = torch.Generator().manual_seed(0)
-    site = fa.FusedAdapterFusion(hidden, [fa.AdapterConfig(bottleneck_size=r) for _ in range(n)], backend="torch")
-    perturb_(site, g)
-    return site.to(dtype).eval()
-
-
-def quantile(xs: List[float], q: float) -> float:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0]
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def time_interleaved(site, x, res, backends, repeats: int, sample_ms: float) -> Dict[str, List[float]]:
-    """Per-call seconds, ``repeats`` samples per backend, backends alternating sample by sample."""
-    calls = {}
-    for b in backends:  # warm up (first call of 'cpu' builds or loads the extension) and size the samples
-        site.backend = b
-        for _ in range(3):
-            site(x, res)
-        t0 = time.perf_counter()
-        n = 0
-        while time.perf_counter() - t0 < 0.02 or n < 2:
-            site(x, res)
-            n += 1
-        per = (time.perf_counter() - t0) / n
-        calls[b] = max(1, int(sample_ms / 1e3 / per))
-    samples: Dict[str, List[float]] = {b: [] for b in backends}
-    for i in range(repeats):
-        order = backends if i % 2 == 0 else backends[::-1]
-        for b in order:
-            site.backend = b
-            k = calls[b]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                site(x, res)
-            samples[b].append((time.perf_counter() - t0) / k)
-    return samples
+def measure(mods, x, res, repeats: int, sample_ms: float) -> dict:
+    """{backend: quantiles (ms per call)} of ``mods[backend](x, res)``, the backends interleaved
+    (:func:`benchmarks.timing.time_interleaved`; the first 'cpu' call loads the extension)."""
+    steps = {b: Step(run=lambda m=m: m(x, res)) for b, m in mods.items()}
+    samples = time_interleaved(steps, "cpu", repeats=repeats, min_sample_s=sample_ms / 1e3, warmup=3)
+    return {b: quantiles(v) for b, v in samples.items()}
 
 
 def main(argv=None) -> int:
@@ -104,24 +68,25 @@ def main(argv=None) -> int:
     cpu_median = {}
     for dname in args.dtypes:
         dtype = getattr(torch, dname)
-        site = make_site(args.hidden, args.adapters, args.width, dtype)  # parameters made outside inference mode
+        site = build_site(SiteSpec(tokens=1, hidden=args.hidden, n=args.adapters, width=args.width, dtype=dname)).eval()
+        mods = site_copies(site, ["cpu", "torch"])  # parameters made outside inference mode
         with torch.inference_mode():
             for tokens in args.tokens:
                 g = torch.Generator().manual_seed(tokens)
                 x = torch.randn(tokens, args.hidden, generator=g).to(dtype)
                 res = torch.randn(tokens, args.hidden, generator=g).to(dtype)
-                s = time_interleaved(site, x, res, ["cpu", "torch"], args.repeats, args.sample_ms)
-                stats = {b: (statistics.median(v), quantile(v, 0.2), quantile(v, 0.8)) for b, v in s.items()}
-                speed = stats["torch"][0] / stats["cpu"][0]
-                cpu_median[(dname, tokens)] = stats["cpu"][0]
+                stats = measure(mods, x, res, args.repeats, args.sample_ms)
+                speed = stats["torch"]["median"] / stats["cpu"]["median"]
+                cpu_median[(dname, tokens)] = stats["cpu"]["median"]
 
-                def fmt(t):
-                    return f"{t[0] * 1e3:8.3f} ({t[1] * 1e3:.3f}-{t[2] * 1e3:.3f})"
+                def fmt(q):
+                    return f"{q['median']:8.3f} ({q['p20']:.3f}-{q['p80']:.3f})"
 
                 print(f"{dname:>9} {tokens:>6} | {fmt(stats['torch']):>24} | {fmt(stats['cpu']):>24} | {speed:6.2f}x",
                       flush=True)
-                rows.append({"dtype": dname, "tokens": tokens, "torch_ms": [x * 1e3 for x in stats["torch"]],
-                             "cpu_ms": [x * 1e3 for x in stats["cpu"]], "speedup": speed})
+                rows.append({"dtype": dname, "tokens": tokens,
+                             "torch_ms": [stats["torch"][k] for k in ("median", "p20", "p80")],
+                             "cpu_ms": [stats["cpu"][k] for k in ("median", "p20", "p80")], "speedup": speed})
     if "float32" in args.dtypes and "bfloat16" in args.dtypes:
         print("# cpu backend, bf16 speed over its own fp32 (median ratio):")
         for tokens in args.tokens:

@@ -35,7 +35,7 @@ from .providers import DTYPES, FAST_BACKENDS, Step, site_providers
 from .results import Row, make_row
 from .timing import quantiles, time_interleaved
 
-__all__ = ["ModelSpec", "model_providers", "run_models", "MODEL_PROVIDERS", "MODELS"]
+__all__ = ["ModelSpec", "model_providers", "run_models", "bert", "fusion_adapters", "MODEL_PROVIDERS", "MODELS"]
 
 MODEL_PROVIDERS = ("bare", "reference", "adapterhub", "adapterhub+accelerate") + FAST_BACKENDS
 MODEL_MODES = ("nograd", "train")
@@ -68,6 +68,22 @@ def _config(name: str):
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
     raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+
+
+def bert(layers: int = 12, hidden: int = 768, *, seed: int = 0, **config):
+    """A random-init ``BertModel`` (``torch.manual_seed(seed)`` first): ``layers`` blocks of width
+    ``hidden``, ``hidden // 64`` heads, FFN ``4 * hidden`` (BERT-base at the defaults); ``config``
+    overrides other ``BertConfig`` fields. The standalone ``bench_*.py`` scripts build their BERT here."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=max(1, hidden // 64),
+                                intermediate_size=4 * hidden, **config))
+
+
+def fusion_adapters(n: int = 8, r: int = 48, prefix: str = "task") -> Dict[str, "fa.AdapterConfig"]:
+    """``{f"{prefix}{i}": AdapterConfig(bottleneck_size=r)}``: the benchmarks' N adapters of width r."""
+    return {f"{prefix}{i}": fa.AdapterConfig(bottleneck_size=r) for i in range(n)}
 
 
 def _bare(spec: ModelSpec):

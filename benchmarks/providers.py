@@ -37,8 +37,8 @@ from fusedadapter.testing import perturb_
 
 from .env import adapters_importable
 
-__all__ = ["SiteSpec", "Step", "SiteCase", "setup_site", "site_providers", "MODES", "SITE_PROVIDERS",
-           "FAST_BACKENDS"]
+__all__ = ["SiteSpec", "Step", "SiteCase", "setup_site", "build_site", "site_copies", "site_providers", "MODES",
+           "SITE_PROVIDERS", "FAST_BACKENDS"]
 
 MODES = ("nograd", "forward", "backward", "full")
 GRAD_MODES = ("forward", "backward", "full")
@@ -155,12 +155,25 @@ def site_providers(device="cpu", requested: Optional[List[str]] = None, *, allow
     return ok, skipped
 
 
-def _build_base(spec: SiteSpec, device: torch.device) -> fa.FusedAdapterFusion:
+def build_site(spec: SiteSpec, device="cpu", backend: str = "reference") -> fa.FusedAdapterFusion:
+    """The benchmark site of ``spec``: ``n`` adapters of width ``r`` (relu), ``spec.fusion``'s
+    preset, weights perturbed from seed ``spec.seed`` (every value non-trivial), on ``device`` in
+    ``spec.dtype``. Made outside inference mode, so it can also be trained."""
     g = torch.Generator().manual_seed(spec.seed)
     cfgs = {f"a{i}": fa.AdapterConfig(bottleneck_size=spec.r) for i in range(spec.n)}
-    site = fa.FusedAdapterFusion(spec.hidden, cfgs, spec.fusion, backend="reference")
+    site = fa.FusedAdapterFusion(spec.hidden, cfgs, spec.fusion, backend=backend)
     perturb_(site, g)
-    return site.to(device=device, dtype=spec.torch_dtype)
+    return site.to(device=torch.device(device), dtype=spec.torch_dtype)
+
+
+def site_copies(site: fa.FusedAdapterFusion, backends) -> Dict[str, fa.FusedAdapterFusion]:
+    """{backend: a copy of ``site`` with that backend}: the same weights, each with its own caches."""
+    out = {}
+    for b in backends:
+        m = copy.deepcopy(site)
+        m.backend = b
+        out[b] = m
+    return out
 
 
 def _train_setup(module: torch.nn.Module, fusion_params: List[torch.nn.Parameter]) -> None:
@@ -177,7 +190,7 @@ class SiteCase:
     def __init__(self, spec: SiteSpec, device="cpu"):
         self.spec = spec
         self.device = torch.device(device)
-        self.base = _build_base(spec, self.device)
+        self.base = build_site(spec, self.device)
         g = torch.Generator().manual_seed(spec.seed + 1)
         shape = (1, spec.tokens, spec.hidden)  # (B, T, H): AdapterHub's BertFusion wants 3-D inputs
         dt = spec.torch_dtype

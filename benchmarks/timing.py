@@ -3,22 +3,27 @@ machine falls on all of them alike; quantiles are taken over the repeats.
 
 A sample is the mean time of ``inner`` iterations (calibrated so one sample lasts at least
 ``min_sample_s``). On CPU each iteration is timed with ``time.perf_counter`` around its timed
-part; on CUDA with a pair of CUDA events per iteration, after zeroing a buffer larger than L2
-(as ``triton.testing.do_bench`` does) so no iteration reads its inputs from a warm cache.
+part (or another ``clock``: ``time.thread_time`` counts this thread's CPU time, so time spent
+descheduled on a busy machine does not inflate a sample); on CUDA with a pair of CUDA events per
+iteration, after zeroing a buffer larger than L2 (as ``triton.testing.do_bench`` does) so no
+iteration reads its inputs from a warm cache.
+
+Every benchmark here times through :func:`time_interleaved` and summarises with
+:func:`quantiles` / :func:`paired_quantiles` (the standalone ``bench_*.py`` scripts included).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .providers import Step
 
-__all__ = ["quantiles", "time_interleaved", "calibrate", "sync", "cuda_peak_bytes"]
+__all__ = ["quantiles", "paired_quantiles", "time_interleaved", "calibrate", "sync", "cuda_peak_bytes"]
 
 
 def quantiles(samples: Sequence[float]) -> Dict[str, float]:
@@ -27,6 +32,13 @@ def quantiles(samples: Sequence[float]) -> Dict[str, float]:
         return {"p20": math.nan, "median": math.nan, "p80": math.nan}
     q = np.quantile(np.asarray(samples, dtype=np.float64), [0.2, 0.5, 0.8])
     return {"p20": float(q[0]), "median": float(q[1]), "p80": float(q[2])}
+
+
+def paired_quantiles(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]:
+    """Quantiles of ``num[i] / den[i]`` over repeats measured side by side (the same repeat index
+    of :func:`time_interleaved`): a load swing that hits one round hits both."""
+    n = min(len(num), len(den))
+    return quantiles([num[i] / den[i] for i in range(n)])
 
 
 def sync(device: torch.device) -> None:
@@ -44,8 +56,8 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH[idx]
 
 
-def _sample(step: Step, inner: int, device: torch.device) -> float:
-    """Mean milliseconds of ``inner`` iterations of ``step``'s timed part."""
+def _sample(step: Step, inner: int, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Mean milliseconds of ``inner`` iterations of ``step``'s timed part (``clock``: CPU only)."""
     if device.type == "cuda":
         flush = _flush_buffer(device)
         pairs = []
@@ -64,20 +76,20 @@ def _sample(step: Step, inner: int, device: torch.device) -> float:
     for _ in range(inner):
         if step.prep is not None:
             step.prep()
-        t0 = time.perf_counter()
+        t0 = clock()
         step.run()
-        total += time.perf_counter() - t0
+        total += clock() - t0
     return total * 1e3 / inner
 
 
 def calibrate(step: Step, device: torch.device, *, min_sample_s: float, warmup: int, max_inner: int = 1000,
-              warmup_budget_s: float = 0.5) -> int:
+              warmup_budget_s: float = 0.5, clock: Callable[[], float] = time.perf_counter) -> int:
     """Run up to ``warmup`` iterations (compiles, autotunes, fills caches; at least one, and no
     more once they took ``warmup_budget_s``), return the inner count for ``min_sample_s``."""
     t = math.inf
     spent = 0.0
     for i in range(max(1, warmup)):
-        one = _sample(step, 1, device)
+        one = _sample(step, 1, device, clock)
         t, spent = min(t, one), spent + one * 1e-3
         # on CUDA the first call may compile or autotune: time at least a second one
         if spent > warmup_budget_s and (i >= 1 or device.type != "cuda"):
@@ -88,19 +100,23 @@ def calibrate(step: Step, device: torch.device, *, min_sample_s: float, warmup: 
 
 
 def time_interleaved(steps: Dict[str, Step], device, *, repeats: int = 5, min_sample_s: float = 0.02,
-                     warmup: int = 2, on_error=None) -> Dict[str, List[float]]:
+                     warmup: int = 2, on_error=None, inner: Optional[int] = None,
+                     clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
     """{provider: [ms per iteration, one per repeat]}, the providers interleaved round-robin.
 
     The starting provider rotates with the repeat. A provider that raises is dropped from the
-    remaining repeats and reported through ``on_error(name, exc)``.
+    remaining repeats and reported through ``on_error(name, exc)``. ``inner`` fixes the iterations
+    per sample (after the warmup) instead of calibrating them to ``min_sample_s``; ``min_sample_s=0``
+    times single iterations.
     """
     device = torch.device(device)
-    inner: Dict[str, int] = {}
+    counts: Dict[str, int] = {}
     live = []
     max_inner = 100 if device.type == "cuda" else 1000  # CUDA: each iteration also flushes L2
     for name, step in steps.items():
         try:
-            inner[name] = calibrate(step, device, min_sample_s=min_sample_s, warmup=warmup, max_inner=max_inner)
+            n = calibrate(step, device, min_sample_s=min_sample_s, warmup=warmup, max_inner=max_inner, clock=clock)
+            counts[name] = n if inner is None else inner
             live.append(name)
         except Exception as exc:  # a backend that fails is recorded and skipped, never fatal
             if on_error is None:
@@ -113,7 +129,7 @@ def time_interleaved(steps: Dict[str, Step], device, *, repeats: int = 5, min_sa
             if name not in out:
                 continue
             try:
-                out[name].append(_sample(steps[name], inner[name], device))
+                out[name].append(_sample(steps[name], counts[name], device, clock))
             except Exception as exc:
                 if on_error is None:
                     raise
