@@ -490,6 +490,9 @@ def save_adapterhub(model: nn.Module, directory: str, *, use_safetensors: bool =
     record = patch_record(model)
     if record is None:
         raise ValueError("fusedadapter.save_adapterhub: the model is not patched (fusedadapter.patch / load_adapterhub)")
+    if getattr(record, "fusions", None):  # issue 16: not written yet (docs/multitask.md)
+        raise NotImplementedError("fusedadapter.save_adapterhub: a model patched with several fusions "
+                                  "(patch(fusions=...)) cannot be saved in AdapterHub's format yet")
     spec = SUPPORTED_ARCHITECTURES[record.arch]
     hidden = int(model.config.hidden_size)
     prefix = ah_prefix(model)

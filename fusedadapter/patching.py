@@ -263,7 +263,8 @@ class _SiteRuntime:
         self.location = location
         self.original_ln_before = bool(original_ln_before)
         self.residual_before_ln = residual_before_ln
-        self.query_before_ln = bool(fusion.fusion_config.query_before_ln)
+        qbl = getattr(fusion, "query_before_ln", None)  # a MultiFusion's (its fusions' common flag)
+        self.query_before_ln = bool(fusion.fusion_config.query_before_ln if qbl is None else qbl)
         self.fusion_name = fusion_name
         self._local = threading.local()
 
@@ -377,6 +378,7 @@ class SitePlan:
     default_activation: str
     original_ln_before: bool
     residual_before_ln: Union[bool, str]
+    fusions: Optional[list] = None  # several named fusions over the adapters (fusedadapter.multitask)
 
 
 @dataclass
@@ -389,6 +391,7 @@ class PatchRecord:
     backend: str
     sites: List[dict] = field(default_factory=list)   # layer_idx, location, layer_name, child, runtime, ah_path
     ah_configs: Dict[str, dict] = field(default_factory=dict)  # adapter name -> AdapterHub config dict (for save)
+    fusions: Optional[list] = None  # patch(fusions=...): [(name, FusionConfig, adapter names)], MultiFusion sites
 
 
 def _model_dtype_device(layer: nn.Module):
@@ -432,8 +435,14 @@ def install(model: nn.Module, plans: Sequence[SitePlan], *, fusion_name: str, ad
     # never trainable): build them outside it.
     with torch.inference_mode(False), torch.no_grad():
         for plan, layer_name, layer, site, child in resolved:
-            fusion = FusedAdapterFusion(hidden, plan.adapters, plan.fusion, backend,
-                                        default_activation=plan.default_activation, attention_dropout=att_dropout)
+            if plan.fusions is not None:  # several fusions over one adapter pool, routed per row
+                from .multitask import MultiFusion
+
+                fusion = MultiFusion(hidden, plan.adapters, {n: (c, a) for n, c, a in plan.fusions}, backend,
+                                     default_activation=plan.default_activation, attention_dropout=att_dropout)
+            else:
+                fusion = FusedAdapterFusion(hidden, plan.adapters, plan.fusion, backend,
+                                            default_activation=plan.default_activation, attention_dropout=att_dropout)
             dtype, device = _model_dtype_device(layer)
             fusion.train(layer.training)  # a model in eval mode gets sites in eval mode (as AdapterHub does)
             modules.append(fusion.to(device=device, dtype=dtype))
@@ -518,7 +527,7 @@ def adapterhub_config_dict(cfg: AdapterConfig, hidden: int, placement: Placement
 
 
 def patch(model: nn.Module, adapters, fusion: Union[str, Mapping, FusionConfig] = "dynamic",
-          placement: str = "seq_bn", backend: str = "auto") -> nn.Module:
+          placement: str = "seq_bn", backend: str = "auto", *, fusions=None) -> nn.Module:
     """Add N adapters and a fused AdapterFusion site to every transformer block of ``model``, in place.
 
     ``adapters``: a sequence (named "0", "1", ...) or a mapping name -> :class:`AdapterConfig`.
@@ -528,6 +537,11 @@ def patch(model: nn.Module, adapters, fusion: Union[str, Mapping, FusionConfig] 
     ``backend``: as :class:`FusedAdapterFusion`. Sites are registered as ``fusedadapter_output`` /
     ``fusedadapter_attention`` children of each block (new parameters, trainable); the model's
     own parameters are left as they are. Returns ``model``.
+
+    ``fusions`` (multi-task serving, docs/multitask.md): several named fusions over the adapters,
+    e.g. ``{"sst": ("dynamic", ["a", "b"]), "mnli": ("static", ["b", "c", "a"])}`` (``fusion`` is
+    then unused). Each site is a :class:`fusedadapter.MultiFusion`; every call needs a route
+    (``with fusedadapter.fusion_route(names_or_ids_per_row): model(...)``) unless there is one fusion.
     """
     spec = arch_spec(model)  # clear error for unsupported architectures first
     place = _placement(placement)
@@ -539,14 +553,23 @@ def patch(model: nn.Module, adapters, fusion: Union[str, Mapping, FusionConfig] 
         if backend not in BACKENDS:
             raise ValueError(f"fusedadapter.patch: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     n_layers = len(find_layers(model, spec))
+    multi = None
+    if fusions is not None:
+        from .multitask import normalize_fusions
+
+        multi = normalize_fusions(fusions, list(cfgs), "fusedadapter.patch")
+        if len({c.query_before_ln for _, c, _ in multi}) != 1:
+            raise ValueError("fusedadapter.patch: the fusions must agree on query_before_ln (one query per site)")
+        fusion_config = multi[0][1]
     plans = [SitePlan(i, loc, dict(cfgs), fusion_config, place.default_activation, place.original_ln_before,
-                      place.residual_before_ln)
+                      place.residual_before_ln, multi)
              for i in range(n_layers) for loc in place.locations]
     names = list(cfgs)
     record = install(model, plans, fusion_name=",".join(names), adapter_names=names, fusion_config=fusion_config,
                      placement=place.name, backend=backend)
     hidden = int(model.config.hidden_size)
     record.ah_configs = {n: adapterhub_config_dict(c, hidden, place) for n, c in cfgs.items()}
+    record.fusions = multi
     return model
 
 

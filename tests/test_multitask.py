@@ -367,3 +367,81 @@ def test_multi_head():
     with fusion_route([1, 0, 1]):
         y = same(x[:3])
     assert y.shape == (3, 2) and torch.allclose(y[0], same.heads["qqp"](x[0]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# fa.patch(model, adapters, fusions=...): a mixed batch through a patched model
+# ---------------------------------------------------------------------------------------------
+PATCH_POOL = {
+    "a": fa.AdapterConfig(bottleneck_size=6),
+    "b": fa.AdapterConfig(bottleneck_size=3, non_linearity="gelu", ln_before=True),
+    "c": fa.AdapterConfig(bottleneck_size=4, non_linearity="tanh", scaling="learned"),
+}
+PATCH_FUSIONS = {"sst": ("dynamic", ["a", "b"]), "mnli": ("static", ["b", "c", "a"])}
+
+
+def _single_fusion_copy(bare, multi, name, placement):
+    """``bare`` patched with fusion ``name`` alone, its weights those of ``multi``'s fusion ``name``."""
+    from fusedadapter.patching import fusion_sites
+
+    cfg, names = PATCH_FUSIONS[name]
+    single = fa.patch(copy.deepcopy(bare), {n: PATCH_POOL[n] for n in names}, fusion=cfg, placement=placement,
+                      backend="torch")
+    for (_, _, s1), (_, _, sm) in zip(fusion_sites(single), fusion_sites(multi)):
+        f = sm.adapter_fusion_layer[name]
+        s1.load_state_dict({**{f"adapters.{k}": v for k, v in f.adapters.state_dict().items()}, **f.state_dict()})
+    return single
+
+
+@pytest.mark.parametrize("arch,placement", [("bert", "seq_bn"), ("llama", "double_seq_bn")])
+def test_patched_mixed_batch_rows_equal_per_fusion_patched_runs(arch, placement):
+    from fusedadapter.patching import fusion_sites
+    from tiny_models import last_hidden, tiny_inputs, tiny_model
+
+    bare = tiny_model(arch).double()
+    multi = fa.patch(copy.deepcopy(bare), PATCH_POOL, fusions=PATCH_FUSIONS, placement=placement, backend="torch")
+    g = torch.Generator().manual_seed(3)
+    for _, _, site in fusion_sites(multi):
+        assert isinstance(site, MultiFusion) and site.fusion_names == ["sst", "mnli"]
+        perturb_(site, g)
+    inputs = tiny_inputs(arch, batch=4, seq=6)
+    route = ["mnli", "sst", "sst", "mnli"]
+    with fa.fusion_route(route):
+        out = last_hidden(multi(**inputs))
+    assert not torch.equal(out, last_hidden(bare(**inputs)))
+    for name in PATCH_FUSIONS:
+        single = _single_fusion_copy(bare, multi, name, placement)
+        idx = torch.tensor(_rows(route, name))
+        want = last_hidden(single(**{k: v[idx] for k, v in inputs.items()}))
+        torch.testing.assert_close(out[idx], want, rtol=0, atol=1e-12 * want.abs().max().item())
+    # training: a batch routed to sst alone gives mnli's fusion weights (and adapter c) exact zero grads
+    multi.train()
+    with fa.fusion_route("sst"):
+        last_hidden(multi(**inputs)).pow(2).sum().backward()
+    for pname, p in multi.named_parameters():
+        if ".fusedadapter_" not in pname:
+            continue
+        if ".adapter_fusion_layer.mnli." in pname or ".adapters.c." in pname:
+            assert p.grad is not None and not p.grad.any(), pname
+        elif "key.bias" not in pname:
+            assert p.grad is not None and p.grad.any(), pname
+    with pytest.raises(ValueError, match="no route"):
+        multi(**inputs)
+    with pytest.raises(NotImplementedError, match="several fusions"):
+        fa.save_adapterhub(multi, "/nonexistent")
+
+
+def test_patched_multi_head_recipe():
+    """docs/multitask.md's recipe: one routed forward of a mixed batch, each row to its task's head."""
+    from tiny_models import tiny_inputs, tiny_model
+
+    model = fa.patch(tiny_model("bert"), PATCH_POOL, fusions=PATCH_FUSIONS, backend="torch")
+    heads = MultiHead({"sst": torch.nn.Linear(32, 2), "mnli": torch.nn.Linear(32, 3)})
+    inputs = tiny_inputs("bert", batch=3, seq=5)
+    route = ["sst", "mnli", "sst"]
+    with fa.fusion_route(route), torch.no_grad():
+        logits = heads(model(**inputs).last_hidden_state[:, 0])
+    assert [t.shape[-1] for t in logits] == [2, 3, 2]
+    with torch.no_grad(), fa.fusion_route(["mnli"]):
+        alone = heads.heads["mnli"](model(**{k: v[1:2] for k, v in inputs.items()}).last_hidden_state[:, 0])
+    torch.testing.assert_close(logits[1], alone[0], rtol=1e-5, atol=1e-6)
