@@ -104,18 +104,86 @@ def run_point(k, args, device, dtype):
         steps["routed-interleaved"] = Step(run=routed_interleaved)
     sync(device)
     ms = time_interleaved(steps, device, repeats=args.repeats, min_sample_s=args.min_sample_s, warmup=args.warmup)
+    return _rows(ms, args), err
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except Exception:
+        return ""
+
+
+def run_model_point(k, args):
+    """The whole model: a BERT-base-shaped ``BertModel`` (random init, ``--layers`` blocks) patched with
+    ``patch(fusions=...)`` (K fusions over the 8 adapters), one routed forward of the mixed batch,
+    vs K models patched with one fusion each (sharing the base model's tensors) on their rows."""
+    import copy
+
+    from transformers import BertConfig, BertModel
+
+    from fusedadapter.patching import fusion_sites
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
+                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
+    bare = BertModel(config).eval()
+    pool = {f"task{i}": fa.AdapterConfig(bottleneck_size=WIDTH) for i in range(N_POOL)}
+    g = torch.Generator().manual_seed(0)
+    fusions = {f"fusion{j}": ("dynamic", [f"task{i}" for i in torch.randperm(N_POOL, generator=g).tolist()])
+               for j in range(k)}
+
+    def shared_copy(model):
+        memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+        return copy.deepcopy(model, memo)
+
+    multi = fa.patch(shared_copy(bare), pool, fusions=fusions, backend=args.backend)
+    for _, _, site in fusion_sites(multi):
+        perturb_(site, g)
+    singles = []
+    for name, (cfg, names) in fusions.items():
+        single = fa.patch(shared_copy(bare), {n: pool[n] for n in names}, fusion=cfg, backend=args.backend)
+        for (_, _, s1), (_, _, sm) in zip(fusion_sites(single), fusion_sites(multi)):
+            f = sm.adapter_fusion_layer[name]
+            s1.load_state_dict({**{f"adapters.{n}": v for n, v in f.adapters.state_dict().items()}, **f.state_dict()})
+        singles.append(single)
+    per = args.batch // k
+    ids = torch.randint(1000, 30000, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(args.batch, args.seq, dtype=torch.long)
+    route = [j for j in range(k) for _ in range(per)]
+    subsets = [(ids[j * per:(j + 1) * per], mask[j * per:(j + 1) * per]) for j in range(k)]
+
+    def routed():
+        with torch.inference_mode(), fa.fusion_route(route):
+            return multi(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def separate():
+        with torch.inference_mode():
+            return [m(input_ids=i, attention_mask=am).last_hidden_state for m, (i, am) in zip(singles, subsets)]
+
+    want, got = torch.cat(separate()), routed()
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    ms = time_interleaved({"model separate": Step(run=separate), "model routed": Step(run=routed)}, "cpu",
+                          repeats=args.repeats, min_sample_s=0.0, warmup=1)
+    return _rows(ms, args, baseline="model separate"), err
+
+
+def _rows(ms, args, baseline="separate"):
     tokens = args.batch * args.seq
     out = {}
     for name, ts in ms.items():
         q = quantiles(ts)
         row = {"median_ms": q["median"], "p20_ms": q["p20"], "p80_ms": q["p80"], "samples_ms": ts,
                "tokens_per_s": tokens / (q["median"] * 1e-3)}
-        if name != "separate":
-            r = quantiles([s / t for s, t in zip(ms["separate"], ts)])
+        if name != baseline:
+            r = quantiles([s / t for s, t in zip(ms[baseline], ts)])
             row.update(speedup_median=r["median"], speedup_p20=r["p20"], speedup_p80=r["p80"],
-                       speedup_of_mins=min(ms["separate"]) / min(ts))
+                       speedup_of_mins=min(ms[baseline]) / min(ts))
         out[name] = row
-    return out, err
+    return out
 
 
 def main(argv=None):
@@ -134,6 +202,10 @@ def main(argv=None):
     ap.add_argument("--min-sample-s", type=float, default=0.0, help="minimum seconds per sample (default 0: one call)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: steadier on a shared machine; 0 = torch's default)")
+    ap.add_argument("--model", action="store_true", help="also time the whole model: a BERT-base-shaped BertModel "
+                    "patched with K fusions, routed, vs K single-fusion patched models on the row subsets")
+    ap.add_argument("--model-only", action="store_true", help="time the whole model only (not the site)")
+    ap.add_argument("--layers", type=int, default=12, help="--model: blocks (default 12, BERT-base)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -156,9 +228,18 @@ def main(argv=None):
     print(head)
     print("-" * len(head))
     results = {}
-    for k in args.k:
-        rows, err = run_point(k, args, device, dtype)
-        results[f"K={k}"] = {"max_rel_err_vs_separate": err, **rows}
+    points = [] if args.model_only else [(k, "site") for k in args.k]
+    if args.model or args.model_only:
+        if args.device != "cpu" or args.dtype != "float32":
+            ap.error("--model runs on cpu float32")
+        points += [(k, "model") for k in args.k]
+    for k, level in points:
+        if level == "site":
+            rows, err = run_point(k, args, device, dtype)
+            results[f"K={k}"] = {"max_rel_err_vs_separate": err, **rows}
+        else:
+            rows, err = run_model_point(k, args)
+            results[f"model K={k}"] = {"max_rel_err_vs_separate": err, "layers": args.layers, **rows}
         for name, r in rows.items():
             extra = ""
             if "speedup_median" in r:
@@ -171,6 +252,7 @@ def main(argv=None):
         from benchmarks.env import versions
 
         meta = {"shape": {"B": args.batch, "S": args.seq, "hidden": args.hidden, "pool": N_POOL, "width": WIDTH},
+                "commit": _commit(),
                 "backend": args.backend, "resolved": resolved, "device": args.device, "dtype": args.dtype,
                 "threads": torch.get_num_threads(), "repeats": args.repeats, "versions": versions(),
                 "machine": platform.machine(), "processor": platform.processor(), "load_average": load}

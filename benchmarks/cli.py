@@ -1,4 +1,6 @@
-"""``python -m benchmarks [PRESET | model | decode | table | report | device-summary] [options]``.
+"""``python -m benchmarks [PRESET | model | SCRIPT | table | report | device-summary] [options]``.
+
+SCRIPT: one of the standalone benchmarks in :data:`SCRIPTS` (``decode``, ``train``, ``export``, ...).
 
 With no arguments: the ``quick`` preset, a CPU sweep (< 3 minutes on 2 cores) that prints the
 table and writes ``results.csv``, ``results.json``, ``summary.md`` and PNG plots to ``bench-out/``.
@@ -22,6 +24,31 @@ from .report import format_console, markdown_summary, paired_ratio, write_plots
 from .results import ResultWriter, load_rows
 
 DEFAULT_OUT = "bench-out"
+
+# ``python -m benchmarks NAME [options]``: the standalone benchmarks (each also runs as
+# ``python benchmarks/bench_*.py``), with their own options (``python -m benchmarks NAME --help``).
+SCRIPTS: Dict[str, tuple] = {
+    "decode": ("bench_decode", "generate() with the KV cache on a patched Llama-shape model vs bare"),
+    "train": ("bench_train", "a model-level AdapterFusion stage-2 training step: patch, the eager reference and the "
+              "stage-2 floor"),
+    "train-forms": ("bench_train_forms", "one site's training forms (per-token vs folded): where each wins"),
+    "native-cpu": ("bench_native_cpu", "the cpu backend (C++) vs the torch backend, one site on CPU"),
+    "adapter-mask": ("bench_adapter_mask", "what a per-sample adapter_mask costs, one site on CPU"),
+    "host-overhead": ("bench_host_overhead", "one eval call's host overhead: a one-token call minus its two GEMMs"),
+    "model-overhead": ("bench_model_overhead", "BERT-base: bare vs patch vs AdapterHub vs accelerate, no-grad forward"),
+    "adapterdrop": ("bench_adapterdrop", "AdapterDrop: a fused BERT-base with adapters pruned and layers skipped"),
+    "compile": ("bench_compile", "torch.compile / CUDA graphs vs eager patched models"),
+    "export": ("bench_export", "ONNX Runtime: the exported fused BERT vs the exported bare one"),
+}
+
+
+def run_script(name: str, argv: List[str]) -> int:
+    """Run the standalone benchmark ``name`` (a key of :data:`SCRIPTS`) with ``argv``."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{SCRIPTS[name][0]}")
+    rc = module.main(argv)
+    return rc if isinstance(rc, int) else 0  # some scripts' main returns its results
 
 
 def _latest(rows: List[dict]) -> List[dict]:
@@ -216,14 +243,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["quick"] + argv
-    if argv and argv[0] == "decode":  # generate() with the KV cache, patched vs bare (its own options)
-        from .bench_decode import main as decode_main
+    if argv and argv[0] in SCRIPTS:  # a standalone benchmark, with its own options
+        return run_script(argv[0], argv[1:])
+    if argv and argv[0] == "multitask":  # a routed multi-task batch vs K separate forwards (its own options)
+        from .bench_multitask import main as multitask_main
 
-        return decode_main(argv[1:])
-    if argv and argv[0] == "train":  # a model-level stage-2 training step vs the floor (its own options)
-        from .bench_train import main as train_main
-
-        return train_main(argv[1:])
+        multitask_main(argv[1:])
+        return 0
     if argv and argv[0] == "_rss":  # internal: one provider's peak RSS in a fresh process
         from .layer import rss_worker
 
@@ -251,10 +277,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     mp.add_argument("--repeats", type=int, default=5)
     mp.add_argument("--warmup", type=int, default=1)
     mp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    sub.add_parser("train", help="a model-level AdapterFusion stage-2 training step: patch, the eager reference and "
-                   "the stage-2 floor (python -m benchmarks train --help)")
-    sub.add_parser("decode", help="generate() with the KV cache on a patched Llama-shape model vs bare "
-                   "(python -m benchmarks decode --help)")
+    for name, (_, text) in SCRIPTS.items():
+        sub.add_parser(name, help=f"{text} (python -m benchmarks {name} --help)")
+    sub.add_parser("multitask", help="one routed forward of a mixed batch (K fusions over 8 shared adapters) vs K "
+                   "separate forwards (python -m benchmarks multitask --help)")
     tp = sub.add_parser("table", help="regenerate fusedadapter/dispatch_table.json from benchmarks/results/")
     from .table import RESULTS_DIR, TABLE_PATH
 
