@@ -31,9 +31,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedadapter as fa  # noqa: E402
+from benchmarks.models import bert  # noqa: E402
 from benchmarks.providers import Step  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 from fusedadapter.patching import fusion_sites  # noqa: E402
@@ -49,12 +51,7 @@ def shared_copy(model):
 
 
 def build(args):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
-    bare = BertModel(config).eval()
+    bare = bert(args.layers, args.hidden, seed=0).eval()
     g = torch.Generator().manual_seed(2)
     calib = [{"input_ids": torch.randint(1000, 30000, (2, 64), generator=g),
               "attention_mask": torch.ones(2, 64, dtype=torch.long)} for _ in range(2)]

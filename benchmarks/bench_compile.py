@@ -39,9 +39,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedadapter as fa  # noqa: E402
+from benchmarks.models import bert  # noqa: E402
 from benchmarks.providers import Step  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
@@ -49,12 +51,7 @@ N_ADAPTERS, WIDTH = 8, 48
 
 
 def build_models(args, device, dtype):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
-    bare = BertModel(config).eval().to(device=device, dtype=dtype)
+    bare = bert(args.layers, args.hidden, seed=0).eval().to(device=device, dtype=dtype)
     patched = {}
     for backend in args.backends:
         m = copy.deepcopy(bare)

@@ -33,10 +33,13 @@ import torch
 
 import fusedadapter as fa
 
-from .env import cpu_name, device_name
-from .providers import Step
-from .results import ResultWriter, make_row
-from .timing import quantiles, time_interleaved
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.env import cpu_name, device_name  # noqa: E402
+from benchmarks.providers import Step  # noqa: E402
+from benchmarks.results import ResultWriter, make_row  # noqa: E402
+from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 N_ADAPTERS = 8
 REDUCTION = 16

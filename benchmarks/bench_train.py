@@ -17,23 +17,23 @@ the ratio to the floor; ``--out`` writes the rows as JSON. The default is quick 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import platform
 import sys
 
 import torch
 
-from .providers import Step
-from .timing import quantiles, time_interleaved
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.models import bert  # noqa: E402
+from benchmarks.providers import Step  # noqa: E402
+from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 
 def _model(layers: int, seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12,
-                                  intermediate_size=3072, vocab_size=1000, max_position_embeddings=512)
-    return transformers.BertModel(cfg).train()
+    return bert(layers, 768, seed=seed, vocab_size=1000).train()
 
 
 def _steps(layers, batch, seq, n_adapters, r, backends):

@@ -15,6 +15,7 @@ autograd saves for backward per provider (inputs and parameters left out).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import platform
@@ -24,8 +25,12 @@ import torch
 
 import fusedadapter as fa
 import fusedadapter.fold as fold_mod
-from .providers import SiteSpec, Step, setup_site
-from .timing import quantiles, time_interleaved
+
+if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.providers import SiteSpec, Step, setup_site  # noqa: E402
+from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 VARIANTS = {"folded-fp64": ("folded", torch.float64), "folded-fp32": ("folded", torch.float32),
             "per_token": ("per_token", torch.float64), "auto": ("auto", torch.float64)}

@@ -245,11 +245,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = ["quick"] + argv
     if argv and argv[0] in SCRIPTS:  # a standalone benchmark, with its own options
         return run_script(argv[0], argv[1:])
-    if argv and argv[0] == "multitask":  # a routed multi-task batch vs K separate forwards (its own options)
-        from .bench_multitask import main as multitask_main
-
-        multitask_main(argv[1:])
-        return 0
     if argv and argv[0] == "_rss":  # internal: one provider's peak RSS in a fresh process
         from .layer import rss_worker
 
@@ -279,8 +274,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     mp.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     for name, (_, text) in SCRIPTS.items():
         sub.add_parser(name, help=f"{text} (python -m benchmarks {name} --help)")
-    sub.add_parser("multitask", help="one routed forward of a mixed batch (K fusions over 8 shared adapters) vs K "
-                   "separate forwards (python -m benchmarks multitask --help)")
     tp = sub.add_parser("table", help="regenerate fusedadapter/dispatch_table.json from benchmarks/results/")
     from .table import RESULTS_DIR, TABLE_PATH
 

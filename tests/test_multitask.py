@@ -409,6 +409,12 @@ def test_patched_mixed_batch_rows_equal_per_fusion_patched_runs(arch, placement)
     with fa.fusion_route(route):
         out = last_hidden(multi(**inputs))
     assert not torch.equal(out, last_hidden(bare(**inputs)))
+    from fusedadapter.patching import collect_fusion_probs
+
+    with fa.fusion_route(route), collect_fusion_probs(multi) as store:
+        multi(**inputs)
+    probs = store[",".join(PATCH_POOL)][1]["output_adapter"]  # the pool's columns a, b, c
+    assert probs.shape == (4, 6, 3) and not probs[1:3, :, 2].any() and probs[0, :, 2].all()
     for name in PATCH_FUSIONS:
         single = _single_fusion_copy(bare, multi, name, placement)
         idx = torch.tensor(_rows(route, name))

@@ -1,0 +1,70 @@
+"""Smoke runs of the standalone benchmarks (benchmarks/bench_*.py) on tiny settings, through the
+CLI's script table (``python -m benchmarks NAME``): each still runs on the shared harness. Never
+timings: only that a run finishes, prints its table and writes its JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import cli  # noqa: E402
+
+TINY = {
+    "native-cpu": ["--tokens", "1", "8", "--dtypes", "float32", "--hidden", "32", "--adapters", "2", "--width", "4",
+                   "--repeats", "5", "--sample-ms", "1"],
+    "adapter-mask": ["--batch", "2", "--seq", "3", "--hidden", "32", "--adapters", "3", "--width", "4", "--repeats", "5",
+                     "--sample-ms", "1"],
+    "host-overhead": ["--inner", "2", "--repeats", "5"],
+    "model-overhead": ["--layers", "1", "--hidden", "64", "--batch", "1", "--seq", "8", "--repeats", "5"],
+    "adapterdrop": ["--layers", "2", "--hidden", "64", "--batch", "1", "--seq", "8", "--repeats", "5", "--kept", "8", "4",
+                    "--skipped", "0", "1", "--backends", "torch"],
+    "train": ["--layers", "1", "--shapes", "1x8", "--n-adapters", "2", "--r", "4", "--repeats", "5"],
+    "train-forms": ["--tokens", "8", "--backends", "torch", "--repeats", "5"],
+    "compile": ["--device", "cpu", "--layers", "1", "--hidden", "64", "--shapes", "1x8", "--compile-backend", "aot_eager",
+                "--repeats", "5", "--min-sample-s", "0"],
+    "export": ["--layers", "1", "--hidden", "64", "--batch", "2", "--seq", "8", "--repeats", "5", "--no-parity"],
+}
+JSON_FLAG = {"train": "--out", "train-forms": "--out"}
+
+
+@pytest.fixture
+def threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # some scripts set one thread
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_script_runs_tiny_through_the_cli(name, tmp_path, capsys, threads):
+    assert set(TINY) <= set(cli.SCRIPTS)
+    out = tmp_path / "out.json"
+    argv = list(TINY[name])
+    if name != "host-overhead":
+        argv += [JSON_FLAG.get(name, "--json"), str(out)]
+    if name == "export":
+        pytest.importorskip("onnxruntime")
+    assert cli.main([name] + argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip(), "the script prints its table"
+    if name != "host-overhead":
+        assert out.is_file() and json.loads(out.read_text())
+    else:
+        assert "host overhead" in printed
+
+
+def test_every_script_has_a_cli_entry_and_runs_as_a_file():
+    names = {m for m, _ in cli.SCRIPTS.values()}
+    for m in names:
+        assert (REPO / "benchmarks" / f"{m}.py").is_file(), m
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_native_cpu.py"), *TINY["native-cpu"],
+                        "--threads", "1"], cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "speedup" in r.stdout
