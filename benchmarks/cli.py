@@ -39,6 +39,8 @@ SCRIPTS: Dict[str, tuple] = {
     "adapterdrop": ("bench_adapterdrop", "AdapterDrop: a fused BERT-base with adapters pruned and layers skipped"),
     "compile": ("bench_compile", "torch.compile / CUDA graphs vs eager patched models"),
     "export": ("bench_export", "ONNX Runtime: the exported fused BERT vs the exported bare one"),
+    "multitask": ("bench_multitask", "one routed forward of a mixed batch (K fusions over 8 shared adapters) vs K "
+                  "separate forwards"),
 }
 
 
