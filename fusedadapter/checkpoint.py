@@ -421,7 +421,7 @@ def _check_adapter_params(params: Dict[str, torch.Tensor], cfg: dict, site, hidd
         if key not in required and not _ADAPTER_PARAMS_IGNORED.match(key):
             raise _err(wpath, f"unexpected parameter {key!r} of the adapter at {where} (config: ln_before={ln}, "
                               f"scaling={cfg['scaling']!r}, phm_layer={cfg['phm_layer']})")
-    down, up = params[f"adapter_down.{k}.weight"], params["adapter_up.weight"]
+    down = params[f"adapter_down.{k}.weight"]
     if down.dim() != 2 or down.shape[1] != hidden:
         raise _err(wpath, f"adapter_down.{k}.weight at {where} has shape {tuple(down.shape)}, expected (r, {hidden})")
     r = down.shape[0]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from .activations import activation_code, apply_activation
-from .config import FusionConfig
 from .dispatch import resolve_backend
 from .fold import AdapterWeights, Folded, FusionWeights, fold, key_bias_shift
 from .ops import acc_dtype, hash_keep_mask, masked_softmax

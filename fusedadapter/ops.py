@@ -41,7 +41,7 @@ with a fake implementation and a backward op (:func:`register_kernel_op`).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..activations import activation_code, canonical_activation
 from ..dispatch import BACKENDS
-from ..fold import AdapterWeights, FusionWeights, fold
+from ..fold import AdapterWeights, FusionWeights
 from ..functional import fold_plain, run_site
 from ..masking import current_adapter_mask
 from ..modules import cached_fold, site_fold
