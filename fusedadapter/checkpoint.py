@@ -372,7 +372,7 @@ def load_adapterhub(model: nn.Module, fusion_dir: str, adapter_dirs: Union[None,
 
     # ---- everything checked: change the model
     record = install(model, plans, fusion_name=fusion_name, adapter_names=names, fusion_config=fusion_config,
-                     placement=None, backend=backend)
+                     backend=backend)
     try:
         with torch.no_grad():
             for site, sd in zip(record.sites, weights):

@@ -55,7 +55,6 @@ from .registry import set_integration_backend, undo_integrations
 __all__ = ["patch", "unpatch", "collect_fusion_probs", "set_backend", "fusion_sites", "SUPPORTED_ARCHITECTURES",
            "PLACEMENTS", "UnsupportedArchitecture", "is_patched"]
 
-LOCATIONS = ("mh_adapter", "output_adapter")  # AdapterHub's location keys
 _CHILD_NAMES = {"mh_adapter": "fusedadapter_attention", "output_adapter": "fusedadapter_output"}
 _RECORD_ATTR = "_fusedadapter_patch"
 
@@ -387,8 +386,6 @@ class PatchRecord:
     fusion_name: str
     adapter_names: List[str]
     fusion_config: FusionConfig
-    placement: Optional[str]
-    backend: str
     sites: List[dict] = field(default_factory=list)   # layer_idx, location, layer_name, child, runtime, ah_path
     ah_configs: Dict[str, dict] = field(default_factory=dict)  # adapter name -> AdapterHub config dict (for save)
     fusions: Optional[list] = None  # patch(fusions=...): [(name, FusionConfig, adapter names)], MultiFusion sites
@@ -407,7 +404,7 @@ def attention_dropout_of(model: nn.Module) -> float:
 
 
 def install(model: nn.Module, plans: Sequence[SitePlan], *, fusion_name: str, adapter_names: Sequence[str],
-            fusion_config: FusionConfig, placement: Optional[str], backend: str) -> PatchRecord:
+            fusion_config: FusionConfig, backend: str) -> PatchRecord:
     """Install the planned sites (shared by :func:`patch` and :func:`fusedadapter.load_adapterhub`).
     Everything that can fail is checked before the model changes."""
     spec = arch_spec(model)
@@ -448,7 +445,7 @@ def install(model: nn.Module, plans: Sequence[SitePlan], *, fusion_name: str, ad
             modules.append(fusion.to(device=device, dtype=dtype))
 
     record = PatchRecord(arch=spec.name, fusion_name=fusion_name, adapter_names=list(adapter_names),
-                         fusion_config=fusion_config, placement=placement, backend=backend)
+                         fusion_config=fusion_config)
     by_output: Dict[Tuple[int, str], List[_SiteRuntime]] = {}
     output_modules: Dict[Tuple[int, str], nn.Module] = {}
     for (plan, layer_name, layer, site, child), fusion in zip(resolved, modules):
@@ -566,7 +563,7 @@ def patch(model: nn.Module, adapters, fusion: Union[str, Mapping, FusionConfig] 
              for i in range(n_layers) for loc in place.locations]
     names = list(cfgs)
     record = install(model, plans, fusion_name=",".join(names), adapter_names=names, fusion_config=fusion_config,
-                     placement=place.name, backend=backend)
+                     backend=backend)
     hidden = int(model.config.hidden_size)
     record.ah_configs = {n: adapterhub_config_dict(c, hidden, place) for n, c in cfgs.items()}
     record.fusions = multi
@@ -635,7 +632,6 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     if record is not None:
         for s in record.sites:
             s["module"].backend = backend
-        record.backend = backend
         found = True
     found = set_integration_backend(model, backend) or found  # accelerated models (fusedadapter.registry)
     if not found:
