@@ -84,17 +84,6 @@ class AdapterConfig:
     def activation(self, default: str = "relu") -> str:
         return canonical_activation(self.non_linearity if self.non_linearity is not None else default)
 
-    def replace(self, **changes: Any) -> "AdapterConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AdapterConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass(frozen=True)
 class FusionConfig:
