@@ -39,7 +39,7 @@ import torch
 from .errors import BackendUnavailable
 from .ops import register_kernel_op
 
-__all__ = ["load_native_op", "build_settings", "cuda_arch_flags", "extension_status"]
+__all__ = ["load_native_op", "build_settings", "cuda_arch_flags"]
 
 _lock = threading.RLock()
 _ops: Dict[str, Callable] = {}
@@ -204,18 +204,6 @@ def load_native_op(name: str, device) -> Callable:
         raise BackendUnavailable(f"backend {name!r} runs on {name.upper() if name == 'cuda' else 'CPU'} tensors, "
                                  f"not on {device.type!r}")
     return _load(name)
-
-
-def extension_status() -> Dict[str, Optional[str]]:
-    """{kind: None if loaded, the error if it failed, "not loaded" otherwise} (no build)."""
-    return {k: (None if k in _ops else _errors.get(k, "not loaded")) for k in ("cpu", "cuda")}
-
-
-def _forget(kind: Optional[str] = None) -> None:
-    """Drop cached load failures (tests; after installing a compiler). Loaded ops stay loaded."""
-    with _lock:
-        for k in ([kind] if kind else list(_errors)):
-            _errors.pop(k, None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -8,14 +8,13 @@ parity checks; kept in the package so every backend's tests share one definition
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["FLOORS", "rel_err", "oracle_check", "assert_oracle", "perturb_", "module_copy"]
+__all__ = ["FLOORS", "rel_err", "oracle_check", "assert_oracle", "perturb_"]
 
 FLOORS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -72,8 +71,3 @@ def perturb_(module: nn.Module, generator: Optional[torch.Generator] = None) -> 
             is_ln_weight = leaf == "weight"  # 1-D weights are LayerNorm gains
             p.copy_((1.0 + 0.2 * noise) if is_ln_weight else 0.5 * noise)
     return module
-
-
-def module_copy(module: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    m = copy.deepcopy(module)
-    return m.to(dtype) if dtype is not None else m
