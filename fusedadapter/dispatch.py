@@ -139,7 +139,7 @@ def _auto_choice(device: torch.device, dtype: torch.dtype, tokens: int) -> str:
 def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int) -> Tuple[str, Callable]:
     """(name, op) for a site call. ``requested`` is a backend name or ``"auto"``."""
     if torch.compiler.is_exporting():  # every backend lowers to the composite torch form (fusedadapter.export)
-        from .export import lowered_backend
+        from .export_hooks import lowered_backend
 
         name = lowered_backend(requested)
         return name, (fusion_torch if name == "torch" else None)

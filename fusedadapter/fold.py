@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 __all__ = ["AdapterWeights", "FusionWeights", "Folded", "AdapterHalf", "fold", "fold_adapters", "fold_fusion",
-           "fold_fusion_train", "training_fold_form"]
+           "fold_fusion_train", "training_fold_form", "fold_plain"]
 
 _F64 = torch.float64
 
@@ -334,3 +334,21 @@ def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dty
                   shift_weight=None, shift_bias=None,
                   query_pre=FusionWeights(cast(fusion.query_weight), cast(fusion.query_bias), cast(fusion.key_weight),
                                           cast(fusion.key_bias), cast(fusion.value_weight)))
+
+
+def fold_plain(fusion: FusionWeights, dtype: torch.dtype) -> dict:
+    """The plain form's fusion fold (wide adapters): W_K^T W_Q and W_K^T b_Q, and the key-bias shift,
+    in float64, cast to ``dtype``. The adapters stay unfolded."""
+    f64 = torch.float64
+    wq = None if fusion.query_weight is None else fusion.query_weight.to(f64)
+    bq = None if fusion.query_bias is None else fusion.query_bias.to(f64)
+    wk = None if fusion.key_weight is None else fusion.key_weight.to(f64)
+    bk = None if fusion.key_bias is None else fusion.key_bias.to(f64)
+    if wk is not None:
+        w_qk = wk.t() @ wq if wq is not None else wk.t()
+        b_qk = wk.t() @ bq if bq is not None else None
+    else:
+        w_qk, b_qk = wq, bq
+    shift_w, shift_b = key_bias_shift(wq, bq, bk)
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return {"w_qk": cast(w_qk), "b_qk": cast(b_qk), "shift_weight": cast(shift_w), "shift_bias": cast(shift_b)}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .activations import activation_code, apply_activation
 from .dispatch import resolve_backend
-from .fold import AdapterWeights, Folded, FusionWeights, fold, key_bias_shift
+from .fold import AdapterWeights, Folded, FusionWeights, fold, fold_plain  # fold_plain re-exported (its home is fold)
 from .ops import acc_dtype, hash_keep_mask, masked_softmax
 from .reference import reference_fusion
 from .zero_grads import keep_unused_shift, site_key_bias
@@ -154,22 +154,6 @@ def _plain_form(folded_fusion: dict, adapters: Sequence[AdapterWeights], a, res,
     return out.to(out_dtype), probs
 
 
-def fold_plain(fusion: FusionWeights, dtype: torch.dtype) -> dict:
-    f64 = torch.float64
-    wq = None if fusion.query_weight is None else fusion.query_weight.to(f64)
-    bq = None if fusion.query_bias is None else fusion.query_bias.to(f64)
-    wk = None if fusion.key_weight is None else fusion.key_weight.to(f64)
-    bk = None if fusion.key_bias is None else fusion.key_bias.to(f64)
-    if wk is not None:
-        w_qk = wk.t() @ wq if wq is not None else wk.t()
-        b_qk = wk.t() @ bq if bq is not None else None
-    else:
-        w_qk, b_qk = wq, bq
-    shift_w, shift_b = key_bias_shift(wq, bq, bk)
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return {"w_qk": cast(w_qk), "b_qk": cast(b_qk), "shift_weight": cast(shift_w), "shift_bias": cast(shift_b)}
-
-
 def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual_before: bool, temperature: float,
                dropout_p: float, seed: int, keep_mask, adapter_mask=None):
     """Run a backend op on folded weights. a, res, c: (M, H) in the compute dtype; adapter_mask (M, N) or None."""
@@ -288,7 +272,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
     if adapter_mask is not None:
         adapter_mask = adapter_mask_rows(adapter_mask, lead, site.num_adapters, a.device)
     if torch.compiler.is_exporting():  # training-mode dropout cannot export (fusedadapter.export)
-        from .export import check_site_exportable
+        from .export_hooks import check_site_exportable
 
         check_site_exportable(site, dropout_p=dropout_p, temperature=temperature)
     name, op = resolve_backend(backend, a.device, dtype, n_tokens)

@@ -78,7 +78,7 @@ def cached_fold(holder, tag, dtype, make, adapters, fusion=None):
     their folds are never cached.
     """
     if torch.compiler.is_exporting():  # constants from the real parameters (fusedadapter.export)
-        from .export import fold_for_export
+        from .export_hooks import fold_for_export
 
         return fold_for_export(tag, dtype, make, adapters, fusion)
     if torch.compiler.is_compiling():  # in-graph fold; nothing here for dynamo to guard on
@@ -381,7 +381,7 @@ class FusedAdapterFusion(nn.Module):
         if self._temperature_fixed:
             return 1.0
         if torch.compiler.is_exporting():  # the current T as a constant, not stepped, with a warning
-            from .export import exported_temperature
+            from .export_hooks import exported_temperature
 
             return exported_temperature(self, self._temperature)
         return _step_temperature_op(self._temperature, self.reduction)

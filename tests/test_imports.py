@@ -152,18 +152,6 @@ def test_graph_counts_function_level_and_relative_imports(tmp_path):
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# The cycles known today (issue 14), all through function-level imports of a higher layer from a
-# lower one. Removing exactly these edges must leave no cycle; the full graph is an expected
-# (strict) failure until they are gone, so fixing one means deleting its edges here.
-KNOWN_CYCLE_EDGES = {
-    # export (issue 15): the backend resolver, the site runner and the fold cache call export's
-    # trace-time hooks, and export imports functional/modules/patching.
-    ("fusedadapter.dispatch", "fusedadapter.export"),
-    ("fusedadapter.functional", "fusedadapter.export"),
-    ("fusedadapter.modules", "fusedadapter.export"),
-}
-
-
 def _assert_acyclic(graph):
     cycles = import_cycles(graph)
     assert not cycles, "import cycles in fusedadapter (function-level imports included):\n" + "\n\n".join(
@@ -177,11 +165,6 @@ def test_patching_imports_no_integration_and_no_checkpoint():
         assert higher not in GRAPH["fusedadapter.patching"]
 
 
-def test_no_import_cycles_but_the_known_one():
-    _assert_acyclic({v: {w for w in ws if (v, w) not in KNOWN_CYCLE_EDGES} for v, ws in GRAPH.items()})
-
-
-@pytest.mark.xfail(strict=True, reason="the known cycle (KNOWN_CYCLE_EDGES): export")
 def test_no_import_cycles():
     _assert_acyclic(GRAPH)
 
@@ -189,7 +172,8 @@ def test_no_import_cycles():
 def test_leaf_modules_import_nothing_from_the_package():
     # What everything may depend on stays at the bottom.
     for leaf in ("fusedadapter.errors", "fusedadapter.activations", "fusedadapter.fold", "fusedadapter.reference",
-                 "fusedadapter.registry", "fusedadapter.compile_cache", "fusedadapter.adapterhub_format"):
+                 "fusedadapter.registry", "fusedadapter.compile_cache", "fusedadapter.adapterhub_format",
+                 "fusedadapter.zero_grads"):
         assert GRAPH[leaf] == set(), f"{leaf} imports {sorted(GRAPH[leaf])}"
 
 
