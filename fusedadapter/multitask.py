@@ -300,6 +300,7 @@ class MultiFusion(nn.Module):
         if block is not None and not named_block:  # an unnamed block mask: the pool's columns
             adapter_mask = current_adapter_mask(None, batch=batch)
         n_pool = len(pool)
+        pool_index = {n: i for i, n in enumerate(pool)}
         for what, m in (("adapter_mask", adapter_mask), ("dropout_mask", dropout_mask)):
             if m is not None and (not isinstance(m, torch.Tensor) or m.dim() < 2 or m.shape[-1] != n_pool
                                   or m.shape[0] != batch):
@@ -327,7 +328,11 @@ class MultiFusion(nn.Module):
                 row_index.append(idx)
             start += n
             whole = n == batch
-            cols = [pool.index(a) for a in site.adapters]
+            cols = [pool_index.get(a, -1) for a in site.adapters]
+            if -1 in cols:
+                raise ValueError(f"MultiFusion: fusion {self.fusion_names[k]!r} fuses {list(site.adapters)} but the "
+                                 f"pool holds {pool} (an adapter was removed from the pool; AdapterDrop's pruning "
+                                 f"does not apply to multi-fusion sites)")
             sub = [None if t is None else (t if whole else take(t)) for t in (adapter_input, residual, query)]
             masks = []
             for m in (adapter_mask, dropout_mask):

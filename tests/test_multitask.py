@@ -451,3 +451,23 @@ def test_patched_multi_head_recipe():
     with torch.no_grad(), fa.fusion_route(["mnli"]):
         alone = heads.heads["mnli"](model(**{k: v[1:2] for k, v in inputs.items()}).last_hidden_state[:, 0])
     torch.testing.assert_close(logits[1], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_patched_adapter_drop_skip_layers_and_pruning_error():
+    """AdapterDrop's layer skipping composes (skipped blocks are the bare model's); its pruning edits
+    the pool under the fusions, which a routed call then refuses, naming the fusion."""
+    from tiny_models import tiny_inputs, tiny_model
+
+    bare = tiny_model("bert")
+    model = fa.patch(copy.deepcopy(bare), PATCH_POOL, fusions=PATCH_FUSIONS, backend="torch")
+    inputs = tiny_inputs("bert", batch=2)
+    with fa.fusion_route(["sst", "mnli"]), torch.no_grad():
+        routed = model(**inputs).last_hidden_state
+        report = fa.adapter_drop(model, [inputs], skip_layers=2)
+        assert report.skipped_layers == [0, 1]
+        assert torch.equal(model(**inputs).last_hidden_state, bare(**inputs).last_hidden_state)
+        fa.adapter_drop(model, [inputs], skip_layers=0)
+        assert torch.equal(model(**inputs).last_hidden_state, routed)
+        fa.adapter_drop(model, [inputs], keep=2)
+        with pytest.raises(ValueError, match="fusion '(sst|mnli)' fuses .* pruning"):
+            model(**inputs)
