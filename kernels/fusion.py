@@ -61,14 +61,13 @@ SPLIT_K_QUANTUM = _configs.SPLIT_K_QUANTUM
 # Half-precision activations: fp32 weight tiles that are split into hi + lo halves (two dots) instead of
 # rounded to one. The query half of GEMM1 (w_query, which makes the unscaled logits) needs it for the
 # DESIGN §4 oracle at fp16 (rounded, a probs error 1.35x over the bound showed up in the gradients);
-# w_down and the backward's recomputation do not.
-SPLIT_WEIGHTS_DOWN: set = set()
+# w_down and the backward's recomputation do not (the kernels' SPLIT_WD, and SPLIT_WQ in the backward,
+# are always False: the split path stays in the kernels for the query half).
 # FUSEDADAPTER_TRITON_SPLIT_BF16=0 rounds w_query to one bf16 tile instead (GEMM1 1.2 instead of 1.8
 # MFLOP/token at the target row); not measured on a GPU yet, so the split stays the default
 # (device_check.sh times both; tests/test_gpu_triton.py checks the oracle without it).
 SPLIT_WEIGHTS_QUERY = {torch.float16} | ({torch.bfloat16} if os.environ.get("FUSEDADAPTER_TRITON_SPLIT_BF16", "1")
                                          != "0" else set())
-SPLIT_WEIGHTS_BACKWARD: set = set()
 # FUSEDADAPTER_TRITON_PRECAST=1: the fp32 weight tiles the kernels round to fp16/bf16 one by one in
 # every CTA's main loop (w_out, w_down, and w_query where it is not hi/lo split) are cast once per
 # weight tensor instead (cached while the tensor and its version are unchanged) and read at half
@@ -710,7 +709,7 @@ class _Site:
         uniq = set(self.activations)
         self.meta = dict(ACT_MASK=sum(1 << c for c in uniq), UNIFORM_ACT=self.activations[0] if len(uniq) == 1 else -1,
                          ACC=_TL_DTYPE[self.acc], DOT=_TL_DTYPE[self.dtype], N_PAD=_configs.n_pad(self.n),
-                         SPLIT_WD=self.dtype in SPLIT_WEIGHTS_DOWN, SPLIT_WQ=self.dtype in SPLIT_WEIGHTS_QUERY)
+                         SPLIT_WD=False, SPLIT_WQ=self.dtype in SPLIT_WEIGHTS_QUERY)
         self.dropout = dropout_p > 0.0
         self.has_keep = self.dropout and keep_mask is not None
         self.keep = keep_mask.contiguous().view(torch.uint8) if self.has_keep else None
@@ -877,8 +876,7 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
     wm = _new((m, r + n), dt, dev) if need_wm else None
     dshift = _new((m,), acc, dev) if need_ds else None
     dummy = site.segid
-    split_wd = site.meta["SPLIT_WD"] and dt in SPLIT_WEIGHTS_BACKWARD
-    split_wq = site.meta["SPLIT_WQ"] and dt in SPLIT_WEIGHTS_BACKWARD
+    split_wd = split_wq = False  # the backward recomputes with rounded weight tiles (no hi/lo split)
     if m > 0:
         with site.device_guard():
             _BWD1(lambda META: (triton.cdiv(m, META["BLOCK_M"]),),
