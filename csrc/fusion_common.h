@@ -1,6 +1,8 @@
 // Shared by the CPU and CUDA implementations of the fused AdapterFusion op
-// (fusedadapter/ops.py: FUSION_SCHEMA). Host and device code: the dropout hash and the
-// activation table with its derivatives. Keep every formula bit-compatible with
+// (fusedadapter/ops.py: FUSION_SCHEMA). Host and device code: the dropout hash, the activation
+// table with its derivatives, and the per-row logic of the epilogue (dropout, adapter mask, softmax
+// forward and backward, the logit-shift gradient), each written once here and run serially by the
+// CPU backend and warp-parallel by the CUDA kernels. Keep every formula bit-compatible with
 // fusedadapter/ops.py (hash_keep_mask) and fusedadapter/activations.py (apply_activation).
 #pragma once
 
@@ -183,6 +185,124 @@ FA_HD void act_forward_grad(int code, T x, T& y, T& dy) {
       dy = T(1);
       return;
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Per-row epilogue logic, written once for both backends.
+//
+// A row holds the N adapter logits (or probabilities) of one token. `Lanes` says who works on it:
+// SerialLanes (the CPU: one thread, every n, reductions are the identity) or, in
+// fusion_cuda_kernels.cu, WarpLanes (the 32 lanes of one warp, n = lane, lane + 32, ...;
+// reductions by warp shuffles). Each lane reads and writes only its own entries, so the row
+// arrays need no synchronisation beyond the reductions. Lanes provides first(), stride(),
+// max(x), sum(x) and any(b) (the last three reduce the lanes' partial values and return the
+// result to every lane).
+// ---------------------------------------------------------------------------------------------
+struct SerialLanes {
+  static FA_HD int first() { return 0; }
+  static FA_HD int stride() { return 1; }
+  template <typename T>
+  static FA_HD T max(T x) { return x; }
+  template <typename T>
+  static FA_HD T sum(T x) { return x; }
+  static FA_HD bool any(bool b) { return b; }
+};
+
+// Dropout on the fusion logits and the adapter mask for one op call (plain data: a kernel
+// argument on CUDA). scale = 1 / (1 - p) in double; each backend rounds it to its compute type.
+struct DropParams {
+  double p = 0.0;              // 0: no dropout
+  double scale = 1.0;          // 1 / (1 - p)
+  uint32_t key = 0;            // hash_seed_key(seed)
+  const bool* keep = nullptr;  // (M, N) contiguous, or null: the hash decides
+  const void* shift = nullptr; // logit_shift (M,) in the accumulation dtype, or null
+  const bool* allow = nullptr; // adapter_mask (M, N) contiguous, applied after the dropout, or null
+  FA_HD bool on() const { return p > 0.0; }
+  // Is logit (m, n) kept (an N-column row-major layout)?
+  FA_HD bool kept(int64_t m, int64_t n, int64_t N) const {
+    return keep ? keep[m * N + n] : hash_keep(key, m * N + n, static_cast<float>(p));
+  }
+  // logit_shift[m] as T (S: its storage type, the accumulation dtype), 0 without one.
+  template <typename S, typename T>
+  FA_HD T shift_at(int64_t m) const {
+    return shift ? static_cast<T>(static_cast<const S*>(shift)[m]) : T(0);
+  }
+};
+
+// Row m's logits l[0..N) -> probabilities, in place (T: the compute type):
+//   dropout   l = kept ? (l + shift) * scale : 0      (shift: logit_shift[m], 0 without one)
+//   mask      l = -inf where adapter_mask[m] is false; a row masking every adapter -> all p = 0
+//   softmax   p = softmax(l / temperature) (max subtracted)
+template <typename Lanes, typename T>
+FA_HD void row_probs(T* l, int64_t m, int N, const DropParams& d, T shift, T temperature) {
+  if (d.on()) {
+    const T scale = static_cast<T>(d.scale);
+    for (int n = Lanes::first(); n < N; n += Lanes::stride()) l[n] = d.kept(m, n, N) ? (l[n] + shift) * scale : T(0);
+  }
+  if (d.allow) {
+    const bool* a = d.allow + m * N;
+    bool any = false;
+    for (int n = Lanes::first(); n < N; n += Lanes::stride()) {
+      if (a[n]) {
+        any = true;
+      } else {
+        l[n] = -static_cast<T>(INFINITY);  // exp(-inf - max) = 0 below
+      }
+    }
+    if (!Lanes::any(any)) {  // softmax would be 0/0
+      for (int n = Lanes::first(); n < N; n += Lanes::stride()) l[n] = T(0);
+      return;
+    }
+  }
+  T mx = -static_cast<T>(INFINITY);
+  for (int n = Lanes::first(); n < N; n += Lanes::stride()) {
+    l[n] = l[n] / temperature;
+    mx = l[n] > mx ? l[n] : mx;
+  }
+  mx = Lanes::max(mx);
+  T sum = T(0);
+  for (int n = Lanes::first(); n < N; n += Lanes::stride()) {
+    l[n] = fa_exp(l[n] - mx);
+    sum += l[n];
+  }
+  const T inv = T(1) / Lanes::sum(sum);
+  for (int n = Lanes::first(); n < N; n += Lanes::stride()) l[n] *= inv;
+}
+
+// Softmax backward of row m, through the dropout: p[0..N) the probabilities (row_probs), g[0..N)
+// d loss / d p on entry, d loss / d l (the logits before the dropout) on return:
+//   dl = p (dp - sum_k p_k dp_k) / temperature,  times scale where kept and 0 where dropped.
+// Returns d loss / d logit_shift[m] = sum_n dl_n, computed as
+//   (scale / temperature) (P_drop S_kept - P_kept S_drop),  P = sum p, S = sum p dp over the kept
+// and the dropped adapters: the direct sum is all cancellation (exactly 0 without dropout, where
+// the shift cancels in the softmax; that case returns 0). Masked adapters have p = 0, hence dl = 0.
+template <typename Lanes, typename T>
+FA_HD T row_softmax_backward(const T* p, T* g, int64_t m, int N, const DropParams& d, T temperature) {
+  const bool on = d.on();
+  T sdp = T(0), p_keep = T(0), p_drop = T(0), s_keep = T(0), s_drop = T(0);
+  for (int n = Lanes::first(); n < N; n += Lanes::stride()) {
+    const T pd = p[n] * g[n];
+    sdp += pd;
+    if (on) {
+      if (d.kept(m, n, N)) {
+        p_keep += p[n];
+        s_keep += pd;
+      } else {
+        p_drop += p[n];
+        s_drop += pd;
+      }
+    }
+  }
+  sdp = Lanes::sum(sdp);
+  const T scale = static_cast<T>(d.scale);
+  for (int n = Lanes::first(); n < N; n += Lanes::stride()) {
+    const T dl = p[n] * (g[n] - sdp) / temperature;
+    g[n] = on ? (d.kept(m, n, N) ? dl * scale : T(0)) : dl;
+  }
+  if (!on) return T(0);
+  p_keep = Lanes::sum(p_keep), p_drop = Lanes::sum(p_drop), s_keep = Lanes::sum(s_keep), s_drop = Lanes::sum(s_drop);
+  return scale * (p_drop * s_keep - p_keep * s_drop) / temperature;
 }
 
 }  // namespace fusedadapter

@@ -52,63 +52,13 @@ inline uint16_t to_bf16_bits(float f) {
   return h.x;
 }
 
-// Softmax over n logits in place (max subtracted), in T.
+// The dropout / adapter mask / softmax of one row, and its backward: fusion_common.h (row_probs,
+// row_softmax_backward, shared with the CUDA kernels), run here by one thread per row. `Dropout<T>`
+// is that header's DropParams with the logit_shift storage type attached.
 template <typename T>
-inline void softmax_inplace(T* x, int64_t n) {
-  T mx = x[0];
-  for (int64_t k = 1; k < n; ++k) mx = x[k] > mx ? x[k] : mx;
-  T sum = T(0);
-  for (int64_t k = 0; k < n; ++k) {
-    x[k] = std::exp(x[k] - mx);
-    sum += x[k];
-  }
-  const T inv = T(1) / sum;
-  for (int64_t k = 0; k < n; ++k) x[k] *= inv;
-}
-
-// The logits of one row -> probabilities: dropout (keep mask or hash), adapter mask, temperature,
-// softmax.
-template <typename T>
-struct Dropout {
-  double p = 0.0;
-  const bool* keep = nullptr;   // (M, N) contiguous, or null: hash
-  const T* shift = nullptr;     // (M,) or null
-  const bool* allow = nullptr;  // adapter_mask (M, N) contiguous, or null (every adapter, no cost)
-  uint32_t key = 0;
-  T scale = T(1);
-  bool on() const { return p > 0.0; }
-  bool keep_at(int64_t m, int64_t n, int64_t N) const {
-    return keep ? keep[m * N + n] : hash_keep(key, m * N + n, static_cast<float>(p));
-  }
+struct Dropout : DropParams {
+  T shift_of(int64_t m) const { return shift_at<T, T>(m); }
 };
-
-// Masked adapters' logits -> -inf (after dropout). False when the row masks every adapter: then
-// its probabilities are all 0 (set here), and the caller skips the softmax (it would be 0/0).
-template <typename T>
-inline bool mask_logits(T* l, int64_t m, int64_t N, const bool* allow) {
-  const bool* a = allow + m * N;
-  bool any = false;
-  for (int64_t n = 0; n < N; ++n) {
-    if (a[n]) {
-      any = true;
-    } else {
-      l[n] = -std::numeric_limits<T>::infinity();
-    }
-  }
-  if (!any) std::fill(l, l + N, T(0));
-  return any;
-}
-
-template <typename T>
-inline void logits_to_probs(T* l, int64_t m, int64_t N, const Dropout<T>& dr, T temperature) {
-  if (dr.on()) {
-    const T s = dr.shift ? dr.shift[m] : T(0);
-    for (int64_t n = 0; n < N; ++n) l[n] = dr.keep_at(m, n, N) ? (l[n] + s) * dr.scale : T(0);
-  }
-  if (dr.allow && !mask_logits(l, m, N, dr.allow)) return;
-  for (int64_t n = 0; n < N; ++n) l[n] = l[n] / temperature;
-  softmax_inplace(l, N);
-}
 
 // ------------------------------------------------------------------------------------ epilogue
 // Rows [0, M): z = act(zp) per segment, logits, probs, w = [p_seg * z | p] (W = T or bf16 bits).
@@ -142,7 +92,7 @@ void epilogue_forward(const SegmentInfo& seg, int64_t M, const T* zp, int64_t ld
         }
         l[n] = d + tr[R + n];
       }
-      logits_to_probs(l.data(), m, N, dr, temperature);
+      row_probs<SerialLanes>(l.data(), m, static_cast<int>(N), dr, dr.shift_of(m), temperature);
       T* pr = probs + m * N;
       W* wr = w + m * ldw;
       for (int64_t n = 0; n < N; ++n) {
@@ -190,10 +140,9 @@ void epilogue_backward(const SegmentInfo& seg, int64_t M, const T* zp, const T* 
   using A = double;
   const int64_t R = seg.r(), N = seg.n(), RN = R + N;
   const int64_t grain = std::max<int64_t>(1, 4096 / RN);
-  const A scale = dr.on() ? A(1) / (A(1) - A(dr.p)) : A(1);  // exact, as the float64 reference has it
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
     std::vector<T> z(static_cast<size_t>(R)), da(static_cast<size_t>(R));
-    std::vector<A> p(static_cast<size_t>(N)), dp(static_cast<size_t>(N)), keep(static_cast<size_t>(N));
+    std::vector<A> p(static_cast<size_t>(N)), dp(static_cast<size_t>(N));
     for (int64_t m = m0; m < m1; ++m) {
       const T* zr = zp + m * R;
       const T* tr = t + m * RN;
@@ -207,48 +156,20 @@ void epilogue_backward(const SegmentInfo& seg, int64_t M, const T* zp, const T* 
         }
         p[n] = l + A(tr[R + n]);
       }
-      if (dr.on()) {
-        const A s = dr.shift ? A(dr.shift[m]) : A(0);
-        for (int64_t n = 0; n < N; ++n) {
-          keep[n] = dr.keep_at(m, n, N) ? scale : A(0);
-          p[n] = keep[n] != A(0) ? (p[n] + s) * scale : A(0);
-        }
-      }
-      // Masked adapters get p = 0, hence dl = 0 below; a row masking every adapter gets p = 0
-      // throughout (all its gradients but the residual's are 0).
-      if (!dr.allow || mask_logits(p.data(), m, N, dr.allow)) {
-        for (int64_t n = 0; n < N; ++n) p[n] = p[n] / A(temperature);
-        softmax_inplace(p.data(), N);
-      }
-      A sdp = A(0);
+      row_probs<SerialLanes>(p.data(), m, static_cast<int>(N), dr, A(dr.shift_of(m)), A(temperature));
       for (int64_t n = 0; n < N; ++n) {
         A acc = gp ? A(gp[m * N + n]) : A(0);
         for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) acc += A(dwr[j]) * A(z[j]);
         dp[n] = acc + A(dwr[R + n]);
-        sdp += p[n] * dp[n];
       }
+      // dp -> dl in place; dshift = sum_n dl without the cancellation of the direct sum
+      const A ds = row_softmax_backward<SerialLanes>(p.data(), dp.data(), m, static_cast<int>(N), dr, A(temperature));
+      if (dshift) dshift[m] = T(ds);
       T* dzr = dzp + m * R;
       T* dtr = dt + m * RN;
       T* wr = wmix ? wmix + m * RN : nullptr;
-      if (dshift) {
-        // d/d shift = sum_n dl_n = (scale / T) sum_{kept} p_n (dp_n - sdp), rewritten as
-        // (scale / T) (P_drop * S_kept - P_kept * S_drop) with P = sum p, S = sum p dp: exactly 0
-        // when nothing is dropped (the direct sum is all cancellation).
-        A p_keep = A(0), p_drop = A(0), s_keep = A(0), s_drop = A(0);
-        for (int64_t n = 0; n < N; ++n) {
-          if (!dr.on() || keep[n] != A(0)) {
-            p_keep += p[n];
-            s_keep += p[n] * dp[n];
-          } else {
-            p_drop += p[n];
-            s_drop += p[n] * dp[n];
-          }
-        }
-        dshift[m] = dr.on() ? T(scale * (p_drop * s_keep - p_keep * s_drop) / A(temperature)) : T(0);
-      }
       for (int64_t n = 0; n < N; ++n) {
-        A dl = p[n] * (dp[n] - sdp) / A(temperature);
-        if (dr.on()) dl = dl * keep[n];
+        const A dl = dp[n];
         const A pn = p[n];
         for (int64_t j = seg.offsets[n]; j < seg.offsets[n + 1]; ++j) {
           dtr[j] = T(dl * A(z[j]));
@@ -273,6 +194,8 @@ void addmm_into(const at::Tensor& out_view, const at::Tensor& x, const at::Tenso
   }
 }
 
+// The dropout scale stays the exact double 1 / (1 - p): the forward rounds it to float (as the
+// kernels always did), the backward's double row math uses it as the float64 reference has it.
 template <typename T>
 Dropout<T> make_dropout(double dropout_p, int64_t seed, const at::Tensor& keep, const at::Tensor& shift,
                         const at::Tensor& allow) {
@@ -283,7 +206,7 @@ Dropout<T> make_dropout(double dropout_p, int64_t seed, const at::Tensor& keep, 
     dr.keep = keep.defined() ? keep.data_ptr<bool>() : nullptr;
     dr.shift = shift.defined() ? shift.data_ptr<T>() : nullptr;
     dr.key = hash_seed_key(seed);
-    dr.scale = static_cast<T>(1.0 / (1.0 - dropout_p));
+    dr.scale = 1.0 / (1.0 - dropout_p);
   }
   return dr;
 }

@@ -1,12 +1,15 @@
 // The `cuda` backend's epilogue kernels (fusion_cuda_kernels.cu), called by fusion_cuda.cpp.
 // GEMMs run in cuBLAS through ATen (at::mm, including its bf16/fp16 -> fp32 `out_dtype` form);
-// these kernels do everything between them, one thread block per row.
+// these kernels do everything between them, one thread block per row (the row logic of
+// fusion_common.h on one warp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>
+
+#include "fusion_common.h"
 
 namespace fusedadapter {
 namespace cuda {
@@ -21,14 +24,8 @@ struct SegParams {
   int codes[kMaxAdapters];
 };
 
-struct DropParams {
-  double p;        // 0: no dropout
-  double scale;    // 1 / (1 - p)
-  uint32_t key;    // lowbias32(seed)
-  const bool* keep;    // (M, N) or null: hash
-  const void* shift;   // (M,) in the accumulation dtype, or null
-  const bool* allow;   // adapter_mask (M, N), applied after the dropout, or null (every adapter)
-};
+// Dropout and adapter mask: fusedadapter::DropParams (fusion_common.h, shared with the CPU backend).
+using DropParams = ::fusedadapter::DropParams;
 
 // Forward: zp (M, R) and t (M, R+N) are GEMM1 outputs without bias (accumulation dtype, row-major,
 // any row stride); writes probs (M, N) and w (M, R+N) (w's dtype: the GEMM2 input dtype).

@@ -476,6 +476,128 @@ def test_skip_cuda_knob(fresh_loader):
         extension.load_native_op("cuda", "cuda")
 
 
+# ------------------------------------------------------------------------------------ shared row code
+# csrc/fusion_common.h's row functions (dropout, adapter mask, softmax, softmax backward, dshift)
+# run serially in the cpu backend and warp-parallel in the CUDA kernels. No GPU here: 32 host
+# threads with a barrier stand in for the warp's lanes and its shuffle reductions, so a lane that
+# touches another lane's entry, a missing reduction or a lane-divergent early return (a deadlock
+# here, a hang or garbage on the GPU) shows up against the serial run.
+_LANES_CPP = r"""
+// The row code of fusion_common.h run by 32 host threads that stand in for a warp's lanes (the
+// CUDA kernels' WarpLanes), against the same code run serially (the cpu backend's SerialLanes).
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "fusion_common.h"
+
+using namespace fusedadapter;
+
+static std::barrier<>* g_bar = nullptr;
+static double g_scratch[32];
+static thread_local int t_lane = 0;
+
+struct ThreadLanes {  // lane l owns n = l, l + 32, ...; reductions give every lane the result
+  static int first() { return t_lane; }
+  static int stride() { return 32; }
+  static double reduce(double x, bool is_max) {
+    g_bar->arrive_and_wait();
+    g_scratch[t_lane] = x;
+    g_bar->arrive_and_wait();
+    double r = g_scratch[0];
+    for (int i = 1; i < 32; ++i) r = is_max ? (g_scratch[i] > r ? g_scratch[i] : r) : r + g_scratch[i];
+    g_bar->arrive_and_wait();
+    return r;
+  }
+  template <typename T> static T max(T x) { return T(reduce(double(x), true)); }
+  template <typename T> static T sum(T x) { return T(reduce(double(x), false)); }
+  static bool any(bool b) { return reduce(b ? 1.0 : 0.0, false) != 0.0; }
+};
+
+static bool close(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  return std::fabs(a - b) <= 1e-12 * (1.0 + std::fabs(a) + std::fabs(b));
+}
+
+int main() {
+  std::mt19937_64 rng(1234);
+  std::normal_distribution<double> nd;
+  std::barrier<> bar(32);
+  g_bar = &bar;
+  int bad = 0, rows = 0;
+  const int Ns[] = {1, 2, 5, 31, 32, 33, 64, 100, 128};
+  for (int N : Ns) {
+    for (int variant = 0; variant < 8; ++variant) {
+      const int M = 3;
+      std::vector<char> keep(M * N), allow(M * N);
+      for (auto& k : keep) k = (rng() % 10) < 7;
+      for (auto& a : allow) a = (rng() % 10) < 6;
+      for (int n = 0; n < N; ++n) allow[1 * N + n] = 0;  // row 1 masks every adapter
+      std::vector<double> shift(M);
+      for (auto& s : shift) s = 3 * nd(rng);
+      DropParams d;
+      if (variant & 1) {
+        d.p = 0.3;
+        d.scale = 1.0 / 0.7;
+        d.key = hash_seed_key(17 + variant);
+        d.shift = shift.data();
+        if (variant & 2) d.keep = reinterpret_cast<const bool*>(keep.data());
+      }
+      if (variant & 4) d.allow = reinterpret_cast<const bool*>(allow.data());
+      const double temp = variant & 2 ? 0.7 : 1.0;
+      for (int m = 0; m < M; ++m, ++rows) {
+        std::vector<double> l(N), g(N);
+        for (int n = 0; n < N; ++n) l[n] = 4 * nd(rng), g[n] = nd(rng);
+        std::vector<double> l1 = l, g1 = g, l2 = l, g2 = g;
+        const double sh = d.shift_at<double, double>(m);
+        row_probs<SerialLanes>(l1.data(), m, N, d, sh, temp);
+        const double ds1 = row_softmax_backward<SerialLanes>(l1.data(), g1.data(), m, N, d, temp);
+        std::vector<double> ds2(32);
+        std::vector<std::thread> th;
+        for (int lane = 0; lane < 32; ++lane)
+          th.emplace_back([&, lane] {
+            t_lane = lane;
+            row_probs<ThreadLanes>(l2.data(), m, N, d, sh, temp);
+            ds2[lane] = row_softmax_backward<ThreadLanes>(l2.data(), g2.data(), m, N, d, temp);
+          });
+        for (auto& t : th) t.join();
+        bool ok = true;
+        for (int n = 0; n < N; ++n) ok = ok && close(l1[n], l2[n]) && close(g1[n], g2[n]);
+        for (int lane = 0; lane < 32; ++lane) ok = ok && close(ds1, ds2[lane]);
+        if (!ok) {
+          ++bad;
+          std::printf("mismatch N=%d variant=%d m=%d\n", N, variant, m);
+        }
+      }
+    }
+  }
+  std::printf("%d rows, %d mismatches\n", rows, bad);
+  return bad != 0;
+}
+"""
+
+
+def test_row_code_lane_parallel_matches_serial(tmp_path):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    import fusedadapter.csrc
+
+    csrc = list(fusedadapter.csrc.__path__)[0]
+    (tmp_path / "lanes.cpp").write_text(_LANES_CPP)
+    exe = str(tmp_path / "lanes")
+    build = subprocess.run([cxx, "-O1", "-std=c++20", "-pthread", "-I", csrc, str(tmp_path / "lanes.cpp"), "-o", exe],
+                           capture_output=True, text=True, timeout=300)
+    if build.returncode != 0 and "barrier" in build.stderr and "fusion_common" not in build.stderr:
+        pytest.skip("the C++ compiler has no C++20 <barrier>")
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=60)  # a deadlock fails here
+    assert run.returncode == 0 and "0 mismatches" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------ CUDA sources
 def _nvcc():
     home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
