@@ -4,14 +4,22 @@
 // Forward: GEMM1 in cuBLAS through ATen, with fp32 (fp64) outputs even for fp16/bf16 activations
 // (at::mm's out_dtype form: half inputs, the folded weights rounded to the activation dtype for the
 // tensor cores, fp32 accumulation and fp32 results: GEMM1's outputs are never rounded to half
-// before the epilogue); the epilogue kernel writes probs and w = [p*z | p] in the activation dtype;
-// GEMM2 + residual in cuBLAS (fp32 accumulation). Backward: everything in the accumulation dtype,
-// GEMM1 and the softmax recomputed with the exact weights, one epilogue kernel, ATen GEMMs.
+// before the epilogue). w_query, which makes the unscaled logits, is not rounded to one half tile
+// but split hi + lo (two GEMMs into one fp32 result), as the Triton kernels do (kernels/fusion.py
+// SPLIT_WEIGHTS_QUERY): rounded, the fp16 probabilities were 1.35x over the DESIGN §4 bound there.
+// The epilogue kernel writes probs and w = [p*z | p] in the activation dtype; GEMM2 + residual in
+// cuBLAS (fp32 accumulation). Backward: GEMM1 recomputed exactly as the forward ran it (same
+// operands, same rounded/split weights, same kernel, same order of the row sums), so it sees the
+// forward's p; the rest in the accumulation dtype with the exact weights, one epilogue kernel,
+// ATen GEMMs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
+#include <utility>
 
 #include "fusion_common.h"
 #include "fusion_cuda.h"
@@ -50,6 +58,37 @@ at::Tensor gemm_acc(const at::Tensor& x, const at::Tensor& w, at::ScalarType acc
   return at::mm(x, w.to(x.scalar_type()).t(), acc);
 }
 
+// x @ w.T with w split into hi = half(w) and lo = half(w - hi): w keeps ~22 of fp32's 24 mantissa
+// bits (x is exact in its half dtype), at twice GEMM1's query FLOPs.
+at::Tensor gemm_acc_split(const at::Tensor& x, const at::Tensor& w, at::ScalarType acc) {
+  const at::Tensor hi = w.to(x.scalar_type());
+  const at::Tensor lo = (w - hi.to(w.scalar_type())).to(x.scalar_type());
+  at::Tensor out = at::mm(x, hi.t(), acc);
+  out.add_(at::mm(x, lo.t(), acc));
+  return out;
+}
+
+// Is w_query hi/lo split for activations of dtype `adt`? fp16 always; bf16 unless
+// FUSEDADAPTER_CUDA_SPLIT_BF16=0 (the Triton kernels' FUSEDADAPTER_TRITON_SPLIT_BF16 twin: the
+// split at bf16 is unmeasured on a GPU, the device check can time both).
+bool split_query(at::ScalarType adt) {
+  if (adt == at::kHalf) return true;
+  if (adt != at::kBFloat16) return false;
+  const char* v = std::getenv("FUSEDADAPTER_CUDA_SPLIT_BF16");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// GEMM1 without bias, results in `acc`: zp = xd @ w_down.T, t = xq @ w_query.T. The forward and the
+// backward both call this with the activations in their own dtype, so the backward recomputes the
+// forward's GEMM1 outputs (and, through the same epilogue row code, its p) instead of a p from
+// unrounded weights.
+std::pair<at::Tensor, at::Tensor> gemm1(const at::Tensor& xd, const at::Tensor& xq, const at::Tensor& w_down,
+                                        const at::Tensor& w_query, at::ScalarType acc) {
+  at::Tensor zp = gemm_acc(xd, w_down, acc);
+  at::Tensor t = split_query(xq.scalar_type()) ? gemm_acc_split(xq, w_query, acc) : gemm_acc(xq, w_query, acc);
+  return {std::move(zp), std::move(t)};
+}
+
 std::tuple<at::Tensor, at::Tensor> fusion_cuda(const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual,
                                                const at::Tensor& w_down, const OptTensor& b_down,
                                                const at::Tensor& w_query, const OptTensor& b_query,
@@ -69,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cuda(const at::Tensor& xd, const OptTe
   if (M == 0) return {at::empty({0, d.H}, xd.options()), probs};
   const at::Tensor xdc = xd.contiguous();
   const at::Tensor xqc = xq.has_value() ? xq->contiguous() : xdc;
-  const at::Tensor zp = gemm_acc(xdc, w_down, acc);
-  const at::Tensor t = gemm_acc(xqc, w_query, acc);
+  const auto [zp, t] = gemm1(xdc, xqc, w_down, w_query, acc);
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
   const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();
@@ -95,15 +133,16 @@ Grads fusion_cuda_backward(const at::Tensor& grad_out, const OptTensor& grad_pro
                                          dropout_p, keep_mask, logit_shift, adapter_mask);
   const auto needs = check_backward_args("fusion_cuda_backward", d, grad_out, grad_probs, needs_list);
   const int64_t M = d.M, R = d.R, RN = d.R + d.N;
-  (void)probs;  // recomputed with the exact weights
+  (void)probs;  // recomputed, as the forward computed it (gemm1 and the same epilogue row code)
   const c10::cuda::CUDAGuard guard(xd.device());
   const auto seg = make_seg(segments, activations, "fusion_cuda_backward");
   const auto acc = acc_type_of(xd.scalar_type());
   const auto opts = xd.options().dtype(acc);
   const at::Tensor xdc = xd.to(acc).contiguous();
   const at::Tensor xqc = xq.has_value() ? xq->to(acc).contiguous() : xdc;
-  const at::Tensor zp = at::mm(xdc, w_down.t());
-  const at::Tensor t = at::mm(xqc, w_query.t());
+  // GEMM1 as the forward ran it (activation dtype, rounded/split weights), not from xdc.
+  const at::Tensor xd_in = xd.contiguous();
+  const auto [zp, t] = gemm1(xd_in, xq.has_value() ? xq->contiguous() : xd_in, w_down, w_query, acc);
   const at::Tensor go = grad_out.to(acc).contiguous();
   const at::Tensor dw = at::mm(go, w_out);
   const at::Tensor gp = grad_probs.has_value() ? grad_probs->to(acc).contiguous() : at::Tensor();
