@@ -65,10 +65,6 @@ class Folded:
     # per token around it: xq = W_K^T (W_Q c + b_Q) before, o = W_V (sum_n p_n u_n) after.
     query_pre: Optional[FusionWeights] = None  # fusion weights (weight dtype) for the per-token form
 
-    @property
-    def bottleneck(self) -> int:
-        return self.segments[-1]
-
 
 def _f64(t):
     return None if t is None else t.to(_F64)
