@@ -403,7 +403,11 @@ def _bwd_epilogue_kernel(
             z = act(xd @ w_down[cols].T + b_down[cols]);  dwz = dO @ w_out[:, cols]
             dp[:, seg[j]] += dwz[:, j] * z[:, j]
         dl = p * (dp - sum(p * dp)) / T                       # softmax backward
-        if DROPOUT: dl = where(keep, dl / (1 - p_drop), 0);  dshift[rows] = sum_n dl
+        if DROPOUT: dl = where(keep, dl / (1 - p_drop), 0)
+            # d/d shift = sum_n dl, summed as the C++ backends do (csrc/fusion_common.h
+            # row_softmax_backward): exactly 0 when nothing is dropped, no cancellation
+            dshift[rows] = (P_drop * S_keep - P_keep * S_drop) / (1 - p_drop) / T
+            #   P_keep/P_drop = sum p over the kept/dropped adapters, S_* = sum p * dp likewise
         G[rows, 2R:2R+N] = dl                                 # d logit = d e-columns of t
         # pass B: per column gradients
         for cols in blocks over 0..R:
@@ -448,8 +452,16 @@ def _bwd_epilogue_kernel(
         if DROPOUT:
             keep = _keep_mask(rows, rmask, offs_n, nmask, N, keep_ptr, seed_hash, drop_thr, HAS_KEEP)
             dl = tl.where(keep, dl * _scalar(drop_hi, drop_lo, ACC), 0.0)
-        if STORE_DSHIFT:
-            tl.store(dshift_ptr + rows, tl.sum(dl, axis=1).to(dshift_ptr.dtype.element_ty), mask=rmask)
+            if STORE_DSHIFT:  # (only with dropout: without it the shift cancels, the host writes 0)
+                # sum_n dl without the direct sum's cancellation (it is exactly 0 when every adapter is
+                # kept, where the direct sum leaves rounding noise): the C++ backends' form
+                pdp = p * dp
+                p_keep = tl.sum(tl.where(keep, p, 0.0), axis=1)
+                p_drop = tl.sum(tl.where(keep, 0.0, p), axis=1)
+                s_keep = tl.sum(tl.where(keep, pdp, 0.0), axis=1)
+                s_drop = tl.sum(tl.where(keep, 0.0, pdp), axis=1)
+                ds = _scalar(drop_hi, drop_lo, ACC) * (p_drop * s_keep - p_keep * s_drop) / _scalar(temp_hi, temp_lo, ACC)
+                tl.store(dshift_ptr + rows, ds.to(dshift_ptr.dtype.element_ty), mask=rmask)
         if STORE_G:
             tl.store(g_ptr + rows[:, None] * stride_g + (2 * R + offs_n)[None, :], dl.to(g_ptr.dtype.element_ty),
                      mask=mn_mask)

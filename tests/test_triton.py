@@ -286,6 +286,28 @@ def test_split_k_weight_gradients(monkeypatch):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
+def test_logit_shift_gradient_is_the_cancellation_free_sum():
+    # d loss / d logit_shift = sum_n dl_n. Summed directly (the kernel before) it is all
+    # cancellation: on a row that keeps every adapter the shift cancels in the softmax and the
+    # gradient is exactly 0, but the direct sum left fp32 rounding noise there. The C++ backends'
+    # form (P_drop S_kept - P_kept S_drop) scale / T gives exactly 0 on such rows and the float64
+    # value to fp32 accuracy on the others.
+    m = 48
+    args = _op_args(m, 24, [4, 6, 3, 5, 2], 16, dropout_p=0.3, seed=9, keep=True, shift=True, temperature=0.8,
+                    gen_seed=11)
+    keep = args[13].clone()
+    keep[: m // 2] = True  # the first half keeps every adapter
+    keep[m // 2:, 0] = False  # the second half drops at least one
+    args[13] = keep
+    args[14] = args[14] * 4.0
+    got = _grads(OP, args)[2][-1]
+    assert torch.equal(got[: m // 2], torch.zeros_like(got[: m // 2])), got[: m // 2].abs().max()
+    args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    truth = _grads(torch.ops.fusedadapter.fusion_torch, args64)[2][-1]
+    err = (got.double() - truth).abs().max().item()
+    assert err <= 1e-5 * truth.abs().max().item(), (err, truth.abs().max().item())
+
+
 def test_backward_only_some_gradients():
     # frozen adapters and inputs (AdapterFusion stage 2): only w_query / b_query / w_out need gradients
     args = _op_args(21, 16, [3, 5], 12, dropout_p=0.1, seed=4, shift=True)
