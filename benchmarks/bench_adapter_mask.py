@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
 
 import fusedadapter as fa  # noqa: E402
 from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.results import ResultWriter, make_row  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: time.perf_counter; cpu: this thread's CPU time (needs --threads 1)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--out", default=None, help="also append rows of the shared schema (benchmarks/results.py) to "
+                    "OUT/results.{csv,json}")
     args = ap.parse_args(argv)
     if args.repeats < 5:
         ap.error("--repeats must be >= 5")
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
           f"input ({args.batch}, {args.seq}, {args.hidden}) = {tokens} tokens, {args.dtype}, inference_mode")
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
           f"repeats {args.repeats}, clock {args.clock}" + (f"; skipped (unavailable): {skipped}" if skipped else ""))
-    rows = []
+    rows, schema_rows = [], []
     with torch.inference_mode():
         g = torch.Generator().manual_seed(tokens)
         x = torch.randn(args.batch, args.seq, args.hidden, generator=g).to(dtype)
@@ -122,9 +125,17 @@ def main(argv=None) -> int:
                          width=args.width, dtype=args.dtype, median_s=med / 1e3, p20_s=p20 / 1e3, p80_s=p80 / 1e3,
                          overhead_vs_none=over, samples_s=[t / 1e3 for t in s[(b, v)]], threads=torch.get_num_threads(),
                          clock=args.clock))
+        schema_rows.append(make_row(kernel="adapter_mask", provider=b, mode="nograd", metric="time", unit="ms",
+                                    x_name="mask", x_value=v, **q,
+                                    config=dict(mask=v, tokens=tokens, batch=args.batch, seq=args.seq, hidden=args.hidden,
+                                                n=args.adapters, r=args.width, dtype=args.dtype, repeats=args.repeats,
+                                                threads=torch.get_num_threads(), clock=args.clock,
+                                                overhead_vs_none=over, samples_ms=s[(b, v)])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.out:
+        ResultWriter(args.out).add(schema_rows)
     return 0
 
 

@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
 import fusedadapter as fa  # noqa: E402
 from benchmarks.models import bert, fusion_adapters  # noqa: E402
 from benchmarks.providers import Step  # noqa: E402
+from benchmarks.results import ResultWriter, make_row  # noqa: E402
 from benchmarks.timing import paired_quantiles, quantiles, time_interleaved  # noqa: E402
 
 B, S, N_ADAPTERS, WIDTH = 8, 128, 8, 48
@@ -77,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--backend", default="auto", help="fusedadapter backend of both fused variants (default auto)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--out", default=None, help="also append rows of the shared schema (benchmarks/results.py) to "
+                    "OUT/results.{csv,json}")
     ap.add_argument("--layers", type=int, default=12, help="BERT blocks (default 12: BERT-base)")
     ap.add_argument("--hidden", type=int, default=768, help="BERT width (default 768)")
     ap.add_argument("--batch", type=int, default=B)
@@ -118,7 +121,9 @@ def main(argv=None):
           + (f", load average {load[0]:.1f}" if load else ""))
     print(f"{'variant':<12} {'median s':>9} {'p20 s':>8} {'p80 s':>8} {'min s':>7}   {'overhead median':>15} {'p20':>7} "
           f"{'p80':>7} {'of mins':>8}")
-    results = {}
+    results, schema_rows = {}, []
+    cfg = dict(model="bert", layers=args.layers, hidden=args.hidden, batch=args.batch, seq=args.seq, n=N_ADAPTERS,
+               r=WIDTH, dtype="float32", backend=args.backend, repeats=args.repeats, threads=torch.get_num_threads())
     for name in variants:
         ts = times[name]
         q, ratio = quantiles(ts), paired_quantiles(ts, times["bare"])
@@ -127,6 +132,13 @@ def main(argv=None):
                "overhead_p20": ratio["p20"] - 1, "overhead_p80": ratio["p80"] - 1,
                "overhead_of_mins": min(ts) / min(times["bare"]) - 1, "times_s": ts}
         results[name] = res
+        common = dict(kernel="model_overhead", provider=name, mode="nograd", x_name="tokens",
+                      x_value=args.batch * args.seq)
+        schema_rows.append(make_row(**common, metric="time", unit="ms", **{k: v * 1e3 for k, v in q.items()},
+                                    config=dict(cfg, samples_ms=[t * 1e3 for t in ts])))
+        if name != "bare":
+            schema_rows.append(make_row(**common, metric="overhead", unit="ratio-1",
+                                        **{k: v - 1 for k, v in ratio.items()}, config=cfg))
         ov = "" if name == "bare" else (f"{100 * res['overhead_median']:>+14.1f}% {100 * res['overhead_p20']:>+6.1f}% "
                                         f"{100 * res['overhead_p80']:>+6.1f}% {100 * res['overhead_of_mins']:>+7.1f}%")
         print(f"{name:<12} {res['median_s']:>9.3f} {res['p20_s']:>8.3f} {res['p80_s']:>8.3f} {res['min_s']:>7.3f}   {ov}")
@@ -138,6 +150,8 @@ def main(argv=None):
                 "backend": args.backend}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
+    if args.out:
+        ResultWriter(args.out).add(schema_rows)
     return results
 
 

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.results import ResultWriter, make_row  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-ms", type=float, default=30.0, help="target length of one sample")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--out", default=None, help="also append rows of the shared schema (benchmarks/results.py) to "
+                    "OUT/results.{csv,json}")
     args = ap.parse_args(argv)
     if args.repeats < 5:
         ap.error("--repeats must be >= 5")
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
           f"cpu kernels: {isa} (small_m_max {cfg[2]}, bf16_min_m {cfg[3]}), repeats {args.repeats}")
     print(f"{'dtype':>9} {'tokens':>6} | {'torch ms (p20-p80)':>24} | {'cpu ms (p20-p80)':>24} | {'speedup':>7}")
-    rows = []
+    rows, schema_rows = [], []
     cpu_median = {}
     for dname in args.dtypes:
         dtype = getattr(torch, dname)
@@ -87,6 +90,12 @@ def main(argv=None) -> int:
                 rows.append({"dtype": dname, "tokens": tokens,
                              "torch_ms": [stats["torch"][k] for k in ("median", "p20", "p80")],
                              "cpu_ms": [stats["cpu"][k] for k in ("median", "p20", "p80")], "speedup": speed})
+                schema_rows += [make_row(kernel="native_cpu", provider=b, mode="nograd", metric="time", unit="ms",
+                                         x_name="tokens", x_value=tokens, **stats[b],
+                                         config=dict(tokens=tokens, hidden=args.hidden, n=args.adapters, r=args.width,
+                                                     dtype=dname, repeats=args.repeats, threads=torch.get_num_threads(),
+                                                     isa=isa))
+                                for b in ("torch", "cpu")]
     if "float32" in args.dtypes and "bfloat16" in args.dtypes:
         print("# cpu backend, bf16 speed over its own fp32 (median ratio):")
         for tokens in args.tokens:
@@ -95,6 +104,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "isa": isa,
                        "machine": platform.machine(), "cpu_count": os.cpu_count(), "rows": rows}, f, indent=1)
+    if args.out:
+        ResultWriter(args.out).add(schema_rows)
     return 0
 
 

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks import cli  # noqa: E402
+from benchmarks.results import SCHEMA, load_rows  # noqa: E402
 
 TINY = {
     "native-cpu": ["--tokens", "1", "8", "--dtypes", "float32", "--hidden", "32", "--adapters", "2", "--width", "4",
@@ -32,6 +33,7 @@ TINY = {
     "export": ["--layers", "1", "--hidden", "64", "--batch", "2", "--seq", "8", "--repeats", "5", "--no-parity"],
 }
 JSON_FLAG = {"train": "--out", "train-forms": "--out"}
+SCHEMA_ROWS = {"native-cpu": "native_cpu", "adapter-mask": "adapter_mask", "model-overhead": "model_overhead"}
 
 
 @pytest.fixture
@@ -48,6 +50,8 @@ def test_script_runs_tiny_through_the_cli(name, tmp_path, capsys, threads):
     argv = list(TINY[name])
     if name != "host-overhead":
         argv += [JSON_FLAG.get(name, "--json"), str(out)]
+    if name in SCHEMA_ROWS:
+        argv += ["--out", str(tmp_path / "rows")]
     if name == "export":
         pytest.importorskip("onnxruntime")
     assert cli.main([name] + argv) == 0
@@ -57,6 +61,12 @@ def test_script_runs_tiny_through_the_cli(name, tmp_path, capsys, threads):
         assert out.is_file() and json.loads(out.read_text())
     else:
         assert "host overhead" in printed
+    if name in SCHEMA_ROWS:  # rows of the shared schema, as the layer and model benchmarks write them
+        rows = load_rows(tmp_path / "rows")
+        assert rows and all(tuple(k for k in row if k != "_source") == SCHEMA for row in rows)
+        assert {row["kernel"] for row in rows} == {SCHEMA_ROWS[name]}
+        times = [row for row in rows if row["metric"] == "time"]
+        assert times and all(row["p20"] <= row["median"] <= row["p80"] for row in times)
 
 
 def test_every_script_has_a_cli_entry_and_runs_as_a_file():
