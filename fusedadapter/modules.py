@@ -21,12 +21,12 @@ from torch import nn
 from .activations import activation_code, reference_activation
 from .config import AdapterConfig, FusionConfig, check_adapter_name
 from .dispatch import BACKENDS
-from .fold import AdapterWeights, FusionWeights, fold, fold_adapters, fold_fusion_train
-from .functional import fold_plain, run_site
+from .fold import AdapterWeights
+from .functional import run_site
 from .masking import current_adapter_mask
-from .reference import reference_fusion
+from .site import FusionSite, cached_fold, fold_inputs_key, site_fold  # cache re-exported (its home is site.py)
 
-__all__ = ["BottleneckAdapter", "FusedAdapterFusion", "cached_fold", "site_fold"]
+__all__ = ["BottleneckAdapter", "FusedAdapterFusion", "cached_fold", "site_fold", "fold_inputs_key"]
 
 
 def _init_bert(module: nn.Module) -> None:
@@ -38,90 +38,6 @@ def _init_bert(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         module.bias.data.zero_()
         module.weight.data.fill_(1.0)
-
-
-def _stamp(t):
-    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.requires_grad)
-
-
-def fold_inputs_key(adapters, fusion):
-    """(key, tensors): everything :func:`fusedadapter.fold.fold` reads from ``adapters``
-    (AdapterWeights) and ``fusion`` (FusionWeights, or None for the adapter half alone).
-
-    A tensor enters by identity, storage, version counter, dtype, device and ``requires_grad``;
-    anything else (float scalings, activation codes, ``ln_before`` flags, which fusion weights are
-    absent) by value. ``tensors`` lists every tensor read (kept alive by the cache entry, so an id
-    in a key can never be reused by another tensor while the entry exists)."""
-    parts, tensors = [], []
-    fields = []
-    for w in adapters:
-        fields.extend((w.down_weight, w.down_bias, w.up_weight, w.up_bias, w.scaling, w.ln_weight, w.ln_bias))
-        parts.append((int(w.activation), bool(w.ln_before)))
-    if fusion is not None:
-        fields.extend((fusion.query_weight, fusion.query_bias, fusion.key_weight, fusion.key_bias,
-                       fusion.value_weight))
-    for t in fields:
-        if isinstance(t, torch.Tensor):
-            tensors.append(t)
-            parts.append(_stamp(t))
-        else:
-            parts.append(t if t is None else (type(t), t))
-    return tuple(parts), tensors
-
-
-def cached_fold(holder, tag, dtype, make, adapters, fusion=None):
-    """``make()`` (a fold of ``adapters``/``fusion``), cached on ``holder._fold_cache[tag]`` while valid.
-
-    The key (:func:`fold_inputs_key`) holds every input of the fold. Under autograd with trainable
-    inputs, or while compiling, the fold is rebuilt (differentiable) every call. Inference tensors
-    (made under ``inference_mode``) have no version counter, so an in-place edit could not be seen:
-    their folds are never cached.
-    """
-    if torch.compiler.is_exporting():  # constants from the real parameters (fusedadapter.export)
-        from .export_hooks import fold_for_export
-
-        return fold_for_export(tag, dtype, make, adapters, fusion)
-    if torch.compiler.is_compiling():  # in-graph fold; nothing here for dynamo to guard on
-        return make()
-    key, tensors = fold_inputs_key(adapters, fusion)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return make()
-    if any(t.is_inference() for t in tensors):
-        with torch.no_grad():
-            return make()
-    key = (dtype, key)
-    cache = holder._fold_cache
-    if cache is None:
-        cache = holder._fold_cache = {}
-    entry = cache.get(tag)
-    if entry is not None and entry[0] == key:
-        return entry[2]
-    with torch.no_grad():
-        value = make()
-    cache[tag] = (key, tensors, value)
-    return value
-
-
-def site_fold(holder, adapters, fusion, dtype, n_tokens=None):
-    """The folded weights for one call of a site (``holder`` carries ``_fold_cache``).
-
-    * no autograd, or nothing trainable: the whole fold, cached (:func:`cached_fold`);
-    * adapters trainable (joint training): the whole fold under autograd, every call;
-    * adapters frozen, fusion trainable (AdapterFusion stage 2): the adapter half (the [U; C] rows,
-      the LN-folded down projections) is cached with the same key rules as the eval fold, and only
-      the products with the trained fusion weights run under autograd, in the form and precision
-      :func:`fusedadapter.fold.fold_fusion_train` picks for ``n_tokens``.
-    """
-    if torch.compiler.is_exporting() or torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return cached_fold(holder, "folded", dtype, lambda: fold(adapters, fusion, dtype), adapters, fusion)
-    if any(t.requires_grad for w in adapters for t in (w.down_weight, w.down_bias, w.up_weight, w.up_bias, w.scaling,
-                                                       w.ln_weight, w.ln_bias) if isinstance(t, torch.Tensor)):
-        return fold(adapters, fusion, dtype)
-    if not any(t is not None and t.requires_grad for t in (fusion.query_weight, fusion.query_bias, fusion.key_weight,
-                                                           fusion.key_bias, fusion.value_weight)):
-        return cached_fold(holder, "folded", dtype, lambda: fold(adapters, fusion, dtype), adapters, fusion)
-    half = cached_fold(holder, "adapters", dtype, lambda: fold_adapters(adapters, dtype, training=True), adapters)
-    return fold_fusion_train(half, fusion, dtype, n_tokens, memo=holder._fold_cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +175,7 @@ def _(temperature, reduction):
     return torch.empty_like(temperature)
 
 
-class FusedAdapterFusion(nn.Module):
+class FusedAdapterFusion(nn.Module, FusionSite):
     """N bottleneck adapters and AdapterHub's fusion attention over them, as one site.
 
     ``forward(adapter_input, residual, query=None, *, return_probs=False, adapter_mask=None)`` takes
@@ -355,7 +271,7 @@ class FusedAdapterFusion(nn.Module):
                 f"dropout_p={self.dropout_p}")
 
     def invalidate_fold_cache(self) -> None:
-        self._fold_cache = None
+        FusionSite.invalidate_fold_cache(self)
         self._fast_fold = None
 
     @property
@@ -396,48 +312,32 @@ class FusedAdapterFusion(nn.Module):
             self._buffers["_temperature"] = t.to(device=new.device)
         return out
 
-    # ------------------------------------------------------------------ the site protocol (run_site)
-    def adapter_weights(self, dtype=None):
-        ws = [a.weights() for a in self.adapters.values()]
-        if dtype is None:
-            return ws
-        cast = (lambda t: t.to(dtype) if isinstance(t, torch.Tensor) else t)
-        return [AdapterWeights(cast(w.down_weight), cast(w.down_bias), cast(w.up_weight), cast(w.up_bias),
-                               cast(w.scaling), cast(w.ln_weight), cast(w.ln_bias), w.activation, w.ln_before)
-                for w in ws]
+    # ------------------------------------------------------------------ the site (FusionSite's hooks)
+    def _adapter_modules_or_weights(self):
+        return [a.weights() for a in self.adapters.values()]
 
-    def fusion_weights(self, dtype=None):
-        def get(lin, attr):
-            if lin is None:
-                return None
-            t = getattr(lin, attr)
-            return None if t is None else (t if dtype is None else t.to(dtype))
+    def _fusion_linears(self):
+        return self.query, self.key, self.value
 
-        return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
-                             get(self.key, "bias"), get(self.value, "weight"))
+    def _reference_modules(self):
+        return list(self.adapters.values()), self.query, self.key, self.value
+
+    def _reference_training(self, dropout_p):
+        return self.training
 
     def folded(self, dtype, n_tokens=None):
         if torch.compiler.is_compiling():  # in-graph fold; no cache state for dynamo to guard on
-            return site_fold(self, self.adapter_weights(), self.fusion_weights(), dtype, n_tokens)
+            return FusionSite.folded(self, dtype, n_tokens)
         fast = self.__dict__.get("_fast_fold")
         if fast is not None:
             value = fast.get(self, dtype)
             if value is not None:
                 return value
-        value = site_fold(self, self.adapter_weights(), self.fusion_weights(), dtype, n_tokens)
+        value = FusionSite.folded(self, dtype, n_tokens)
         entry = (self._fold_cache or {}).get("folded")
         if entry is not None and entry[2] is value:  # the cached eval fold: remember it for the fast check
             self._fast_fold = _FastFold(dtype, _site_inputs(self), value)
         return value
-
-    def plain_folded(self, dtype):
-        fus = self.fusion_weights()
-        return cached_fold(self, "plain", dtype, lambda: fold_plain(fus, dtype), [], fus)
-
-    def reference(self, a, res, c, temperature, dropout_p, keep_mask, adapter_mask=None):
-        return reference_fusion(a, res, c, list(self.adapters.values()), self.query, self.key, self.value,
-                                residual_before=self.residual_before, temperature=temperature, dropout_p=dropout_p,
-                                keep_mask=keep_mask, training=self.training, adapter_mask=adapter_mask)
 
     # ------------------------------------------------------------------ forward
     def forward(self, adapter_input: torch.Tensor, residual: torch.Tensor, query: Optional[torch.Tensor] = None, *,

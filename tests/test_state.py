@@ -257,14 +257,14 @@ def test_cache_sees_scaling_edit_on_an_accelerated_adapterhub_model():
 # every change the full key sees
 # ------------------------------------------------------------------------------------------
 def test_warm_eval_call_skips_the_full_key(monkeypatch):
-    import fusedadapter.modules as modules
+    import fusedadapter.site as site
 
     m = fresh()
     a, res = inputs(m)
     warm(m, a, res)
     calls = []
-    real = modules.fold_inputs_key
-    monkeypatch.setattr(modules, "fold_inputs_key", lambda *x: calls.append(1) or real(*x))
+    real = site.fold_inputs_key
+    monkeypatch.setattr(site, "fold_inputs_key", lambda *x: calls.append(1) or real(*x))
     with torch.no_grad():
         m(a, res)
         m(a, res)

@@ -53,7 +53,7 @@ def test_adapter_half_is_cached_across_training_calls(form, monkeypatch):
     a, res, _, mask = make_inputs(m)
     calls = []
     real = fold_mod.fold_adapters
-    monkeypatch.setattr("fusedadapter.modules.fold_adapters", lambda *x, **k: calls.append(1) or real(*x, **k))
+    monkeypatch.setattr("fusedadapter.site.fold_adapters", lambda *x, **k: calls.append(1) or real(*x, **k))
     for _ in range(3):
         assert_matches_reference(m, a, res, mask)
     assert len(calls) == 1  # the reference copies never fold; the fused site folded its adapters once
@@ -116,7 +116,7 @@ def test_gradient_checkpointing_does_not_refold_the_adapters(form, monkeypatch):
     a, res, _, mask = make_inputs(m)
     calls = []
     real = fold_mod.fold_adapters
-    monkeypatch.setattr("fusedadapter.modules.fold_adapters", lambda *x, **k: calls.append(1) or real(*x, **k))
+    monkeypatch.setattr("fusedadapter.site.fold_adapters", lambda *x, **k: calls.append(1) or real(*x, **k))
     m.eval()  # no dropout: the recomputed forward is the same function
     for _ in range(2):
         out = torch.utils.checkpoint.checkpoint(lambda x, r: m(x, r), a.clone().requires_grad_(True), res,
