@@ -389,8 +389,8 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
   auto dt = at::empty({M, RN}, opts);
   at::Tensor go = grad_out.to(acc).contiguous();
   at::Tensor dw = at::empty({M, RN}, opts);
-  at::Tensor wmix = needs[7] ? at::empty({M, RN}, opts) : at::Tensor();
-  at::Tensor dshift = (needs[8] && logit_shift.has_value()) ? at::empty({M}, opts) : at::Tensor();
+  at::Tensor wmix = needs[kGradWOut] ? at::empty({M, RN}, opts) : at::Tensor();
+  at::Tensor dshift = (needs[kGradLogitShift] && logit_shift.has_value()) ? at::empty({M}, opts) : at::Tensor();
   const at::Tensor gp = grad_probs.has_value() ? grad_probs->to(acc).contiguous() : at::Tensor();
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();

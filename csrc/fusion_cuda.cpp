@@ -152,8 +152,8 @@ Grads fusion_cuda_backward(const at::Tensor& grad_out, const OptTensor& grad_pro
   const OptTensor bd = b_down.has_value() ? OptTensor(b_down->contiguous()) : OptTensor();
   const OptTensor bq = b_query.has_value() ? OptTensor(b_query->contiguous()) : OptTensor();
   at::Tensor dzp = at::zeros({M, R}, opts), dt = at::zeros({M, RN}, opts);
-  at::Tensor wmix = needs[7] ? at::zeros({M, RN}, opts) : at::Tensor();
-  at::Tensor dshift = (needs[8] && logit_shift.has_value()) ? at::zeros({M}, opts) : at::Tensor();
+  at::Tensor wmix = needs[kGradWOut] ? at::zeros({M, RN}, opts) : at::Tensor();
+  at::Tensor dshift = (needs[kGradLogitShift] && logit_shift.has_value()) ? at::zeros({M}, opts) : at::Tensor();
   cuda::backward_epilogue(zp, t, bd, bq, dw, gp, dzp, dt, wmix, dshift, seg, temperature,
                           make_drop(dropout_p, seed, keep, shift, allow));
   return assemble_grads(needs, grad_out, go, xd, xq, xdc, xqc, w_down, b_down, w_query, b_query, logit_shift, dzp,

@@ -164,14 +164,35 @@ inline FusionDims check_fusion_args(const char* op, c10::DeviceType device_type,
 }
 
 // ------------------------------------------------------------------------------ backward glue
-using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// The backward op's gradient slots: its outputs and its `needs` flags, in FUSION_BACKWARD_SCHEMA's
+// order (fusedadapter.ops.FUSION_GRADS, derived there from the schema; tests/test_native.py checks
+// kGradNames against it). Never renumber: the order is part of the schema.
+enum Grad : int {
+  kGradXd = 0,
+  kGradXq,
+  kGradResidual,
+  kGradWDown,
+  kGradBDown,
+  kGradWQuery,
+  kGradBQuery,
+  kGradWOut,
+  kGradLogitShift,
+  kNumGrads,
+};
+constexpr const char* kGradNames[kNumGrads] = {"xd",      "xq",      "residual", "w_down",     "b_down",
+                                               "w_query", "b_query", "w_out",    "logit_shift"};
 
-// The backward's `needs` flags (one per gradient, FUSION_BACKWARD_SCHEMA order) and shape checks.
-inline std::array<bool, 9> check_backward_args(const char* op, const FusionDims& d, const Tensor& grad_out,
-                                               const OptTensor& grad_probs, const c10::List<bool>& needs_list) {
-  TORCH_CHECK_VALUE(needs_list.size() == 9, op, ": needs must have 9 flags, got ", needs_list.size());
-  std::array<bool, 9> needs{};
-  for (size_t i = 0; i < 9; ++i) needs[i] = needs_list.get(i);
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+static_assert(std::tuple_size<Grads>::value == kNumGrads, "one Grads element per gradient slot");
+using Needs = std::array<bool, kNumGrads>;
+
+// The backward's `needs` flags (one per gradient slot) and shape checks.
+inline Needs check_backward_args(const char* op, const FusionDims& d, const Tensor& grad_out,
+                                 const OptTensor& grad_probs, const c10::List<bool>& needs_list) {
+  TORCH_CHECK_VALUE(needs_list.size() == kNumGrads, op, ": needs must have ", static_cast<int>(kNumGrads),
+                    " flags, got ", needs_list.size());
+  Needs needs{};
+  for (size_t i = 0; i < kNumGrads; ++i) needs[i] = needs_list.get(i);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == d.M && grad_out.size(1) == d.H, op,
                     ": grad_out must have shape (", d.M, ", ", d.H, "), got ", shape_str(grad_out));
   if (grad_probs.has_value()) {
@@ -184,28 +205,28 @@ inline std::array<bool, 9> check_backward_args(const char* op, const FusionDims&
 // The gradients from the epilogue's outputs (accumulation dtype): dzp = dL/d(xd W_d^T + b_d) (M, R),
 // dt = dL/d(xq W_q^T + b_q) (M, R+N), wmix = [p*z | p] (M, R+N), dshift (M,). xdc/xqc are the
 // activations in the accumulation dtype, go = grad_out in it. A gradient not needed is empty.
-inline Grads assemble_grads(const std::array<bool, 9>& needs, const Tensor& grad_out, const Tensor& go,
-                            const Tensor& xd, const OptTensor& xq, const Tensor& xdc, const Tensor& xqc,
-                            const Tensor& w_down, const OptTensor& b_down, const Tensor& w_query,
-                            const OptTensor& b_query, const OptTensor& logit_shift, const Tensor& dzp,
-                            const Tensor& dt, const Tensor& wmix, const Tensor& dshift) {
-  auto none = [&] { return at::empty({0}, xd.options()); };
-  Tensor g_xd = none(), g_xq = none(), g_res = none(), g_wd = none(), g_bd = none(), g_wq = none(),
-         g_bq = none(), g_wo = none(), g_shift = none();
-  if (needs[0]) {
-    Tensor g = at::mm(dzp, w_down);
-    if (!xq.has_value()) g.addmm_(dt, w_query);
-    g_xd = g.to(xd.scalar_type());
+inline Grads assemble_grads(const Needs& needs, const Tensor& grad_out, const Tensor& go, const Tensor& xd,
+                            const OptTensor& xq, const Tensor& xdc, const Tensor& xqc, const Tensor& w_down,
+                            const OptTensor& b_down, const Tensor& w_query, const OptTensor& b_query,
+                            const OptTensor& logit_shift, const Tensor& dzp, const Tensor& dt, const Tensor& wmix,
+                            const Tensor& dshift) {
+  std::array<Tensor, kNumGrads> g;
+  for (auto& t : g) t = at::empty({0}, xd.options());  // not needed: empty (distinct, outputs must not alias)
+  if (needs[kGradXd]) {
+    Tensor gx = at::mm(dzp, w_down);
+    if (!xq.has_value()) gx.addmm_(dt, w_query);
+    g[kGradXd] = gx.to(xd.scalar_type());
   }
-  if (needs[1] && xq.has_value()) g_xq = at::mm(dt, w_query).to(xq->scalar_type());
-  if (needs[2]) g_res = grad_out.clone(at::MemoryFormat::Contiguous);
-  if (needs[3]) g_wd = at::mm(dzp.t(), xdc);
-  if (needs[4] && b_down.has_value()) g_bd = dzp.sum(0);
-  if (needs[5]) g_wq = at::mm(dt.t(), xqc);
-  if (needs[6] && b_query.has_value()) g_bq = dt.sum(0);
-  if (needs[7]) g_wo = at::mm(go.t(), wmix);
-  if (needs[8] && logit_shift.has_value()) g_shift = dshift;
-  return {g_xd, g_xq, g_res, g_wd, g_bd, g_wq, g_bq, g_wo, g_shift};
+  if (needs[kGradXq] && xq.has_value()) g[kGradXq] = at::mm(dt, w_query).to(xq->scalar_type());
+  if (needs[kGradResidual]) g[kGradResidual] = grad_out.clone(at::MemoryFormat::Contiguous);
+  if (needs[kGradWDown]) g[kGradWDown] = at::mm(dzp.t(), xdc);
+  if (needs[kGradBDown] && b_down.has_value()) g[kGradBDown] = dzp.sum(0);
+  if (needs[kGradWQuery]) g[kGradWQuery] = at::mm(dt.t(), xqc);
+  if (needs[kGradBQuery] && b_query.has_value()) g[kGradBQuery] = dt.sum(0);
+  if (needs[kGradWOut]) g[kGradWOut] = at::mm(go.t(), wmix);
+  if (needs[kGradLogitShift] && logit_shift.has_value()) g[kGradLogitShift] = dshift;
+  return {g[kGradXd],    g[kGradXq],      g[kGradResidual], g[kGradWDown],     g[kGradBDown],
+          g[kGradWQuery], g[kGradBQuery], g[kGradWOut],     g[kGradLogitShift]};
 }
 
 }  // namespace fusedadapter

@@ -51,6 +51,8 @@ from .activations import apply_activation
 __all__ = [
     "FUSION_SCHEMA",
     "FUSION_BACKWARD_SCHEMA",
+    "FUSION_ARGS",
+    "FUSION_GRADS",
     "fusion_torch",
     "hash_keep_mask",
     "check_fusion_args",
@@ -76,6 +78,26 @@ FUSION_BACKWARD_SCHEMA = (
 )
 
 _LIB = torch.library.Library("fusedadapter", "DEF")
+
+
+def _schema_args(schema: str) -> Tuple[Tuple[str, str], ...]:
+    """(type, name) of each argument of a schema string ``"(Type name[=default], ...) -> ..."``."""
+    inner = schema[schema.index("(") + 1:schema.index(") ->")]
+    return tuple(tuple(a.split("=")[0].rsplit(" ", 1)) for a in inner.split(", "))
+
+
+# Named slots, derived from the schemas (use these instead of positions):
+# FUSION_ARGS   the op's arguments, in order (ctx.needs_input_grad's order; the autograd formula
+#               returns one gradient per name);
+# FUSION_GRADS  the backward's outputs and its `needs` flags: every floating-point tensor argument
+#               (the bool masks keep_mask and adapter_mask have no gradient). csrc/fusion_host.h's
+#               `enum Grad` is the C++ twin (tests/test_native.py checks it against this).
+FUSION_ARGS: Tuple[str, ...] = tuple(name for _, name in _schema_args(FUSION_SCHEMA))
+_NO_GRAD_TENSORS = ("keep_mask", "adapter_mask")
+FUSION_GRADS: Tuple[str, ...] = tuple(name for typ, name in _schema_args(FUSION_SCHEMA)
+                                      if typ.startswith("Tensor") and name not in _NO_GRAD_TENSORS)
+GRAD_INDEX = {name: i for i, name in enumerate(FUSION_GRADS)}
+assert FUSION_BACKWARD_SCHEMA.split("-> ")[1].count("Tensor") == len(FUSION_GRADS)
 
 # ---------------------------------------------------------------------------------------------
 # Dropout mask from (seed, row, adapter): a counter-based hash every backend can compute, so a
@@ -267,12 +289,14 @@ def fusion_torch_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w
                           adapter_mask=None):
     """The op's backward by autograd through :func:`fusion_torch` (a slow oracle for kernel backwards)."""
     with torch.enable_grad():
-        leaves = [xd, xq, None, w_down, b_down, w_query, b_query, w_out, logit_shift]
-        leaves = [None if t is None else t.detach().requires_grad_(True) for t in leaves]
-        res = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device, requires_grad=True)
-        leaves[2] = res
-        out, p = fusion_torch(leaves[0], leaves[1], res, *leaves[3:8], segments, activations, temperature,
-                              dropout_p, seed, keep_mask, leaves[8], adapter_mask)
+        res = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device)
+        given = dict(xd=xd, xq=xq, residual=res, w_down=w_down, b_down=b_down, w_query=w_query, b_query=b_query,
+                     w_out=w_out, logit_shift=logit_shift)
+        leaves = [None if given[n] is None else given[n].detach().requires_grad_(True) for n in FUSION_GRADS]
+        x = dict(zip(FUSION_GRADS, leaves))
+        out, p = fusion_torch(x["xd"], x["xq"], x["residual"], x["w_down"], x["b_down"], x["w_query"], x["b_query"],
+                              x["w_out"], segments, activations, temperature, dropout_p, seed, keep_mask,
+                              x["logit_shift"], adapter_mask)
         inputs = [t for t in leaves if t is not None]
         outs, grads_in = [out], [grad_out]
         if grad_probs is not None:
@@ -305,11 +329,10 @@ def _fusion_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
 def _fusion_backward_fake(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
                           segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs,
                           adapter_mask=None):
-    like = [xd, xq, grad_out, w_down, b_down, w_query, b_query, w_out, logit_shift]
-    return tuple(t.new_empty(t.shape) if (t is not None and needs[i]) else xd.new_empty((0,)) for i, t in enumerate(like))
-
-
-_N_INPUTS = 16  # arguments of FUSION_SCHEMA
+    like = dict(xd=xd, xq=xq, residual=grad_out, w_down=w_down, b_down=b_down, w_query=w_query, b_query=b_query,
+                w_out=w_out, logit_shift=logit_shift)
+    return tuple(like[n].new_empty(like[n].shape) if (like[n] is not None and needs[i]) else xd.new_empty((0,))
+                 for i, n in enumerate(FUSION_GRADS))
 
 
 def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib=None, define: bool = True):
@@ -348,15 +371,16 @@ def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib
         segments, activations, temperature, dropout_p, seed = ctx.static
         # The dispatcher drops trailing arguments equal to their defaults (keep_mask, logit_shift,
         # adapter_mask left None), so needs_input_grad can be shorter than the schema.
-        ni = tuple(ctx.needs_input_grad) + (False,) * (_N_INPUTS - len(ctx.needs_input_grad))
-        needs = [ni[0], ni[1] and xq is not None, ni[2] and ctx.has_res, ni[3], ni[4] and b_down is not None,
-                 ni[5], ni[6] and b_query is not None, ni[7], ni[14] and logit_shift is not None]
+        wanted = dict(zip(FUSION_ARGS, ctx.needs_input_grad))
+        given = dict(xq=xq is not None, residual=ctx.has_res, b_down=b_down is not None, b_query=b_query is not None,
+                     logit_shift=logit_shift is not None)
+        needs = [bool(wanted.get(n, False)) and given.get(n, True) for n in FUSION_GRADS]
         if grad_out is None:
             grad_out = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device)
         grads = bwd(grad_out.contiguous(), grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
                     segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs, adapter_mask)
-        g = [gi if needs[i] else None for i, gi in enumerate(grads)]
-        return (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], None, None, None, None, None, None, g[8], None)
+        g = {n: (gi if need else None) for n, gi, need in zip(FUSION_GRADS, grads, needs)}
+        return tuple(g.get(n) for n in FUSION_ARGS)  # None for the arguments without a gradient slot
 
     torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
     return fwd

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BackendUnavailable
-from ..ops import acc_dtype, check_fusion_args, register_kernel_op
+from ..ops import FUSION_GRADS, acc_dtype, check_fusion_args, register_kernel_op
 from . import configs as _configs
 
 __all__ = ["fusion_triton", "fusion_triton_backward", "hash_keep_mask_triton", "keep_threshold",
@@ -856,29 +856,31 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, dot: torch.dty
 def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out, segments,
                            activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs, adapter_mask=None):
     """Backward of ``fusedadapter::fusion_triton`` (FUSION_BACKWARD_SCHEMA of fusedadapter.ops). Gradients in
-    order xd, xq, residual, w_down, b_down, w_query, b_query, w_out, logit_shift; not needed -> empty.
+    fusedadapter.ops.FUSION_GRADS order (xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
+    logit_shift), ``needs`` likewise; not needed -> empty.
     ``adapter_mask`` is checked only: the kernels read the saved ``probs``, which carry it (0 where masked)."""
     segments = [int(s) for s in segments]
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, None, w_down, b_down, w_query, b_query, w_out, segments, activations,
                                 temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
     _check_device(xd.device, xd.dtype)
-    needs = [bool(x) for x in needs]
+    need = dict(zip(FUSION_GRADS, (bool(x) for x in needs)))  # gradient slot name -> flag
     site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask)
     dt, acc, dev = xd.dtype, site.acc, xd.device
     h = w_out.shape[0]
     if tuple(grad_out.shape) != (m, h):
         raise ValueError(f"fusion_triton_backward: grad_out must have shape ({m}, {h}), got {tuple(grad_out.shape)}")
-    grads: List[torch.Tensor] = [xd.new_empty((0,)) for _ in range(9)]  # distinct: outputs must not alias
-    if needs[2]:
-        grads[2] = grad_out.clone()
-    need_g = any(needs[i] for i in (0, 1, 3, 4, 5, 6))
-    need_wm = needs[7]
-    need_ds = needs[8] and site.dropout and logit_shift is not None
-    if needs[8] and not need_ds:  # without dropout the shift cancels in softmax
-        grads[8] = torch.zeros_like(logit_shift)
+    # not needed -> empty; distinct tensors: outputs must not alias
+    grads: Dict[str, torch.Tensor] = {name: xd.new_empty((0,)) for name in FUSION_GRADS}
+    if need["residual"]:
+        grads["residual"] = grad_out.clone()
+    need_g = any(need[k] for k in ("xd", "xq", "w_down", "b_down", "w_query", "b_query"))  # G = [d zp | d t]
+    need_wm = need["w_out"]
+    need_ds = need["logit_shift"] and site.dropout and logit_shift is not None
+    if need["logit_shift"] and not need_ds:  # without dropout the shift cancels in softmax
+        grads["logit_shift"] = torch.zeros_like(logit_shift)
     if not (need_g or need_wm or need_ds):
-        return tuple(grads)
+        return tuple(grads[name] for name in FUSION_GRADS)
 
     xd, w_down, b_down, w_query, b_query, w_out, probs = map(_c, (xd, w_down, b_down, w_query, b_query, w_out, probs))
     grad_out = grad_out.contiguous()
@@ -908,27 +910,27 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
                   **dict(site.meta, SPLIT_WD=split_wd, SPLIT_WQ=split_wq))
 
     with site.device_guard():
-        if needs[0] or needs[1]:
+        if need["xd"] or need["xq"]:
             if xq is None:  # xd feeds both halves of GEMM1: one GEMM against the stacked weights
-                grads[0] = _mm(g, torch.cat([w_down, w_query], 0), dt, dt)
+                grads["xd"] = _mm(g, torch.cat([w_down, w_query], 0), dt, dt)
             else:
-                if needs[0]:
-                    grads[0] = _mm(g[:, :r], w_down, dt, dt)
-                if needs[1]:
-                    grads[1] = _mm(g[:, r:], w_query, dt, dt)
-        if needs[3]:
-            grads[3] = _mm(g[:, :r].t(), xd, acc, dt, split_k=True)
-        if needs[4]:
-            grads[4] = g[:, :r].sum(0)
-        if needs[5]:
-            grads[5] = _mm(g[:, r:].t(), x_q, acc, dt, split_k=True)
-        if needs[6]:
-            grads[6] = g[:, r:].sum(0)
-        if needs[7]:
-            grads[7] = _mm(grad_out.t(), wm, acc, dt, split_k=True)
+                if need["xd"]:
+                    grads["xd"] = _mm(g[:, :r], w_down, dt, dt)
+                if need["xq"]:
+                    grads["xq"] = _mm(g[:, r:], w_query, dt, dt)
+        if need["w_down"]:
+            grads["w_down"] = _mm(g[:, :r].t(), xd, acc, dt, split_k=True)
+        if need["b_down"]:
+            grads["b_down"] = g[:, :r].sum(0)
+        if need["w_query"]:
+            grads["w_query"] = _mm(g[:, r:].t(), x_q, acc, dt, split_k=True)
+        if need["b_query"]:
+            grads["b_query"] = g[:, r:].sum(0)
+        if need["w_out"]:
+            grads["w_out"] = _mm(grad_out.t(), wm, acc, dt, split_k=True)
     if need_ds:
-        grads[8] = dshift
-    return tuple(grads)
+        grads["logit_shift"] = dshift
+    return tuple(grads[name] for name in FUSION_GRADS)
 
 
 _OP = register_kernel_op("fusion_triton", {"CUDA": fusion_triton, "CPU": fusion_triton},

@@ -66,6 +66,25 @@ def test_schema_matches_ops(cpu_op):
         assert str(got) == str(want)
 
 
+def test_named_gradient_slots_match_the_schema():
+    # one naming of the backward's gradient slots: ops.FUSION_GRADS (derived from the schema) and the
+    # C++ enum Grad / kGradNames in csrc/fusion_host.h, in the same order
+    import re
+
+    import fusedadapter.csrc
+    from fusedadapter.ops import FUSION_ARGS, FUSION_GRADS
+
+    schema_names = [a.split("=")[0].split()[-1] for a in FUSION_SCHEMA[1:FUSION_SCHEMA.index(") ->")].split(", ")]
+    assert list(FUSION_ARGS) == schema_names
+    assert FUSION_GRADS == ("xd", "xq", "residual", "w_down", "b_down", "w_query", "b_query", "w_out", "logit_shift")
+    header = open(os.path.join(list(fusedadapter.csrc.__path__)[0], "fusion_host.h")).read()
+    names = re.search(r"kGradNames\[kNumGrads\] = \{([^}]*)\}", header).group(1)
+    assert tuple(re.findall(r'"(\w+)"', names)) == FUSION_GRADS
+    enum = re.search(r"enum Grad : int \{([^}]*)\}", header).group(1)
+    camel = ["kGrad" + "".join(w.title() for w in n.split("_")) for n in FUSION_GRADS] + ["kNumGrads"]
+    assert re.findall(r"\b(k\w+)", enum) == camel
+
+
 def test_backend_runs_through_the_module(cpu_op):
     site = make_site(32, [4, 6], ["relu", "gelu"]).eval()
     site.backend = "cpu"
