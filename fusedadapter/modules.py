@@ -22,7 +22,7 @@ from .activations import activation_code, reference_activation
 from .config import AdapterConfig, FusionConfig, check_adapter_name
 from .dispatch import BACKENDS
 from .fold import AdapterWeights
-from .functional import run_site
+from .runner import run_site
 from .masking import current_adapter_mask
 from .site import FusionSite, cached_fold, fold_inputs_key, site_fold  # cache re-exported (its home is site.py)
 
