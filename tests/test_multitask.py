@@ -471,3 +471,20 @@ def test_patched_adapter_drop_skip_layers_and_pruning_error():
         fa.adapter_drop(model, [inputs], keep=2)
         with pytest.raises(ValueError, match="fusion '(sst|mnli)' fuses .* pruning"):
             model(**inputs)
+
+
+def test_bench_multitask_cli_smoke(tmp_path):
+    """`python -m benchmarks multitask` at a tiny shape: runs, checks its rows, writes its JSON."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.cli import main
+
+    out = tmp_path / "mt.json"
+    assert main(["multitask", "--k", "2", "--batch", "4", "--seq", "4", "--hidden", "32", "--repeats", "1",
+                 "--warmup", "1", "--threads", "0", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]["K=2"]
+    assert res["max_rel_err_vs_separate"] == 0.0
+    assert {"separate", "routed", "routed-interleaved"} <= set(res)
