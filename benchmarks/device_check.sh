@@ -31,7 +31,8 @@
 #   tests-cuda   the CUDA backend's tests (after build-cuda; FUSEDADAPTER_SKIP_CUDA=1 if it failed)
 #   bench        python -m benchmarks gpu: the issue-3 target row first, then the grid, in the time left
 #   bench-nosplit, bench-configs-v1, bench-precast   the target row (triton, torch) again with one
-#                switch flipped: FUSEDADAPTER_TRITON_SPLIT_BF16=0 (no w_query hi/lo split at bf16),
+#                switch flipped: FUSEDADAPTER_TRITON_SPLIT_BF16=0 FUSEDADAPTER_CUDA_SPLIT_BF16=0 (no w_query
+#                hi/lo split at bf16, Triton and CUDA backends),
 #                FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement),
 #                FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not per tile)
 #   summary      summary.{md,json}
@@ -174,8 +175,8 @@ tail -n 30 "$WORK/bench.log"
 # without the hi/lo split, the configs before the spill measurement (configs.GPU_CONFIGS_V1), and
 # the weights cast to bf16 once instead of tile by tile in every CTA; in this order, each while
 # 20 s are left for the summary (a row that does not fit is recorded as skipped).
-TARGET_ROW=(--providers triton torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
-gpu_step bench-nosplit "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
+TARGET_ROW=(--providers triton cuda torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
+gpu_step bench-nosplit "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 FUSEDADAPTER_CUDA_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-nosplit" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-nosplit.log" 2>&1
 gpu_step bench-configs-v1 "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-configs-v1" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1

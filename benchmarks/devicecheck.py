@@ -161,7 +161,7 @@ def target_row(rows) -> Dict[str, dict]:
     return out
 
 
-SWITCHES = {"bench-nosplit": "FUSEDADAPTER_TRITON_SPLIT_BF16=0 (bf16 w_query without the hi/lo split)",
+SWITCHES = {"bench-nosplit": "FUSEDADAPTER_TRITON_SPLIT_BF16=0 FUSEDADAPTER_CUDA_SPLIT_BF16=0 (bf16 w_query without the hi/lo split)",
             "bench-configs-v1": "FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement)",
             "bench-precast": "FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not tile by tile per CTA)"}
 

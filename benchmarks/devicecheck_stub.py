@@ -107,7 +107,7 @@ def _switch_row(work: Path, folder: str) -> None:
 
     data = json.loads((work / "bench" / "results.json").read_text())
     rows = [dict(r, timestamp=r["timestamp"]) for r in data["rows"]
-            if r["provider"] in ("triton", "torch") and r["mode"] in ("nograd", "full") and r["metric"] == "time"
+            if r["provider"] in ("triton", "cuda", "torch") and r["mode"] in ("nograd", "full") and r["metric"] == "time"
             and r["config"].get("tokens") == 16384]
     for r in rows:
         r["config"] = dict(r["config"], switch=folder)
