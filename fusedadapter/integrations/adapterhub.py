@@ -30,13 +30,12 @@ from torch import nn
 
 from ..activations import activation_code, canonical_activation
 from ..dispatch import BACKENDS
-from ..fold import AdapterWeights, FusionWeights
-from ..functional import fold_plain, run_site
+from ..fold import AdapterWeights
 from ..masking import current_adapter_mask
-from ..modules import cached_fold, site_fold
 from ..compile_cache import invalidate_compiled_graphs
-from ..reference import reference_fusion
 from ..registry import register_integration
+from ..runner import run_site
+from ..site import FusionSite, ScaledUp
 
 __all__ = ["accelerate"]
 
@@ -58,8 +57,8 @@ def _import_adapterhub():
                                  ForwardContext=ForwardContext, BottleneckLayer=BottleneckLayer)
 
 
-class _AdapterHubSite:
-    """The site protocol of :func:`fusedadapter.functional.run_site` over AdapterHub's modules."""
+class _AdapterHubSite(FusionSite):
+    """A :class:`~fusedadapter.site.FusionSite` over AdapterHub's own modules (nothing copied)."""
 
     def __init__(self, adapters: List[nn.Module], codes: List[int], fusion: nn.Module):
         self.adapters = adapters
@@ -82,7 +81,7 @@ class _AdapterHubSite:
         return fusion is self.fusion and len(adapters) == len(self.adapters) and all(
             a is b for a, b in zip(adapters, self.adapters))
 
-    # ---- weights
+    # ---- FusionSite's hooks
     @staticmethod
     def _parts(adapter):
         ln_before = bool(getattr(adapter, "add_layer_norm_before", False))
@@ -90,50 +89,23 @@ class _AdapterHubSite:
         ln = adapter.adapter_down[0] if ln_before else None
         return down, ln
 
-    def adapter_weights(self, dtype=None):
-        cast = (lambda t: t.to(dtype) if (dtype is not None and isinstance(t, torch.Tensor)) else t)
+    def _adapter_modules_or_weights(self):
         out = []
         for a, code in zip(self.adapters, self.codes):
             down, ln = self._parts(a)
-            out.append(AdapterWeights(cast(down.weight), cast(down.bias), cast(a.adapter_up.weight),
-                                      cast(a.adapter_up.bias), cast(a.scaling),
-                                      None if ln is None else cast(ln.weight), None if ln is None else cast(ln.bias),
+            out.append(AdapterWeights(down.weight, down.bias, a.adapter_up.weight, a.adapter_up.bias, a.scaling,
+                                      None if ln is None else ln.weight, None if ln is None else ln.bias,
                                       code, ln is not None))
         return out
 
-    def fusion_weights(self, dtype=None):
-        def get(lin, attr):
-            if lin is None:
-                return None
-            t = getattr(lin, attr, None)
-            return None if t is None else (t if dtype is None else t.to(dtype))
+    def _fusion_linears(self):
+        return self.query, self.key, self.value
 
-        return FusionWeights(get(self.query, "weight"), get(self.query, "bias"), get(self.key, "weight"),
-                             get(self.key, "bias"), get(self.value, "weight"))
+    def _reference_modules(self):
+        return [ScaledUp(ad) for ad in self.adapters], self.query, self.key, self.value
 
-    def folded(self, dtype, n_tokens=None):
-        return site_fold(self, self.adapter_weights(), self.fusion_weights(), dtype, n_tokens)
-
-    def plain_folded(self, dtype):
-        fus = self.fusion_weights()
-        return cached_fold(self, "plain", dtype, lambda: fold_plain(fus, dtype), [], fus)
-
-    def reference(self, a, res, c, temperature, dropout_p, keep_mask, adapter_mask=None):
-        ups = [_ScaledUp(ad) for ad in self.adapters]
-        return reference_fusion(a, res, c, ups, self.query, self.key, self.value, residual_before=self.residual_before,
-                                temperature=temperature, dropout_p=dropout_p, keep_mask=keep_mask,
-                                training=self.fusion.training, adapter_mask=adapter_mask)
-
-
-class _ScaledUp:
-    """AdapterHub's ``up`` (what fusion consumes) of one adapter, eagerly."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-
-    def __call__(self, x):
-        ad = self.adapter
-        return ad.adapter_up(ad.adapter_down(x)) * ad.scaling
+    def _reference_training(self, dropout_p):
+        return self.fusion.training
 
 
 class _LayerAccel:
