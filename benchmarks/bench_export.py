@@ -10,7 +10,7 @@ A BERT-base-shaped ``BertModel`` (random init, 12 blocks, H=768) and the same mo
 provider with one intra-op and one inter-op thread (the machine is shared), at B=8, S=128.
 The fusion weights are perturbed away from AdapterHub's init (as trained weights would be).
 
-Checked first (DESIGN §4 oracle, ``fusedadapter.testing``): the exported fused file at B x S in
+Checked first (docs/algorithm.md §4 oracle, ``fusedadapter.testing``): the exported fused file at B x S in
 {1x8, 4x128} against the eager reference (float32 ``ref``, float64 ``truth``).
 
 Timed, interleaved (every round runs every variant once, the first one rotating, so a busy

@@ -1,4 +1,4 @@
-"""The fp32 tail of the DESIGN §4 oracle, per backend, on one shared random sample of fusion sites.
+"""The fp32 tail of the docs/algorithm.md §4 oracle, per backend, on one shared random sample of fusion sites.
 
 ``python benchmarks/grad_tail.py [--sites 200] [--backends torch cpu] [--dtype float32] [--seed 0]
 [--worst 5] [--json out.json]``

@@ -317,7 +317,7 @@ class SiteCase:
         return int(sum(seen.values()))
 
     def folded_weight_bytes(self) -> int:
-        """Bytes of the folded weights the fused op reads (DESIGN §2), at the op's weight dtype."""
+        """Bytes of the folded weights the fused op reads (docs/algorithm.md §2), at the op's weight dtype."""
         from fusedadapter.ops import acc_dtype
 
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Which parts of the training fold need float64? Measure it against the DESIGN §4 oracle.
+"""Which parts of the training fold need float64? Measure it against the docs/algorithm.md §4 oracle.
 
 AdapterFusion stage 2 (adapters frozen, fusion query/key/value trained): for random perturbed
 sites (mixed widths, activations, ln_before, flags, residual_before, logit dropout replayed from a

@@ -131,7 +131,7 @@ void epilogue_forward(const SegmentInfo& seg, int64_t M, const T* zp, int64_t ld
 // double, then rounded once to T. With fp32 logits the softmax backward lost the accuracy the oracle
 // asks for wherever the probabilities saturate (one p_n near 1, the small p_k carrying the fp32
 // error of the logit differences, dp_n - sum p dp all cancellation): over 1,200 random fp32 sites
-// the fusion-weight gradients were past the DESIGN §4 bound on up to ~12% of the sites in the tail
+// the fusion-weight gradients were past the docs/algorithm.md §4 bound on up to ~12% of the sites in the tail
 // region (1 token, N up to 20, wide adapters at a small H), worst 16x; the double row math costs
 // O(R + N) per row next to the O(H (R + N)) GEMMs (benchmarks/grad_tail.py, README Reliability).
 template <typename T>

@@ -6,7 +6,7 @@
 // tensor cores, fp32 accumulation and fp32 results: GEMM1's outputs are never rounded to half
 // before the epilogue). w_query, which makes the unscaled logits, is not rounded to one half tile
 // but split hi + lo (two GEMMs into one fp32 result), as the Triton kernels do (kernels/fusion.py
-// SPLIT_WEIGHTS_QUERY): rounded, the fp16 probabilities were 1.35x over the DESIGN §4 bound there.
+// SPLIT_WEIGHTS_QUERY): rounded, the fp16 probabilities were 1.35x over the docs/algorithm.md §4 bound there.
 // The epilogue kernel writes probs and w = [p*z | p] in the activation dtype; GEMM2 + residual in
 // cuBLAS (fp32 accumulation). Backward: GEMM1 recomputed exactly as the forward ran it (same
 // operands, same rounded/split weights, same kernel, same order of the row sums), so it sees the

@@ -8,7 +8,7 @@
 // backward: GEMM1 outputs and activations in the accumulation dtype T (float, or double for float64
 // inputs), everything per row from the logits on (segment dots, softmax and its backward, dshift,
 // p z) in double (RowT), rounded once to T; the forward does the same, so the backward's p is the
-// forward's p before rounding. fp32 row math lost the DESIGN §4 bound where the probabilities
+// forward's p before rounding. fp32 row math lost the docs/algorithm.md §4 bound where the probabilities
 // saturate (see fusion_cpu.cpp); the double work is O(R + N) per row next to O(H (R + N)) GEMMs.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

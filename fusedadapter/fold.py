@@ -1,4 +1,4 @@
-"""Folding adapter and fusion weights into the op's weights (DESIGN.md §2), in float64.
+"""Folding adapter and fusion weights into the op's weights (docs/algorithm.md §2), in float64.
 
 Per adapter n, with ``U_n = diag(s_n) W_U,n`` (H x r_n) and ``c_n = s_n * b_U,n`` (H)::
 
@@ -10,7 +10,7 @@ Per adapter n, with ``U_n = diag(s_n) W_U,n`` (H x r_n) and ``c_n = s_n * b_U,n`
 
 Flags that are off are identities. Folding is O(H^2 R) once per parameter change (eval: cached
 by the module) and differentiable, so training runs it under autograd every step.
-Folding in float32 came close to the 2x error budget of DESIGN §4; float64 then a cast does not.
+Folding in float32 came close to the 2x error budget of docs/algorithm.md §4; float64 then a cast does not.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def key_bias_shift(wq, bq, bk):
 
 @dataclass
 class AdapterHalf:
-    """The part of the fold that depends on the adapters alone (DESIGN §2; issue 11).
+    """The part of the fold that depends on the adapters alone (docs/algorithm.md §2; issue 11).
 
     With the adapters frozen (AdapterFusion stage 2) it never changes between training steps, so
     the module caches it like the eval fold and only the products with the trained fusion weights
@@ -266,7 +266,7 @@ def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch
 # Precision of the folded form's trained products (rows @ W_K^T @ W_Q, W_V @ rows^T) under
 # autograd, by measurement (benchmarks/train_fold_precision.py; committed in
 # benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/precision.json): float32 products put
-# the key-bias and input gradients of residual_before / dropout sites over the DESIGN §4 bound
+# the key-bias and input gradients of residual_before / dropout sites over the docs/algorithm.md §4 bound
 # (worst 3.7x) where float64 products stay within today's tail, so they stay float64, with the
 # float64 intermediates recomputed in backward (_FoldFusion64), never saved. The per-token form
 # runs in float32: it holds the oracle as well as the float64 fold (same measurement).

@@ -20,7 +20,7 @@ Semantics (per row ``m`` of M tokens; ``N`` adapters; segment ``n`` is columns
     return out (dtype of xd), p (float32; float64 for float64 inputs)
 
 Dtypes: activations (``xd``, ``xq``, ``residual``) share one floating dtype; the folded weights
-(DESIGN.md §2, made by :mod:`fusedadapter.fold`) and ``logit_shift`` are in its accumulation dtype
+(docs/algorithm.md §2, made by :mod:`fusedadapter.fold`) and ``logit_shift`` are in its accumulation dtype
 (:func:`acc_dtype`: float32 for fp16/bf16/fp32, float64 for float64), so that their gradients are
 never rounded to half precision before the fold's backward (which multiplies them by fusion
 matrices, amplifying any rounding). Kernels may round weight tiles to half for tensor cores. ``segments`` and
@@ -236,7 +236,7 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
     acc = acc_dtype(xd.dtype)
     # Half-precision activations are computed with fp32 intermediates, as a kernel's fp32
     # accumulators hold them: rounding GEMM1's outputs or GEMM2's input gradient to bf16 (bf16
-    # F.linear calls) cost up to ~8x the reference's bf16 error in the DESIGN §4 oracle, through
+    # F.linear calls) cost up to ~8x the reference's bf16 error in the docs/algorithm.md §4 oracle, through
     # the softmax over unscaled logits and its backward. Weights already arrive in fp32.
     xd_c = xd.to(acc)
     zp = F.linear(xd_c, w_down, b_down)

@@ -25,7 +25,7 @@ __all__ = ["run_site", "run_folded", "check_site_inputs", "draw_seed", "adapter_
 
 # The folded form costs ~3·H·R multiply-adds per token; the plain form (adapters' own up
 # projections, W_K^T W_Q folded into one H x H matrix, W_V after the sum) ~2·H·R + 2·H².
-# Folded wins while R < 2H. (DESIGN §2 quotes 3H with Q and K unfolded.)
+# Folded wins while R < 2H. (docs/algorithm.md §2.3 quotes 3H with Q and K unfolded.)
 PLAIN_FORM_RATIO = 2.0
 
 

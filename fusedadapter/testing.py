@@ -1,4 +1,4 @@
-"""The parity oracle of DESIGN.md §4, and helpers to make inputs that expose errors.
+"""The parity oracle of docs/algorithm.md §4, and helpers to make inputs that expose errors.
 
 ``err(y) = max|y - truth| / max|truth|`` with ``truth`` the eager reference in float64 on the
 same inputs and weights. A backend passes at dtype ``d`` when

@@ -53,14 +53,14 @@ __all__ = ["fusion_triton", "fusion_triton_backward", "hash_keep_mask_triton", "
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = (not INTERPRET) and os.environ.get("FUSEDADAPTER_TRITON_AUTOTUNE", "1") != "0"
 
-# Test hooks: poison fresh outputs with NaN (DESIGN §4), force a config per kernel, and the split-K
+# Test hooks: poison fresh outputs with NaN (docs/algorithm.md §4), force a config per kernel, and the split-K
 # chunk quantum of the weight-gradient GEMMs (tests lower it to cover the split path on small M).
 POISON_OUTPUTS = False
 CONFIG_OVERRIDE: Dict[str, dict] = {}
 SPLIT_K_QUANTUM = _configs.SPLIT_K_QUANTUM
 # Half-precision activations: fp32 weight tiles that are split into hi + lo halves (two dots) instead of
 # rounded to one. The query half of GEMM1 (w_query, which makes the unscaled logits) needs it for the
-# DESIGN §4 oracle at fp16 (rounded, a probs error 1.35x over the bound showed up in the gradients);
+# docs/algorithm.md §4 oracle at fp16 (rounded, a probs error 1.35x over the bound showed up in the gradients);
 # w_down and the backward's recomputation do not (the kernels' SPLIT_WD, and SPLIT_WQ in the backward,
 # are always False: the split path stays in the kernels for the query half).
 # FUSEDADAPTER_TRITON_SPLIT_BF16=0 rounds w_query to one bf16 tile instead (GEMM1 1.2 instead of 1.8
@@ -622,7 +622,7 @@ def unsupported_reason(device) -> Optional[str]:
 # The Triton interpreter computes with numpy, which has no bfloat16: a dot or an elementwise product of
 # bf16 operands there returns garbage with no error (Triton 3.x, measured: a 16x16 bf16 dot off by ~2e10,
 # a product NaN; a whole site's output off by ~1e9 relative). fp16 (numpy float16) and fp32/fp64 are
-# right there (measured against the float64 reference: within the DESIGN §4 oracle). TF32 is not
+# right there (measured against the float64 reference: within the docs/algorithm.md §4 oracle). TF32 is not
 # emulated by the interpreter, but no kernel here uses it (every fp32 dot is input_precision="ieee").
 INTERPRETER_WRONG_DTYPES = {torch.bfloat16: "the Triton interpreter's bfloat16 arithmetic is wrong (numpy has no "
                                             "bfloat16: dots and products of bf16 operands return garbage, no error); "

@@ -1,4 +1,4 @@
-"""Backend-vs-reference parity harness (DESIGN §4), shared by every backend's tests.
+"""Backend-vs-reference parity harness (docs/algorithm.md §4), shared by every backend's tests.
 
 ``check_parity(backend, ...)`` builds a perturbed site, runs the eager reference in float64
 (truth) and at ``dtype`` (the reference's own error), runs ``backend`` at ``dtype``, and checks
@@ -75,7 +75,7 @@ def check_parity(backend: str, site, dtype: torch.dtype, *, lead=(3, 7), separat
     if adapter_grads is None:
         adapter_grads = dtype == torch.float64
     inputs = make_inputs(site, lead, separate_query=separate_query, seed=seed, scale=scale)
-    # DESIGN §4: truth is the float64 reference "on the same inputs and weights", i.e. on the values
+    # docs/algorithm.md §4: truth is the float64 reference "on the same inputs and weights", i.e. on the values
     # the backend at `dtype` actually sees (weights and inputs rounded to `dtype`), so the oracle
     # measures arithmetic error, not the rounding of the test's float64 draws.
     rounded = copy.deepcopy(site).to(dtype).double()

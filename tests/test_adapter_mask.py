@@ -3,7 +3,7 @@
 the broadcast rule, bad masks, the op-level contract (opcheck) and the ``fusedadapter.adapter_mask``
 hook that patched models read.
 
-Parity uses the DESIGN §4 oracle of tests/parity.py unchanged: the mask goes to truth, reference
+Parity uses the docs/algorithm.md §4 oracle of tests/parity.py unchanged: the mask goes to truth, reference
 and backend alike. Triton runs in its interpreter without a GPU (fp32 / fp16 / fp64).
 """
 
@@ -63,7 +63,7 @@ def _triton():
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with the reference (DESIGN §4 oracle)
+# Parity with the reference (docs/algorithm.md §4 oracle)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["batch", "token"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

@@ -4,7 +4,7 @@ against the bare model, the calibration's means, and the same call on an acceler
 Pruned models run the fused ``torch`` backend in float32; the truth is the eager reference
 (``backend="reference"``) in float64 on a model built independently with only the kept adapters
 (a fresh ``patch`` with their configs, their weights and the fusion's loaded by name), judged
-with the DESIGN §4 oracle. Skipped blocks are compared with the bare model bit for bit.
+with the docs/algorithm.md §4 oracle. Skipped blocks are compared with the bare model bit for bit.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every supported architecture, tiny and random, with three fused adapters of mixe
 activations, scalings and one with its own LayerNorm, both placements and both presets:
 
 * ``accelerate`` matches AdapterHub's eager model (last hidden state and every fusion
-  probability) with the DESIGN §4 oracle in eval, and fusion-training gradients (fusion
+  probability) with the docs/algorithm.md §4 oracle in eval, and fusion-training gradients (fusion
   parameters and the input) with dropout disabled through the model config;
 * AdapterHub's ``save_adapter`` / ``save_adapter_fusion`` files, loaded with
   ``load_adapterhub`` into a plain model, reproduce AdapterHub's outputs (and the reverse:
@@ -174,7 +174,7 @@ def _training_model(arch, placement):
     return model
 
 
-# Model-level float32 gradients against the DESIGN §4 oracle. Until issue 11 one tensor exceeded the
+# Model-level float32 gradients against the docs/algorithm.md §4 oracle. Until issue 11 one tensor exceeded the
 # bound at this seed, the query-bias gradient of block 1 in Mistral seq_bn/static (err 4.9e-6, bound
 # 3.8e-6); the stage-2 per-token form (few tokens per call: fusion weights applied per token, not
 # folded) holds it. Checked strictly: an entry here must fail the oracle.

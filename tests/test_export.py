@@ -1,7 +1,7 @@
 """Export: torch.onnx.export(..., dynamo=True) run by ONNX Runtime, and torch.export (docs/export.md).
 
 Each exported file is checked at several batch x sequence sizes (dynamic axes) against the
-DESIGN §4 oracle: ``got`` is ONNX Runtime's CPU output, ``ref`` the eager reference in the same
+docs/algorithm.md §4 oracle: ``got`` is ONNX Runtime's CPU output, ``ref`` the eager reference in the same
 dtype, ``truth`` the eager reference in float64, all on the same weights. Every graph must pass
 ``onnx.checker`` and hold only standard-domain ONNX nodes, whatever the backend; the folded
 weights must be float32 constants (no float64 anywhere in the graph).

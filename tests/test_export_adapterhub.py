@@ -2,7 +2,7 @@
 
 * an AdapterHub model after ``fa.accelerate`` exports with the standard call
   (``torch.onnx.export(..., dynamo=True)``) and ONNX Runtime matches AdapterHub's eager model
-  (DESIGN §4 oracle, several sizes through one file); no custom-domain node;
+  (docs/algorithm.md §4 oracle, several sizes through one file); no custom-domain node;
 * tests/fixtures/adapterhub_bert (the AdapterHub-trained fusion that tests/test_export.py loads
   with ``load_adapterhub`` on transformers 5.x) is what tests/fixtures/make_adapterhub_fixture.py
   makes today.

@@ -1,6 +1,6 @@
 """Multi-task serving (issue 16): several fusions over one shared adapter pool, routed per batch row.
 
-Exactness: every row of a routed batch equals (DESIGN §4 oracle) that row run alone through its
+Exactness: every row of a routed batch equals (docs/algorithm.md §4 oracle) that row run alone through its
 own fusion, with truth the float64 reference of that fusion on the same rounded weights and
 inputs, and the reference backend at the test dtype as the bound's yardstick; gradients (inputs
 and every parameter) equal those of the separate per-fusion forwards, and parameters no routed
@@ -148,7 +148,7 @@ def _grads(result, loss, a, res, m):
 def check_routed(backend, *, train, mask="none", route=ROUTE, grads=True, dtype=torch.float32, seed=0):
     multi = make_multi(seed)
     inputs = make_inputs(seed + 1)
-    # truth on the values the dtype run sees (DESIGN §4: weights and inputs rounded to dtype)
+    # truth on the values the dtype run sees (docs/algorithm.md §4: weights and inputs rounded to dtype)
     rounded = copy.deepcopy(multi).to(dtype).double()
     inputs = (inputs[0].to(dtype).double(), inputs[1].to(dtype).double(), inputs[2])
     adapter_mask = masks()[mask]

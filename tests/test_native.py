@@ -1,7 +1,7 @@
 """The `cpu` backend (C++ extension in csrc/, built just in time) against the eager reference,
 and the CUDA sources compiled with nvcc (no GPU needed).
 
-Every kernel path of the CPU op is checked with the DESIGN §4 oracle (tests/parity.py): the
+Every kernel path of the CPU op is checked with the docs/algorithm.md §4 oracle (tests/parity.py): the
 generic path (ATen BLAS + scalar epilogue), the AVX-512 small-M GEMM, BLAS GEMMs with the AVX-512
 epilogue, and the AVX512-BF16 GEMMs. Paths the CPU cannot run are skipped.
 """

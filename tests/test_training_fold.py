@@ -1,7 +1,7 @@
 """Training without the per-call fold tax (issue 11): AdapterFusion stage 2 (adapters frozen,
 fusion query/key/value trained) caches the adapter half of the fold and recomputes under
 autograd only the products with the trained weights. The cache never serves stale weights, and
-outputs and gradients hold the DESIGN §4 oracle in both training forms."""
+outputs and gradients hold the docs/algorithm.md §4 oracle in both training forms."""
 
 import copy
 
@@ -197,7 +197,7 @@ def test_checkpoint_recompute_and_accumulation_reuse_the_float64_products(monkey
             if name == "key.bias":  # cancels in the softmax: exactly 0 fused, rounding noise eager
                 assert not p_m.grad.any()
             elif p_m.requires_grad:
-                # fp32 against the fp32 eager reference, relative to the largest entry (DESIGN §4's metric)
+                # fp32 against the fp32 eager reference, relative to the largest entry (the metric of docs/algorithm.md §4)
                 assert (p_m.grad - p_r.grad).abs().max() <= 1e-4 * p_r.grad.abs().max()
         opt.step()  # the new weights must be folded again
         with torch.no_grad():

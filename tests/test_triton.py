@@ -65,7 +65,7 @@ def _fixed_gpu_configs(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _poison():
-    """DESIGN §4: fresh kernel outputs start as NaN, so an element a kernel fails to write shows."""
+    """docs/algorithm.md §4: fresh kernel outputs start as NaN, so an element a kernel fails to write shows."""
     old = fusion.POISON_OUTPUTS
     fusion.POISON_OUTPUTS = True
     yield
@@ -110,7 +110,7 @@ def _grads(fn, args, gen_seed=3):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with the eager reference: the DESIGN §4 oracle (tests/parity.py)
+# Parity with the eager reference: the docs/algorithm.md §4 oracle (tests/parity.py)
 # ---------------------------------------------------------------------------------------------
 # Sites and seeds are fixed. At fp32 the oracle (2x the reference's own error) bounds gradients of
 # the fusion weights through the fold's backward; the folded algorithm meets it on most sites but

@@ -59,7 +59,7 @@ def tiny_model(arch: str, *, seed: int = 0, dropout: bool = True, head: bool = F
 def _rmsnorm_forward(self, hidden_states):
     # transformers' Llama/Mistral/Qwen2 RMSNorm, except that float64 stays float64 (the original
     # rounds every float64 activation to float32, which makes a float64 model no truth for the
-    # DESIGN §4 oracle). For float32 and half inputs this is op for op the original.
+    # docs/algorithm.md §4 oracle). For float32 and half inputs this is op for op the original.
     input_dtype = hidden_states.dtype
     if input_dtype != torch.float64:
         hidden_states = hidden_states.to(torch.float32)
