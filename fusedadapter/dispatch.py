@@ -22,7 +22,7 @@ from .errors import BackendUnavailable  # re-exported: fusedadapter.dispatch.Bac
 from .ops import fusion_torch
 
 __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "fusion_op", "token_bucket", "available_backends",
-           "register_backend", "dispatch_table"]
+           "register_backend", "dispatch_table", "check_backend_name"]
 
 BACKENDS = ("reference", "torch", "triton", "cuda", "cpu")
 TOKEN_BUCKETS = (16, 256, 4096)  # upper edges; a larger count falls in the last, open bucket
@@ -34,9 +34,17 @@ _lock = threading.Lock()
 _warned: set = set()
 
 
+def check_backend_name(name, *, context: str = "", allow_auto: bool = True) -> str:
+    """``name`` if it names a backend (or ``"auto"``, where allowed); else a ValueError listing the names.
+    The one home of this check: the module, ``patch``, ``accelerate`` and ``set_backend`` call it."""
+    if (allow_auto and name == "auto") or name in BACKENDS:
+        return name
+    expected = f"'auto' or one of {BACKENDS}" if allow_auto else f"one of {BACKENDS}"
+    raise ValueError(f"{context + ': ' if context else ''}unknown backend {name!r}; expected {expected}")
+
+
 def register_backend(name: str, loader: Callable[[torch.device], Callable]) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    check_backend_name(name, allow_auto=False)
     _LOADERS[name] = loader
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .activations import activation_code, reference_activation
 from .config import AdapterConfig, FusionConfig, check_adapter_name
-from .dispatch import BACKENDS
+from .dispatch import check_backend_name
 from .fold import AdapterWeights
 from .runner import run_site
 from .masking import current_adapter_mask
@@ -242,8 +242,7 @@ class FusedAdapterFusion(nn.Module, FusionSite):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name != "auto" and name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+        check_backend_name(name)
         self._backend = name
 
     @property

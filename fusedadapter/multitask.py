@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, FusionConfig, check_adapter_name
-from .dispatch import BACKENDS
+from .dispatch import check_backend_name
 from . import masking
 from .masking import current_adapter_mask
 from .modules import BottleneckAdapter, FusedAdapterFusion
@@ -216,8 +216,7 @@ class MultiFusion(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name != "auto" and name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+        check_backend_name(name)
         self._backend = name
         for site in self.adapter_fusion_layer.values():
             site.backend = name

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..activations import activation_code, canonical_activation
-from ..dispatch import BACKENDS
+from ..dispatch import check_backend_name
 from ..fold import AdapterWeights
 from ..masking import current_adapter_mask
 from ..compile_cache import invalidate_compiled_graphs
@@ -250,8 +250,7 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
     :func:`fusedadapter.unpatch`; switch backends with :func:`fusedadapter.patching.set_backend`.
     """
     ah = _import_adapterhub()
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"fusedadapter.accelerate: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    check_backend_name(backend, context="fusedadapter.accelerate")
     layers = [m for m in model.modules() if isinstance(m, ah.BottleneckLayer)]
     if not layers:
         raise ValueError(f"fusedadapter.accelerate: {type(model).__name__} has no AdapterHub bottleneck layers; set it "
@@ -306,8 +305,7 @@ def _unaccelerate(model: nn.Module) -> bool:
 
 
 def _set_accelerated_backend(model: nn.Module, backend: str) -> bool:
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    check_backend_name(backend)
     layers = _accelerated_layers(model)
     for layer in layers:
         layer.__dict__[_STATE_ATTR].backend = backend
