@@ -68,7 +68,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from .patching import arch_spec, collect_fusion_probs, find_layers, patch_record
+from .architectures import arch_spec, find_layers
+from .patching import collect_fusion_probs, patch_record
 
 __all__ = ["adapter_drop", "AdapterDropReport", "skipped_layers"]
 
@@ -196,7 +197,7 @@ class _EvalState:
 
 def _calibrate_patched(model, record, batches, counted: set) -> Tuple[Dict[SiteKey, Dict[str, float]], int, int]:
     acc = _Accumulator()
-    modules = {(s["layer_idx"], s["location"]): s["module"] for s in record.sites}
+    modules = {(s.layer_idx, s.location): s.module for s in record.sites}
     n_batches = tokens = 0
     with _EvalState(model, modules.values()) as state, torch.inference_mode():
         for batch in batches:
@@ -310,16 +311,16 @@ def _global_means(site_means: Mapping[SiteKey, Mapping[str, float]], names: Sequ
 
 
 def _drop_patched(model, record, batches, keep, skip_layers, per_site) -> AdapterDropReport:
-    sites = {(s["layer_idx"], s["location"]): s for s in record.sites}
+    sites = {(s.layer_idx, s.location): s for s in record.sites}
     skipped = _layer_set(skip_layers, len(find_layers(model, arch_spec(model))))
-    _check_keep(keep, min(s["module"].num_adapters for s in sites.values()))
-    first_names = list(record.sites[0]["module"].adapter_names) if record.sites else []
+    _check_keep(keep, min(s.module.num_adapters for s in sites.values()))
+    first_names = list(record.sites[0].module.adapter_names) if record.sites else []
     union = []
     for s in record.sites:
-        union.extend(n for n in s["module"].adapter_names if n not in union)
+        union.extend(n for n in s.module.adapter_names if n not in union)
     report = AdapterDropReport(adapters=union, skipped_layers=skipped, per_site=per_site)
-    counted = {k for k in sites if k[0] not in skipped and not _is_skipped(sites[k]["runtime"])}
-    if keep is not None and not per_site and len({tuple(s["module"].adapter_names) for s in record.sites}) > 1:
+    counted = {k for k in sites if k[0] not in skipped and not _is_skipped(sites[k].runtime)}
+    if keep is not None and not per_site and len({tuple(s.module.adapter_names) for s in record.sites}) > 1:
         raise ValueError("fusedadapter.adapter_drop: the sites fuse different adapter sets (an earlier per_site=True "
                          "call?); prune them again with per_site=True")
 
@@ -340,20 +341,20 @@ def _drop_patched(model, record, batches, keep, skip_layers, per_site) -> Adapte
         else:
             plan = {}
             for key, s in sites.items():
-                order = s["module"].adapter_names
+                order = s.module.adapter_names
                 means = report.site_probs.get(key) or report.mean_probs  # uncounted (skipped) sites: global
                 plan[key] = _rank(means, order, keep)
     else:
-        plan = {key: list(s["module"].adapter_names) for key, s in sites.items()}
+        plan = {key: list(s.module.adapter_names) for key, s in sites.items()}
 
     # --- apply (nothing above changed the model)
     with torch.no_grad():
         for key, s in sites.items():
             if keep is not None:
-                _prune_fusion(s["module"], plan[key])
-            _set_skipped(s["runtime"], key[0] in skipped)
+                _prune_fusion(s.module, plan[key])
+            _set_skipped(s.runtime, key[0] in skipped)
             # a skipped site gets no gradients: frozen (DDP's defaults), unfrozen when it runs again
-            (_freeze if key[0] in skipped else _unfreeze)(s["runtime"], [s["module"]])
+            (_freeze if key[0] in skipped else _unfreeze)(s.runtime, [s.module])
     report.site_kept = dict(sorted(plan.items()))
     report.kept = [n for n in union if any(n in k for k in plan.values())]
     if keep is not None:
@@ -366,7 +367,7 @@ def skipped_layers(model: nn.Module) -> List[int]:
     """The blocks whose fusion sites :func:`adapter_drop` skips (patched or accelerated model)."""
     record = patch_record(model)
     if record is not None:
-        return sorted({s["layer_idx"] for s in record.sites if _is_skipped(s["runtime"])})
+        return sorted({s.layer_idx for s in record.sites if _is_skipped(s.runtime)})
     from .integrations.adapterhub import _accelerated_layers
 
     layers = _accelerated_layers(model)

@@ -40,8 +40,8 @@ from .adapterhub_format import BN_PRESETS as _PRESETS
 from .adapterhub_format import LEGACY_ACTIVATION_RENAME as _LEGACY_ACTIVATION_RENAME
 from .adapterhub_format import LEGACY_WEIGHT_RENAME as _LEGACY_WEIGHT_RENAME
 from .config import AdapterConfig, FusionConfig
-from .patching import (SUPPORTED_ARCHITECTURES, ArchSpec, SitePlan, ah_prefix, arch_spec, find_layers, install,
-                       patch_record)
+from .architectures import SUPPORTED_ARCHITECTURES, ArchSpec, ah_prefix, arch_spec, find_layers
+from .patching import SitePlan, install, patch_record
 
 __all__ = ["load_adapterhub", "save_adapterhub", "AdapterHubFormatError", "bn_config_template",
            "CONFIG_NAME", "WEIGHTS_NAME", "SAFE_WEIGHTS_NAME", "FUSION_CONFIG_NAME", "FUSION_WEIGHTS_NAME",
@@ -376,7 +376,7 @@ def load_adapterhub(model: nn.Module, fusion_dir: str, adapter_dirs: Union[None,
     try:
         with torch.no_grad():
             for site, sd in zip(record.sites, weights):
-                module = site["module"]
+                module = site.module
                 own = module.state_dict(keep_vars=True)
                 for key in list(sd):  # AdapterHub's second name of the ln_before LayerNorm, where the module has it
                     if ".adapter_down.0." in key:
@@ -502,8 +502,8 @@ def save_adapterhub(model: nn.Module, directory: str, *, use_safetensors: bool =
     adapter_states: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in record.adapter_names}
     fusion_state: Dict[str, torch.Tensor] = {}
     for site in record.sites:
-        base = f"{prefix}{spec.ah_layers}.{site['layer_idx']}.{site['ah_path']}"
-        module = site["module"]
+        base = f"{prefix}{spec.ah_layers}.{site.layer_idx}.{site.ah_path}"
+        module = site.module
         for name, adapter in module.adapters.items():
             st = adapter_states[name]
             for k, v in adapter.state_dict().items():

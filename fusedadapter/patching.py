@@ -31,13 +31,17 @@ over module state, which ``torch.compile`` traces.
 Per-call options: :func:`collect_fusion_probs` (a context manager, AdapterHub's
 ``output_adapter_fusion_attentions``), :func:`fusedadapter.adapter_mask` and :func:`set_backend`.
 The hooks' per-call state is per thread (see ``_SiteRuntime``): threads may share one patched model.
+
+Where things live: the architecture table and placements in :mod:`fusedadapter.architectures`,
+the hooks and their per-thread state in :mod:`fusedadapter.hooks`; this module holds the patch
+record (one :class:`PatchedSite` per site), install / uninstall and the public API, and
+re-exports the names of the other two.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -46,321 +50,27 @@ import torch
 from torch import nn
 
 from .adapterhub_format import bn_config_template
+# Re-exported: fusedadapter.patching.<name> keeps working for the table, the lookups and the hooks.
+from .architectures import (PLACEMENTS, SUPPORTED_ARCHITECTURES, ArchSpec, Placement, SiteSpec,  # noqa: F401
+                            UnsupportedArchitecture, ah_prefix, arch_spec, find_layers, get_module, resolve_placement,
+                            resolve_site)
 from .compile_cache import invalidate_compiled_graphs  # re-exported: fusedadapter.patching.invalidate_compiled_graphs
 from .config import AdapterConfig, FusionConfig, check_adapter_name
-from .masking import current_adapter_mask
+from .hooks import _capture_hook, _output_hook, _SiteRuntime
 from .modules import FusedAdapterFusion
 from .registry import set_integration_backend, undo_integrations
 
 __all__ = ["patch", "unpatch", "collect_fusion_probs", "set_backend", "fusion_sites", "SUPPORTED_ARCHITECTURES",
-           "PLACEMENTS", "UnsupportedArchitecture", "is_patched"]
+           "PLACEMENTS", "UnsupportedArchitecture", "is_patched", "PatchedSite"]
 
 _CHILD_NAMES = {"mh_adapter": "fusedadapter_attention", "output_adapter": "fusedadapter_output"}
 _RECORD_ATTR = "_fusedadapter_patch"
-
-
-class UnsupportedArchitecture(ValueError):
-    """``patch`` / ``load_adapterhub`` on a model type outside :data:`SUPPORTED_ARCHITECTURES`."""
-
-
-# --------------------------------------------------------------------------------------------
-# The per-architecture site table
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SiteSpec:
-    """Where one site sits inside a transformer block (paths relative to the block; "" = the block).
-
-    ``capture``: (module, positional index, keyword names) of the forward pre-hook whose argument is
-    ``x``. ``output``: the module whose output (or ``output[0]``) is ``h``. ``layer_norm``: the
-    sub-layer's own LayerNorm (post-norm) that AdapterHub passes to the adapter layer, or None.
-    ``ah_path``: where AdapterHub 1.3.0 keeps this site's ``BottleneckLayer`` (its parameter names).
-    ``requires``: modules that must exist for this alternative to apply (version differences).
-    """
-
-    capture: Tuple[str, int, Tuple[str, ...]]
-    output: str
-    layer_norm: Optional[str]
-    ah_path: str
-    requires: Tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    name: str
-    layers: Tuple[str, ...]          # candidate paths of the block list, relative to the base model
-    ah_layers: str                   # AdapterHub's (transformers 4.57) path of the block list
-    sites: Mapping[str, Tuple[SiteSpec, ...]]  # location -> alternatives, first match wins
-    post_norm: bool
-
-
-def _bert_like(name: str) -> ArchSpec:
-    return ArchSpec(
-        name=name, layers=("encoder.layer",), ah_layers="encoder.layer", post_norm=True,
-        sites={
-            "mh_adapter": (SiteSpec(("attention.output", 1, ("input_tensor",)), "attention.output.dropout",
-                                    "attention.output.LayerNorm", "attention.output"),),
-            "output_adapter": (SiteSpec(("output", 1, ("input_tensor",)), "output.dropout", "output.LayerNorm",
-                                        "output"),),
-        })
-
-
-def _decoder_like(name: str) -> ArchSpec:  # Llama, Mistral, Qwen2
-    return ArchSpec(
-        name=name, layers=("layers",), ah_layers="layers", post_norm=False,
-        sites={
-            "mh_adapter": (SiteSpec(("input_layernorm", 0, ("hidden_states",)), "self_attn", None,
-                                    "attention_adapters"),),
-            "output_adapter": (SiteSpec(("post_attention_layernorm", 0, ("hidden_states",)), "mlp", None,
-                                        "output_adapters"),),
-        })
-
-
-SUPPORTED_ARCHITECTURES: Dict[str, ArchSpec] = {
-    "bert": _bert_like("bert"),
-    "roberta": _bert_like("roberta"),
-    "xlm-roberta": _bert_like("xlm-roberta"),
-    "electra": _bert_like("electra"),
-    "distilbert": ArchSpec(
-        name="distilbert", layers=("transformer.layer",), ah_layers="transformer.layer", post_norm=True,
-        sites={
-            "mh_adapter": (SiteSpec(("", 0, ("hidden_states", "x")), "attention", "sa_layer_norm",
-                                    "attention_adapters"),),
-            "output_adapter": (SiteSpec(("ffn", 0, ("input",)), "ffn", "output_layer_norm", "output_adapters"),),
-        }),
-    "vit": ArchSpec(
-        name="vit", layers=("encoder.layer", "layers"), ah_layers="encoder.layer", post_norm=False,
-        sites={
-            # transformers 5.x: one block-level dropout after attention and after the MLP, called twice
-            "mh_adapter": (SiteSpec(("layernorm_before", 0, ("input",)), "dropout", None, "attention_adapters",
-                                    requires=("mlp", "dropout")),
-                           SiteSpec(("layernorm_before", 0, ("input",)), "attention", None, "attention_adapters",
-                                    requires=("output.dropout",))),
-            "output_adapter": (SiteSpec(("layernorm_after", 0, ("input",)), "dropout", None, "output.output_adapters",
-                                        requires=("mlp", "dropout")),
-                               SiteSpec(("layernorm_after", 0, ("input",)), "output.dropout", None,
-                                        "output.output_adapters", requires=("output.dropout",))),
-        }),
-    "gpt2": ArchSpec(
-        name="gpt2", layers=("h",), ah_layers="h", post_norm=False,
-        sites={
-            "mh_adapter": (SiteSpec(("ln_1", 0, ("input",)), "attn", None, "attention_adapters"),),
-            "output_adapter": (SiteSpec(("ln_2", 0, ("input",)), "mlp", None, "output_adapters"),),
-        }),
-    "llama": _decoder_like("llama"),
-    "mistral": _decoder_like("mistral"),
-    "qwen2": _decoder_like("qwen2"),
-}
-
-
-@dataclass(frozen=True)
-class Placement:
-    """AdapterHub's ``BnConfig`` fields that decide a site's inputs (``pre_forward``)."""
-
-    name: str
-    locations: Tuple[str, ...]
-    default_activation: str
-    original_ln_before: bool
-    residual_before_ln: Union[bool, str]
-
-
-PLACEMENTS: Dict[str, Placement] = {
-    "seq_bn": Placement("seq_bn", ("output_adapter",), "relu", True, True),
-    "double_seq_bn": Placement("double_seq_bn", ("mh_adapter", "output_adapter"), "swish", False, True),
-}
-_PLACEMENT_ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn"}
-
-
-def _supported_list() -> str:
-    return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-
-
-def get_module(root: nn.Module, path: str) -> Optional[nn.Module]:
-    """The submodule at a dotted path ("" is ``root``; digits index a ModuleList), or None."""
-    mod = root
-    for part in path.split(".") if path else ():
-        if part.isdigit() and isinstance(mod, (nn.ModuleList, nn.Sequential)):
-            mod = mod[int(part)] if int(part) < len(mod) else None
-        else:
-            mod = getattr(mod, part, None)
-        if not isinstance(mod, nn.Module):
-            return None
-    return mod
-
-
-def arch_spec(model: nn.Module, *, what: str = "patch") -> ArchSpec:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        raise TypeError(f"fusedadapter.{what}: expected a Hugging Face PreTrainedModel with a .config, got "
-                        f"{type(model).__name__}")
-    spec = SUPPORTED_ARCHITECTURES.get(model_type)
-    if spec is None:
-        raise UnsupportedArchitecture(
-            f"fusedadapter.{what}: model type {model_type!r} ({type(model).__name__}) is not supported; supported "
-            f"architectures: {_supported_list()}")
-    return spec
-
-
-def find_layers(model: nn.Module, spec: ArchSpec) -> List[Tuple[str, nn.Module]]:
-    """[(full module name, block)] of the model's transformer blocks, in order."""
-    base = getattr(model, "base_model", model)
-    for path in spec.layers:
-        layers = get_module(base, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            names = {id(m): n for n, m in model.named_modules()}
-            return [(names[id(layer)], layer) for layer in layers]
-    raise UnsupportedArchitecture(
-        f"fusedadapter: could not find the transformer blocks of this {spec.name} model (looked for "
-        f"{' / '.join(spec.layers)} under {type(base).__name__}); is it a supported transformers version?")
-
-
-def resolve_site(layer: nn.Module, spec: ArchSpec, location: str) -> SiteSpec:
-    for alt in spec.sites[location]:
-        needed = (alt.capture[0], alt.output) + ((alt.layer_norm,) if alt.layer_norm else ()) + alt.requires
-        if all(get_module(layer, p) is not None for p in needed):
-            return alt
-    raise UnsupportedArchitecture(
-        f"fusedadapter: {spec.name} block {type(layer).__name__} does not have the modules of the {location} site "
-        f"({[a.output for a in spec.sites[location]]}); is it a supported transformers version?")
-
-
-def ah_prefix(model: nn.Module) -> str:
-    """The prefix AdapterHub's parameter names carry in this model ("" for a base model, else e.g. "bert.")."""
-    base_prefix = getattr(model, "base_model_prefix", "")
-    if base_prefix and hasattr(model, base_prefix) and isinstance(getattr(model, base_prefix), nn.Module):
-        return base_prefix + "."
-    return ""
 
 
 def _is_adapterhub_model(model: nn.Module) -> bool:
     if hasattr(model, "adapters_config"):
         return True
     return any(type(m).__name__ == "BottleneckLayer" or hasattr(m, "adapter_fusion_layer") for m in model.modules())
-
-
-# --------------------------------------------------------------------------------------------
-# Runtime: the hooks
-# --------------------------------------------------------------------------------------------
-class _SiteRuntime:
-    """One site's hook state (a plain object: not a module, so no extra parameter names).
-
-    What one call passes from the capture hook to the output hook (the sub-layer input ``x``, the
-    "armed" flag) and the :func:`collect_fusion_probs` store live in a ``threading.local`` of the
-    runtime: each thread has its own, so threads calling one model never see each other's
-    captures or collect each other's probabilities. (Non-reentrant gradient checkpointing
-    recomputes in the thread that calls ``backward`` on CPU; its capture and output hooks run in
-    the same thread, in order, so they pair up.) ``torch.compile`` traces the reads and writes.
-    ``x``, ``armed`` and ``collector`` are properties over this thread's state.
-    """
-
-    def __init__(self, fusion: FusedAdapterFusion, layer_norm: Optional[nn.Module], layer_idx: int, location: str,
-                 original_ln_before: bool, residual_before_ln: Union[bool, str], fusion_name: str):
-        self.fusion = fusion
-        # Held outside the module tree (the model already owns it).
-        self.layer_norm = layer_norm
-        self.layer_idx = layer_idx
-        self.location = location
-        self.original_ln_before = bool(original_ln_before)
-        self.residual_before_ln = residual_before_ln
-        qbl = getattr(fusion, "query_before_ln", None)  # a MultiFusion's (its fusions' common flag)
-        self.query_before_ln = bool(fusion.fusion_config.query_before_ln if qbl is None else qbl)
-        self.fusion_name = fusion_name
-        self._local = threading.local()
-
-    # A threading.local cannot be copied or pickled: a deep copy (or pickle) of a patched model
-    # gets fresh, empty per-thread state.
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_local", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    # ---- this thread's state (attributes absent until first set: getattr with a default)
-    @property
-    def x(self) -> Optional[torch.Tensor]:
-        return getattr(self._local, "x", None)
-
-    @x.setter
-    def x(self, value: Optional[torch.Tensor]) -> None:
-        self._local.x = value
-
-    @property
-    def armed(self) -> bool:
-        return getattr(self._local, "armed", False)
-
-    @armed.setter
-    def armed(self, value: bool) -> None:
-        self._local.armed = value
-
-    @property
-    def collector(self) -> Optional[dict]:
-        return getattr(self._local, "collector", None)
-
-    @collector.setter
-    def collector(self, value: Optional[dict]) -> None:
-        self._local.collector = value
-
-    def inputs(self, h: torch.Tensor, x: Optional[torch.Tensor]):
-        """AdapterHub's ``Adapter.pre_forward``: (adapter input, query or None for "same", residual)."""
-        residual = h if self.residual_before_ln is True else None
-        query = h if self.query_before_ln else None
-        a = h
-        if self.original_ln_before:
-            if self.layer_norm is not None:
-                s = h + x
-                if self.residual_before_ln == "post_add":
-                    residual = s
-                a = self.layer_norm(s)
-            elif x is not None:
-                a = h + x
-        if not self.residual_before_ln:
-            residual = a
-        return a, query, residual
-
-    def run(self, h: torch.Tensor) -> torch.Tensor:
-        local = self._local
-        x = getattr(local, "x", None)
-        local.x, local.armed = None, False
-        a, query, residual = self.inputs(h, x)
-        # The mask of an enclosing fa.adapter_mask block, expanded to this call's batch where
-        # generate() repeated each row (num_beams / num_return_sequences).
-        mask = current_adapter_mask(self.fusion.adapters, batch=a.shape[0] if a.dim() >= 2 else None)
-        collector = getattr(local, "collector", None)
-        if collector is None:
-            return self.fusion(a, residual, query, adapter_mask=mask)
-        out, probs = self.fusion(a, residual, query, return_probs=True, adapter_mask=mask)
-        collector.setdefault(self.fusion_name, {}).setdefault(self.layer_idx, {})[self.location] = probs.detach()
-        return out
-
-
-def _capture_hook(runtime: _SiteRuntime, index: int, names: Tuple[str, ...], module, args, kwargs):
-    if len(args) > index:
-        x = args[index]
-    else:
-        x = None
-        for name in names:
-            if name in kwargs:
-                x = kwargs[name]
-                break
-    local = runtime._local
-    local.x = x
-    local.armed = True
-    return None
-
-
-def _output_hook(runtimes: Tuple[_SiteRuntime, ...], module, args, output):
-    for rt in runtimes:  # several sites may share one module (ViT 5.x block dropout): the armed one
-        if getattr(rt._local, "armed", False):
-            if isinstance(output, torch.Tensor):
-                return rt.run(output)
-            if isinstance(output, (tuple, list)) and len(output) > 0 and isinstance(output[0], torch.Tensor):
-                return type(output)((rt.run(output[0]),) + tuple(output[1:]))
-            raise TypeError(f"fusedadapter: unexpected output {type(output).__name__} of {type(module).__name__} at "
-                            f"site {rt.location} of block {rt.layer_idx}")
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,12 +91,25 @@ class SitePlan:
 
 
 @dataclass
+class PatchedSite:
+    """One installed site of a patch record."""
+
+    layer_idx: int         # block index
+    location: str          # "mh_adapter" | "output_adapter"
+    layer_name: str        # the block's full module name ("" = the model itself)
+    child: str             # the site module's attribute name in the block (_CHILD_NAMES)
+    runtime: _SiteRuntime  # the hooks' state
+    ah_path: str           # where AdapterHub 1.3.0 keeps this site's BottleneckLayer, relative to the block
+    module: nn.Module      # the site: a FusedAdapterFusion (or a fusedadapter.MultiFusion)
+
+
+@dataclass
 class PatchRecord:
     arch: str
     fusion_name: str
     adapter_names: List[str]
     fusion_config: FusionConfig
-    sites: List[dict] = field(default_factory=list)   # layer_idx, location, layer_name, child, runtime, ah_path
+    sites: List[PatchedSite] = field(default_factory=list)
     ah_configs: Dict[str, dict] = field(default_factory=dict)  # adapter name -> AdapterHub config dict (for save)
     fusions: Optional[list] = None  # patch(fusions=...): [(name, FusionConfig, adapter names)], MultiFusion sites
 
@@ -459,8 +182,8 @@ def install(model: nn.Module, plans: Sequence[SitePlan], *, fusion_name: str, ad
         key = (plan.layer_idx, site.output)
         by_output.setdefault(key, []).append(rt)
         output_modules[key] = get_module(layer, site.output)
-        record.sites.append(dict(layer_idx=plan.layer_idx, location=plan.location, layer_name=layer_name, child=child,
-                                 runtime=rt, ah_path=site.ah_path, module=fusion))
+        record.sites.append(PatchedSite(layer_idx=plan.layer_idx, location=plan.location, layer_name=layer_name,
+                                        child=child, runtime=rt, ah_path=site.ah_path, module=fusion))
     for key, rts in by_output.items():
         output_modules[key].register_forward_hook(partial(_output_hook, tuple(rts)))
     object.__setattr__(model, _RECORD_ATTR, record)
@@ -485,14 +208,6 @@ def _normalize_adapters(adapters) -> Dict[str, AdapterConfig]:
         check_adapter_name(name, "fusedadapter.patch: ")
         out[name] = cfg
     return out
-
-
-def _placement(placement: str) -> Placement:
-    key = _PLACEMENT_ALIASES.get(placement, placement)
-    if key not in PLACEMENTS:
-        raise ValueError(f"fusedadapter.patch: unknown placement {placement!r}; expected one of "
-                         f"{sorted(PLACEMENTS)} (or AdapterHub's aliases {sorted(_PLACEMENT_ALIASES)})")
-    return PLACEMENTS[key]
 
 
 def reduction_factor_for(hidden: int, width: int) -> float:
@@ -541,7 +256,7 @@ def patch(model: nn.Module, adapters, fusion: Union[str, Mapping, FusionConfig] 
     (``with fusedadapter.fusion_route(names_or_ids_per_row): model(...)``) unless there is one fusion.
     """
     spec = arch_spec(model)  # clear error for unsupported architectures first
-    place = _placement(placement)
+    place = resolve_placement(placement)
     cfgs = _normalize_adapters(adapters)
     fusion_config = FusionConfig.load(fusion)
     if backend != "auto":
@@ -586,7 +301,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if record is not None:
         # Remove our hooks by identity of their runtimes (not through the handles: a deep copy of
         # a patched model carries copies of the hooks and runtimes).
-        runtimes = {id(s["runtime"]) for s in record.sites}
+        runtimes = {id(s.runtime) for s in record.sites}
         for module in model.modules():
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for key in [k for k, h in hooks.items() if _is_our_hook(h, runtimes)]:
@@ -595,10 +310,10 @@ def unpatch(model: nn.Module) -> nn.Module:
                     module._forward_hooks_always_called.pop(key, None)
                     module._forward_pre_hooks_with_kwargs.pop(key, None)
         for site in record.sites:
-            layer = get_module(model, site["layer_name"]) if site["layer_name"] else model
-            if layer is not None and site["child"] in layer._modules:
-                del layer._modules[site["child"]]
-            site["runtime"].x = None
+            layer = get_module(model, site.layer_name) if site.layer_name else model
+            if layer is not None and site.child in layer._modules:
+                del layer._modules[site.child]
+            site.runtime.x = None
         object.__delattr__(model, _RECORD_ATTR)
         undone = True
     undone = undo_integrations(model) or undone  # fusedadapter.accelerate registers its undo (fusedadapter.registry)
@@ -622,7 +337,7 @@ def fusion_sites(model: nn.Module) -> List[Tuple[int, str, FusedAdapterFusion]]:
     record = getattr(model, _RECORD_ATTR, None)
     if record is None:
         raise ValueError("fusedadapter: the model is not patched")
-    return [(s["layer_idx"], s["location"], s["module"]) for s in record.sites]
+    return [(s.layer_idx, s.location, s.module) for s in record.sites]
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -631,7 +346,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     found = False
     if record is not None:
         for s in record.sites:
-            s["module"].backend = backend
+            s.module.backend = backend
         found = True
     found = set_integration_backend(model, backend) or found  # accelerated models (fusedadapter.registry)
     if not found:
@@ -657,7 +372,7 @@ def collect_fusion_probs(model: nn.Module) -> Iterator[Dict[str, Dict[int, Dict[
     if record is None:
         raise ValueError("fusedadapter.collect_fusion_probs: the model is not patched")
     store: Dict[str, Dict[int, Dict[str, torch.Tensor]]] = {}
-    runtimes = [s["runtime"] for s in record.sites]
+    runtimes = [s.runtime for s in record.sites]
     previous = [rt.collector for rt in runtimes]
     for rt in runtimes:
         rt.collector = store
