@@ -10,7 +10,7 @@ The pieces: :func:`benchmarks.providers.setup_site` (one site, named providers),
 :mod:`benchmarks.report` (tables, plots), :mod:`benchmarks.table` (``dispatch_table.json``).
 """
 
-from .providers import MODES, SITE_PROVIDERS, SiteSpec, setup_site, site_providers
+from .providers import MODES, SITE_PROVIDERS, SiteShape, setup_site, site_providers
 from .results import SCHEMA
 
-__all__ = ["MODES", "SITE_PROVIDERS", "SCHEMA", "SiteSpec", "setup_site", "site_providers"]
+__all__ = ["MODES", "SITE_PROVIDERS", "SCHEMA", "SiteShape", "setup_site", "site_providers"]

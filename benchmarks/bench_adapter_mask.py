@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedadapter as fa  # noqa: E402
-from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.providers import SiteShape, Step, build_site, site_copies  # noqa: E402
 from benchmarks.results import ResultWriter, make_row  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     backends = [b for b in args.backends if fa.available_backends("cpu").get(b) is None]
     skipped = sorted(set(args.backends) - set(backends))
     dtype = getattr(torch, args.dtype)
-    site = build_site(SiteSpec(tokens=args.batch * args.seq, hidden=args.hidden, n=args.adapters, width=args.width,
+    site = build_site(SiteShape(tokens=args.batch * args.seq, hidden=args.hidden, n=args.adapters, width=args.width,
                                dtype=args.dtype)).eval()
     mods = site_copies(site, backends)  # parameters made outside inference mode
     tokens = args.batch * args.seq

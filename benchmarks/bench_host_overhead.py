@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedadapter as fa  # noqa: E402
-from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.providers import SiteShape, Step, build_site, site_copies  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    site = build_site(SiteSpec(tokens=args.tokens, hidden=768, n=8, reduction=16), backend="auto").eval()
+    site = build_site(SiteShape(tokens=args.tokens, hidden=768, n=8, reduction=16), backend="auto").eval()
     backends = [b for b in args.backends if fa.available_backends("cpu").get(b) is None]
     for b in sorted(set(args.backends) - set(backends)):
         print(f"{b}: unavailable")

@@ -26,7 +26,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.providers import SiteSpec, Step, build_site, site_copies  # noqa: E402
+from benchmarks.providers import SiteShape, Step, build_site, site_copies  # noqa: E402
 from benchmarks.results import ResultWriter, make_row  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     cpu_median = {}
     for dname in args.dtypes:
         dtype = getattr(torch, dname)
-        site = build_site(SiteSpec(tokens=1, hidden=args.hidden, n=args.adapters, width=args.width, dtype=dname)).eval()
+        site = build_site(SiteShape(tokens=1, hidden=args.hidden, n=args.adapters, width=args.width, dtype=dname)).eval()
         mods = site_copies(site, ["cpu", "torch"])  # parameters made outside inference mode
         with torch.inference_mode():
             for tokens in args.tokens:

@@ -29,7 +29,7 @@ import fusedadapter.fold as fold_mod
 if __package__ in (None, ""):  # run as a script: make the repository's `benchmarks` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.providers import SiteSpec, Step, setup_site  # noqa: E402
+from benchmarks.providers import SiteShape, Step, setup_site  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 
 VARIANTS = {"folded-fp64": ("folded", torch.float64), "folded-fp32": ("folded", torch.float32),
@@ -84,7 +84,7 @@ def _with_form(step: Step, form, precision) -> Step:
 def measure(tokens, backends, repeats, hidden=768, n=8, reduction=16, min_sample_s=0.05):
     rows = []
     for m in tokens:
-        case = setup_site(SiteSpec(tokens=m, hidden=hidden, n=n, reduction=reduction))
+        case = setup_site(SiteShape(tokens=m, hidden=hidden, n=n, reduction=reduction))
         steps = {"reference": case.step("reference", "full")}
         saved = {"reference": case.saved_bytes("reference")}
         saved_nc = {"reference": saved["reference"]}

@@ -10,12 +10,12 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 from .layer import LayerOptions, Point
-from .providers import MODES, SiteSpec
+from .providers import MODES, SiteShape
 
 __all__ = ["sweep", "PRESETS", "preset"]
 
 
-def sweep(base: SiteSpec, *, tokens: Sequence[int] = (), n: Sequence[int] = (), hidden: Sequence[int] = (),
+def sweep(base: SiteShape, *, tokens: Sequence[int] = (), n: Sequence[int] = (), hidden: Sequence[int] = (),
           reduction: Sequence[int] = (), dtype: Sequence[str] = (), modes: Optional[Sequence[str]] = None
           ) -> List[Point]:
     """``modes``: limit these points to some modes (None: the run's)."""
@@ -23,7 +23,7 @@ def sweep(base: SiteSpec, *, tokens: Sequence[int] = (), n: Sequence[int] = (), 
     seen = set()
     only = tuple(modes) if modes else None
 
-    def add(spec: SiteSpec, axis: str):
+    def add(spec: SiteShape, axis: str):
         if spec.key() not in seen:
             seen.add(spec.key())
             points.append(Point(spec, axis, only))
@@ -45,25 +45,25 @@ def sweep(base: SiteSpec, *, tokens: Sequence[int] = (), n: Sequence[int] = (), 
 
 def _quick() -> List[Point]:
     # The default run: a CPU sweep that fits in < 3 minutes on 2 cores.
-    base = SiteSpec(tokens=256, hidden=768, n=8, reduction=16, dtype="float32")
+    base = SiteShape(tokens=256, hidden=768, n=8, reduction=16, dtype="float32")
     return sweep(base, tokens=(16, 64, 256, 1024), n=(1, 2, 4, 8, 16))
 
 
 def _tiny() -> List[Point]:
     # For tests of the CLI itself: seconds.
-    base = SiteSpec(tokens=8, hidden=32, n=2, reduction=8, dtype="float32")
+    base = SiteShape(tokens=8, hidden=32, n=2, reduction=8, dtype="float32")
     return sweep(base, tokens=(4, 8), n=(1, 2))
 
 
 def _site768() -> List[Point]:
     # Issue 2: CPU fp32, one site, H=768, N=8, r=48, 1024 tokens.
-    return [Point(SiteSpec(tokens=1024, hidden=768, n=8, reduction=16, dtype="float32"), "tokens")]
+    return [Point(SiteShape(tokens=1024, hidden=768, n=8, reduction=16, dtype="float32"), "tokens")]
 
 
 def _cpu() -> List[Point]:
     # The committed CPU results: every token bucket of the dispatch table, fp32 and bf16, plus
     # the N, hidden-size and width sweeps at moderate sizes.
-    base = SiteSpec(tokens=256, hidden=768, n=8, reduction=16, dtype="float32")
+    base = SiteShape(tokens=256, hidden=768, n=8, reduction=16, dtype="float32")
     pts = sweep(base, tokens=(1, 8, 16, 64, 256, 1024, 4096, 8192), n=(1, 2, 4, 8, 16, 32), reduction=(2, 16, 64))
     pts += sweep(replace(base, dtype="bfloat16"), tokens=(1, 8, 16, 64, 256, 1024, 4096, 8192))
     # At H=4096 the fused backends re-fold the weights (O(H^2 R), float64) on every training call,
@@ -74,7 +74,7 @@ def _cpu() -> List[Point]:
 
 def _gpu() -> List[Point]:
     # device_check.sh: the issue-3 target row first, then the grid.
-    target = SiteSpec(tokens=16384, hidden=768, n=8, reduction=16, dtype="bfloat16")
+    target = SiteShape(tokens=16384, hidden=768, n=8, reduction=16, dtype="bfloat16")
     pts = [Point(target, "tokens")]
     pts += sweep(target, tokens=(256, 1024, 4096, 16384, 65536), n=(1, 2, 4, 8, 16, 32), hidden=(768, 1024, 4096),
                  reduction=(2, 16, 64))

@@ -29,7 +29,7 @@ import torch
 from fusedadapter.testing import rel_err
 
 from .env import REPO
-from .providers import GRAD_MODES, MODES, SiteSpec, setup_site, site_providers
+from .providers import GRAD_MODES, MODES, SiteShape, setup_site, site_providers
 from .results import Row, make_row
 from .roofline import Rates, measure_rates, roofline_ms
 from .timing import cuda_peak_bytes, quantiles, time_interleaved
@@ -41,7 +41,7 @@ KERNEL = "fusion_site"
 
 @dataclass(frozen=True)
 class Point:
-    spec: SiteSpec
+    spec: SiteShape
     x_name: str = "tokens"
     modes: Optional[Tuple[str, ...]] = None   # None: the run's modes (LayerOptions.modes)
 
@@ -69,7 +69,7 @@ class LayerOptions:
     extra_config: Dict[str, object] = field(default_factory=dict)
 
 
-def _config(spec: SiteSpec, opts: LayerOptions, **more) -> dict:
+def _config(spec: SiteShape, opts: LayerOptions, **more) -> dict:
     cfg = spec.to_dict()
     cfg.update(repeats=opts.repeats, threads=torch.get_num_threads(), adapters_version=_adapters_version(),
                **opts.extra_config)
@@ -124,12 +124,12 @@ def rss_worker(payload: str) -> Dict[str, int]:
     """In a fresh process: warm the provider up on a 1-token site (libraries, kernels), build the
     measured site, reset the peak RSS, run two iterations; report peak and peak above the start."""
     d = json.loads(payload)
-    spec = SiteSpec.from_dict(d["spec"])
+    spec = SiteShape.from_dict(d["spec"])
     provider, mode, device = d["provider"], d["mode"], d["device"]
     torch.set_num_threads(int(d["threads"]))
     from .env import peak_rss_bytes, reset_peak_rss, rss_bytes
 
-    tiny = setup_site(SiteSpec.from_dict({**d["spec"], "tokens": 1}), device)
+    tiny = setup_site(SiteShape.from_dict({**d["spec"], "tokens": 1}), device)
     step = tiny.step(provider, mode)
     if step.prep:
         step.prep()

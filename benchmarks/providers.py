@@ -37,7 +37,7 @@ from fusedadapter.testing import perturb_
 
 from .env import adapters_importable
 
-__all__ = ["SiteSpec", "Step", "SiteCase", "setup_site", "build_site", "site_copies", "site_providers", "MODES",
+__all__ = ["SiteShape", "Step", "SiteCase", "setup_site", "build_site", "site_copies", "site_providers", "MODES",
            "SITE_PROVIDERS", "FAST_BACKENDS"]
 
 MODES = ("nograd", "forward", "backward", "full")
@@ -49,8 +49,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 @dataclass(frozen=True)
-class SiteSpec:
-    """One fusion site: ``n`` adapters of width ``hidden // reduction`` (or ``width``), ``tokens`` rows."""
+class SiteShape:
+    """The shape of one benchmarked fusion site: ``n`` adapters of width ``hidden // reduction`` (or ``width``),
+    ``tokens`` rows (where a patched site sits in a block is :class:`fusedadapter.patching.SiteSpec`)."""
 
     tokens: int
     hidden: int = 768
@@ -79,7 +80,7 @@ class SiteSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SiteSpec":
+    def from_dict(cls, d: dict) -> "SiteShape":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -155,7 +156,7 @@ def site_providers(device="cpu", requested: Optional[List[str]] = None, *, allow
     return ok, skipped
 
 
-def build_site(spec: SiteSpec, device="cpu", backend: str = "reference") -> fa.FusedAdapterFusion:
+def build_site(spec: SiteShape, device="cpu", backend: str = "reference") -> fa.FusedAdapterFusion:
     """The benchmark site of ``spec``: ``n`` adapters of width ``r`` (relu), ``spec.fusion``'s
     preset, weights perturbed from seed ``spec.seed`` (every value non-trivial), on ``device`` in
     ``spec.dtype``. Made outside inference mode, so it can also be trained."""
@@ -187,7 +188,7 @@ def _train_setup(module: torch.nn.Module, fusion_params: List[torch.nn.Parameter
 class SiteCase:
     """One site and its inputs, shared by every provider; :meth:`step` gives a provider's iteration."""
 
-    def __init__(self, spec: SiteSpec, device="cpu"):
+    def __init__(self, spec: SiteShape, device="cpu"):
         self.spec = spec
         self.device = torch.device(device)
         self.base = build_site(spec, self.device)
@@ -326,6 +327,6 @@ class SiteCase:
                                                                    folded.b_query, folded.w_out) if t is not None))
 
 
-def setup_site(spec: SiteSpec, device="cpu") -> SiteCase:
+def setup_site(spec: SiteShape, device="cpu") -> SiteCase:
     """The one setup function: a site and inputs shared by every provider (see :class:`SiteCase`)."""
     return SiteCase(spec, device)

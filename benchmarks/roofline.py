@@ -17,7 +17,7 @@ from typing import Dict
 
 import torch
 
-from .providers import SiteSpec
+from .providers import SiteShape
 
 __all__ = ["Rates", "measure_rates", "site_flops", "site_bytes", "roofline_ms"]
 
@@ -73,17 +73,17 @@ def measure_rates(device, dtype: torch.dtype = torch.bfloat16, *, n: int = 8192,
     return Rates(flops, bw, str(mm_dtype).replace("torch.", ""))
 
 
-def site_flops(spec: SiteSpec) -> float:
+def site_flops(spec: SiteShape) -> float:
     m, h, r, n = spec.tokens, spec.hidden, spec.bottleneck, spec.n
     return 2.0 * m * h * ((2 * r + n) + (r + n))
 
 
-def site_bytes(spec: SiteSpec, folded_weight_bytes: int) -> float:
+def site_bytes(spec: SiteShape, folded_weight_bytes: int) -> float:
     elt = torch.empty((), dtype=spec.torch_dtype).element_size()
     m, h = spec.tokens, spec.hidden
     return float(2 * m * h * elt + m * h * elt + folded_weight_bytes)
 
 
-def roofline_ms(spec: SiteSpec, folded_weight_bytes: int, rates: Rates) -> float:
+def roofline_ms(spec: SiteShape, folded_weight_bytes: int, rates: Rates) -> float:
     t = max(site_flops(spec) / rates.matmul_flops_per_s, site_bytes(spec, folded_weight_bytes) / rates.copy_bytes_per_s)
     return t * 1e3

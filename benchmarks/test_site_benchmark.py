@@ -10,7 +10,7 @@ Providers that do not run here are skipped with the reason.
 import pytest
 import torch
 
-from benchmarks.providers import MODES, SITE_PROVIDERS, SiteSpec, setup_site, site_providers
+from benchmarks.providers import MODES, SITE_PROVIDERS, SiteShape, setup_site, site_providers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = "bfloat16" if DEVICE == "cuda" else "float32"
@@ -21,7 +21,7 @@ _CASES = {}
 def _case(tokens: int):
     if tokens not in _CASES:
         _CASES.clear()
-        _CASES[tokens] = setup_site(SiteSpec(tokens=tokens, hidden=768, n=8, reduction=16, dtype=DTYPE), DEVICE)
+        _CASES[tokens] = setup_site(SiteShape(tokens=tokens, hidden=768, n=8, reduction=16, dtype=DTYPE), DEVICE)
     return _CASES[tokens]
 
 

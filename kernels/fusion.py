@@ -703,8 +703,9 @@ def _tables(segments: List[int], activations: List[int], device: torch.device):
     return hit
 
 
-class _Site:
-    """The static part of one op call, shared by forward and backward."""
+class _LaunchConstants:
+    """The launch constants of one op call (dtypes, segments, activation codes, dropout, masks), shared by
+    forward and backward."""
 
     def __init__(self, xd, segments, activations, temperature, dropout_p, seed, keep_mask, adapter_mask=None):
         self.dtype = xd.dtype
@@ -777,7 +778,7 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
     m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
                                 temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
     _check_device(xd.device, xd.dtype)
-    site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask, adapter_mask)
+    site = _LaunchConstants(xd, segments, activations, temperature, dropout_p, seed, keep_mask, adapter_mask)
     h = w_out.shape[0]
     out = _new((m, h), xd.dtype, xd.device)
     probs = _new((m, n), site.acc, xd.device)
@@ -865,7 +866,7 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
                                 temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
     _check_device(xd.device, xd.dtype)
     need = dict(zip(FUSION_GRADS, (bool(x) for x in needs)))  # gradient slot name -> flag
-    site = _Site(xd, segments, activations, temperature, dropout_p, seed, keep_mask)
+    site = _LaunchConstants(xd, segments, activations, temperature, dropout_p, seed, keep_mask)
     dt, acc, dev = xd.dtype, site.acc, xd.device
     h = w_out.shape[0]
     if tuple(grad_out.shape) != (m, h):
