@@ -1,62 +1,31 @@
 """AdapterDrop for fused AdapterFusion: prune the least used adapters, skip fusion in early layers.
 
-AdapterDrop (Rücklé et al., EMNLP 2021) makes a fusion cheaper at inference in two ways: drop
-the adapters the fusion attends to least (the paper keeps 2 of 8 at +68% speed), and drop
-adapters altogether from the first layers. Both are one call here::
+AdapterDrop (Rücklé et al., EMNLP 2021)::
 
     report = fusedadapter.adapter_drop(model, calibration_batches, keep=2, skip_layers=3)
     print(report)            # mean fusion probability per adapter, kept / dropped, skipped layers
 
-``model`` is a :func:`fusedadapter.patch`\\ ed (or :func:`fusedadapter.load_adapterhub`\\ ed) Hugging
-Face model, or an AdapterHub model after :func:`fusedadapter.accelerate`.
+on a :func:`fusedadapter.patch`\\ ed or :func:`fusedadapter.load_adapterhub`\\ ed Hugging Face model, or
+an AdapterHub model after :func:`fusedadapter.accelerate`. docs/adapterdrop.md is the user's account
+(calibration, ``keep`` and ``per_site``, ``skip_layers``, training after the call); in short:
 
-**Calibration.** The batches (dicts of model keyword arguments, or tuples / single tensors of
-positional ones) run once each under ``torch.inference_mode`` with the model in eval mode (its
-modules' training flags are restored afterwards; every batch sees the fusions' temperatures as they
-were, and they are left so). Per site
-(block, location) and adapter the mean fusion probability is taken over the batches' tokens;
-tokens whose ``attention_mask`` is 0 (when the batch has a ``(batch, tokens)`` mask) do not
-count. Sites of layers that will be skipped do not count. The global mean of an adapter is the
-mean over the counted sites (every site sees the same tokens, so this is also the mean over all
-(site, token) pairs). The model is calibrated as given (before this call changes it).
+- **Calibration**: each batch runs once under ``torch.inference_mode`` in eval mode (modes and
+  temperatures restored); per site and adapter the mean fusion probability over the tokens whose
+  ``attention_mask`` is 1, averaged over the sites that will not be skipped.
+- **Pruning** (``keep=k``): the k adapters of highest global mean at every site (ties: the earlier),
+  or per site (``per_site=True``, patched models only). A patched site is pruned in place and then
+  computes exactly what the full site computes with the dropped adapters masked out. An accelerated
+  model's active ``Fuse`` becomes ``Fuse(*kept, name=<old name>)``.
+- **Skipping** (``skip_layers=n`` or block indices): those sites return the sub-layer output
+  unchanged (bit for bit the bare block). They would get no gradients, so the call **freezes**
+  them (``requires_grad=False`` on exactly the parameters it changes, restored by a later call that
+  runs them again), and DDP's default ``find_unused_parameters=False`` works when DDP and the
+  optimizer are built after the call. On an accelerated model skipping is AdapterHub's own
+  ``adapters_config.skip_layers``; ``train_adapter_fusion`` / ``set_active_adapters`` reset it.
 
-**Pruning** (``keep=k``). By default (``per_site=False``) the k adapters with the highest global
-mean are kept at every site, ties going to the earlier adapter, so the model stays one
-``Fuse`` of the same adapters everywhere (AdapterHub's shape; ``save_adapterhub`` writes the
-pruned fusion, under its old name with the kept ``adapter_names``). ``per_site=True`` ranks
-each site by its own means and keeps its own k (patched models only; such a model cannot be
-saved in AdapterHub's format, whose fusion has one adapter set). Pruned sites keep their
-adapters in their original order. A patched site is pruned in place: the same
-:class:`~fusedadapter.FusedAdapterFusion` module, its ``adapters`` dict without the dropped
-entries, the kept adapters' parameter tensors untouched (the query / key / value matrices do not
-depend on the adapter count). Since a dropped adapter's softmax entry is all that changes, the
-pruned site computes exactly what the unpruned site computes with the dropped adapters masked
-out (``fusedadapter.adapter_mask``). Optimizers built before the call still hold the dropped
-adapters' parameters: build them afterwards. On an accelerated AdapterHub model the active
-``Fuse`` is replaced by ``Fuse(*kept, name=<old name>)`` (the fusion layer and its weights are
-looked up by that name); the dropped adapters stay loaded, inactive. AdapterHub's fusion is one
-adapter set, so ``per_site=True`` raises there.
-
-**Skipping** (``skip_layers=n``, or a collection of block indices). The sites of the first n
-blocks are not run: each returns the sub-layer output unchanged, so those blocks compute exactly
-what the bare model computes (bit for bit). The call sets the skipped set (a later call with
-``skip_layers=0`` runs every site again). Skipped sites are pruned like the others and keep their
-parameters (so ``save_adapterhub`` still writes every layer, as AdapterHub's ``skip_layers`` is a
-runtime setting, not saved). They would get no gradients, so the call **freezes** them: every
-parameter of a skipped site that requires grad is set to ``requires_grad=False`` (and so left out
-of optimizers and ``DistributedDataParallel`` built afterwards, whose default
-``find_unused_parameters=False`` then works); a later call that runs the site again restores
-``requires_grad=True`` on exactly the parameters it froze. Set up training (freeze the base model,
-``train_adapter_fusion``) before the call, and build the optimizer and DDP after it. On an
-accelerated model skipping is AdapterHub's own ``adapters_config.skip_layers``
-(``set_active_adapters(..., skip_layers=...)``); the call freezes the kept adapters and the fusion
-layer of the skipped blocks the same way, and the dropped adapters (inactive, so never used) for good.
-AdapterHub's ``train_adapter_fusion`` / ``set_active_adapters`` reset ``skip_layers`` (and
-``requires_grad``): call ``adapter_drop`` again after them.
-
-Mechanism on a patched model: the site runtimes that :mod:`fusedadapter.patching` keeps in the
-model's patch record; a skipped site's runtime gets an instance-level ``run`` that clears the
-captured input and returns the sub-layer output as it is. ``unpatch`` removes all of it.
+Mechanism on a patched model: a skipped site's runtime (the patch record's) gets an instance-level
+``run`` that clears the captured input and returns the sub-layer output as it is; ``unpatch``
+removes all of it.
 """
 
 from __future__ import annotations

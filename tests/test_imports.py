@@ -256,3 +256,11 @@ def test_every_package_folder_is_in_the_wheel():
     assert on_disk <= listed, f"package folders missing from pyproject's [tool.setuptools] packages: {sorted(on_disk - listed)}"
     assert setuptools_cfg["package-dir"] == {"fusedadapter": "fusedadapter", "fusedadapter.kernels": "kernels",
                                              "fusedadapter.csrc": "csrc"}
+
+
+def test_no_package_module_over_450_lines():
+    # issue 14: a newcomer reads the package in an afternoon; kernel sources (kernels/, csrc/) may be longer.
+    root = Path(fusedadapter.__file__).parent
+    long = {str(p.relative_to(root)): n for p in sorted(root.rglob("*.py"))
+            if p.parent.name not in ("kernels", "csrc") and (n := len(p.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines: {long}"
