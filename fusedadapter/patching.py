@@ -56,6 +56,7 @@ from .architectures import (PLACEMENTS, SUPPORTED_ARCHITECTURES, ArchSpec, Place
                             resolve_site)
 from .compile_cache import invalidate_compiled_graphs  # re-exported: fusedadapter.patching.invalidate_compiled_graphs
 from .config import AdapterConfig, FusionConfig, check_adapter_name
+from .dispatch import check_backend_name
 from .hooks import _capture_hook, _output_hook, _SiteRuntime
 from .modules import FusedAdapterFusion
 from .registry import set_integration_backend, undo_integrations
@@ -259,11 +260,7 @@ def patch(model: nn.Module, adapters, fusion: Union[str, Mapping, FusionConfig] 
     place = resolve_placement(placement)
     cfgs = _normalize_adapters(adapters)
     fusion_config = FusionConfig.load(fusion)
-    if backend != "auto":
-        from .dispatch import BACKENDS
-
-        if backend not in BACKENDS:
-            raise ValueError(f"fusedadapter.patch: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    check_backend_name(backend, context="fusedadapter.patch")
     n_layers = len(find_layers(model, spec))
     multi = None
     if fusions is not None:
