@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 
+from backends import bridge_to_cuda
 from conftest import _cuda_present
 from parity import check_parity, make_site
 
@@ -44,20 +45,7 @@ def _gpu_setup(monkeypatch):
     autograd flows through), one fixed config per kernel, fresh outputs poisoned with NaN."""
     monkeypatch.setattr(fusion, "POISON_OUTPUTS", True)
     if ON_GPU:
-        import fusedadapter.dispatch as dispatch
-
-        def loader(device):
-            if torch.device(device).type == "cuda":
-                return OP
-
-            def bridged(*args):
-                moved = [a.to("cuda") if isinstance(a, torch.Tensor) else a for a in args]
-                out, probs = OP(*moved)
-                return out.to(device), probs.to(device)
-
-            return bridged
-
-        monkeypatch.setitem(dispatch._LOADERS, "triton", loader)
+        bridge_to_cuda(monkeypatch, "triton", OP)
         monkeypatch.setattr(fusion, "CONFIG_OVERRIDE", dict(configs.GPU_DEFAULT))
     yield
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fusedadapter as fa
+from backends import bridge_to_cuda
 from cases import NONLINEAR
 from conftest import requires_cuda
 from fusedadapter.dispatch import BackendUnavailable, fusion_op
@@ -34,23 +35,8 @@ def _sites_on_cpu_kernels_on_gpu(monkeypatch):
     """tests/parity.py runs the reference and builds inputs on CPU. On a GPU machine the `triton`
     backend is loaded for CPU tensors as a bridge that runs the op on CUDA (autograd flows through
     the copies), so the same parity tests run natively on the GPU."""
-    if not ON_GPU:
-        yield
-        return
-    import fusedadapter.dispatch as dispatch
-
-    def loader(device):
-        if torch.device(device).type == "cuda":
-            return OP
-
-        def bridged(*args):
-            moved = [a.to("cuda") if isinstance(a, torch.Tensor) else a for a in args]
-            out, probs = OP(*moved)
-            return out.to(device), probs.to(device)
-
-        return bridged
-
-    monkeypatch.setitem(dispatch._LOADERS, "triton", loader)
+    if ON_GPU:
+        bridge_to_cuda(monkeypatch, "triton", OP)
     yield
 
 
