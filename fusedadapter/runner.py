@@ -114,6 +114,18 @@ def _logit_shift(folded: Folded, fusion: FusionWeights, c, res, residual_before:
     return shift
 
 
+def _value_after_sum(mix, value_weight, res, residual_before: bool, adapter_mask):
+    """The end of the forms that apply W_V after the weighted sum (plain, per-token): ``W_V mix`` plus the
+    residual, or under ``residual_before`` (already inside ``mix``) the bare sub-layer on a row with
+    every adapter masked (see run_folded)."""
+    out = F.linear(mix, value_weight) if value_weight is not None else mix
+    if not residual_before:
+        return out + res
+    if adapter_mask is not None:
+        return torch.where(adapter_mask.any(dim=-1, keepdim=True), out, res)
+    return out
+
+
 def _plain_form(folded_fusion: dict, adapters: Sequence[AdapterWeights], a, res, c, *, temperature, dropout_p,
                 keep_mask, residual_before, fusion: FusionWeights, adapter_mask=None):
     """Wide adapters (R > PLAIN_FORM_RATIO·H): adapters' own up projections, W_K^T W_Q folded.
@@ -145,12 +157,7 @@ def _plain_form(folded_fusion: dict, adapters: Sequence[AdapterWeights], a, res,
     else:
         probs = masked_softmax(logits / temperature, adapter_mask)
     mix = torch.bmm(probs.unsqueeze(1), u).squeeze(1)
-    out = F.linear(mix, fusion.value_weight) if fusion.value_weight is not None else mix
-    if not residual_before:
-        out = out + res
-    elif adapter_mask is not None:  # a row with every adapter masked is the bare sub-layer (see run_folded)
-        out = torch.where(adapter_mask.any(dim=-1, keepdim=True), out, res)
-    return out.to(out_dtype), probs
+    return _value_after_sum(mix, fusion.value_weight, res, residual_before, adapter_mask).to(out_dtype), probs
 
 
 def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual_before: bool, temperature: float,
@@ -231,12 +238,7 @@ def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temp
     mix, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, w_query, None, folded.w_out,
                     folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask,
                     shift, adapter_mask)
-    out = F.linear(mix, fw.value_weight) if fw.value_weight is not None else mix
-    if not residual_before:
-        out = out + res
-    elif adapter_mask is not None:  # a row with every adapter masked is the bare sub-layer (see run_folded)
-        out = torch.where(adapter_mask.any(dim=-1, keepdim=True), out, res)
-    return out.to(out_dtype), probs
+    return _value_after_sum(mix, fw.value_weight, res, residual_before, adapter_mask).to(out_dtype), probs
 
 
 def use_plain_form(hidden_size: int, bottleneck: int) -> bool:
