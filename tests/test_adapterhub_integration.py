@@ -212,6 +212,38 @@ def test_accelerate_fusion_training_gradients(arch, placement):
     assert not beyond, beyond
 
 
+def _reg_and_grads(model):
+    for p in model.parameters():
+        p.grad = None
+    reg = model.get_fusion_regularization_loss()
+    (reg * 1.7).backward()
+    return reg, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accelerated_regularization_loss_is_adapterhubs_bit_for_bit():
+    """accelerate gives the model a faster get_fusion_regularization_loss (one autograd node per value
+    matrix, issue 11): AdapterHub's value and gradients bit for bit; unpatch takes it away again."""
+    model = _training_model("bert", "double_seq_bn")
+    with torch.no_grad():  # value matrices away from the identity (AdapterHub starts them near it)
+        for layer in bottleneck_layers(model).values():
+            for fusion in layer.adapter_fusion_layer.values():
+                fusion.value.weight.add_(0.01 * torch.randn_like(fusion.value.weight))
+    reg_ah, grads_ah = _reg_and_grads(model)
+    fa.accelerate(model, backend="torch")
+    reg, grads = _reg_and_grads(model)
+    nodes, todo = set(), [reg.grad_fn]
+    while todo:
+        fn = todo.pop()
+        nodes.add(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions if f is not None]
+    assert "_IdentityDistanceBackward" in nodes and "PowBackward0" not in nodes, nodes
+    assert torch.equal(reg, reg_ah) and len(grads_ah) == 2 * 2 and set(grads) == set(grads_ah)  # 2 blocks x 2 sites
+    assert all(torch.equal(grads[n], grads_ah[n]) for n in grads)
+    fa.unpatch(model)
+    assert "get_fusion_regularization_loss" not in model.__dict__
+    assert torch.equal(model.get_fusion_regularization_loss(), reg_ah)
+
+
 def test_accelerated_training_steps_save_and_reload_in_adapterhub(tmp_path):
     """Optimizer steps, the regularization loss and save_adapter_fusion keep working."""
     ah = _ah()

@@ -26,14 +26,16 @@ TINY = {
     "model-overhead": ["--layers", "1", "--hidden", "64", "--batch", "1", "--seq", "8", "--repeats", "5"],
     "adapterdrop": ["--layers", "2", "--hidden", "64", "--batch", "1", "--seq", "8", "--repeats", "5", "--kept", "8", "4",
                     "--skipped", "0", "1", "--backends", "torch"],
-    "train": ["--layers", "1", "--shapes", "1x8", "--n-adapters", "2", "--r", "4", "--repeats", "5"],
+    "train": ["--layers", "1", "--hidden", "64", "--shapes", "1x8", "--n-adapters", "2", "--r", "4", "--repeats", "5",
+              "--threads", "1", "--clock", "thread"],
     "train-forms": ["--tokens", "8", "--backends", "torch", "--repeats", "5"],
     "compile": ["--device", "cpu", "--layers", "1", "--hidden", "64", "--shapes", "1x8", "--compile-backend", "aot_eager",
                 "--repeats", "5", "--min-sample-s", "0"],
     "export": ["--layers", "1", "--hidden", "64", "--batch", "2", "--seq", "8", "--repeats", "5", "--no-parity"],
 }
-JSON_FLAG = {"train": "--out", "train-forms": "--out"}
-SCHEMA_ROWS = {"native-cpu": "native_cpu", "adapter-mask": "adapter_mask", "model-overhead": "model_overhead"}
+JSON_FLAG = {"train-forms": "--out"}
+SCHEMA_ROWS = {"native-cpu": "native_cpu", "adapter-mask": "adapter_mask", "model-overhead": "model_overhead",
+               "train": "train_step"}
 
 
 @pytest.fixture
@@ -67,6 +69,12 @@ def test_script_runs_tiny_through_the_cli(name, tmp_path, capsys, threads):
         assert {row["kernel"] for row in rows} == {SCHEMA_ROWS[name]}
         times = [row for row in rows if row["metric"] == "time"]
         assert times and all(row["p20"] <= row["median"] <= row["p80"] for row in times)
+    if name == "train":  # every provider that runs here (AdapterHub's where `adapters` imports), against the floor
+        from benchmarks import bench_train
+
+        ratios = {row["provider"]: row for row in rows if row["metric"] == "x_floor"}
+        assert {row["provider"] for row in times} == set(ratios) == set(bench_train.available()[0])
+        assert ratios["floor"]["median"] == 1.0 and all(len(r["config"]["samples_ms"]) == 5 for r in times)
 
 
 def test_every_script_has_a_cli_entry_and_runs_as_a_file():

@@ -31,6 +31,7 @@ from torch import nn
 from ..activations import activation_code, canonical_activation
 from ..dispatch import check_backend_name
 from ..fold import AdapterWeights
+from ..functional import _IdentityDistance
 from ..masking import current_adapter_mask
 from ..compile_cache import invalidate_compiled_graphs
 from ..registry import register_integration
@@ -242,6 +243,22 @@ def _fuse_blocks(setup, ah) -> list:
     return out
 
 
+def _fused_regularization_loss(self):
+    """AdapterHub's ``get_fusion_regularization_loss`` (the same layers and fusions, bit for bit the
+    same value and gradients), each term from :class:`fusedadapter.functional._IdentityDistance`:
+    fewer passes over the value matrices (AdapterTrainer adds it to every stage-2 step)."""
+    ah = _import_adapterhub()
+    reg = None
+    for _, layer in self.iter_layers():
+        for module in layer.modules():
+            if isinstance(module, ah.BottleneckLayer):
+                for fusion in module.adapter_fusion_layer.values():
+                    if hasattr(fusion, "value") and fusion.value.weight.requires_grad:
+                        term = _IdentityDistance.apply(fusion.value.weight)
+                        reg = term if reg is None else reg + term
+    return reg
+
+
 def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Run every ``Fuse`` of an AdapterHub model (``adapters.init`` or an ``*AdapterModel``) with the
     fused op, in place, on AdapterHub's own parameters. Returns ``model``.
@@ -264,6 +281,9 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
         else:
             state.backend = backend
             state.sites.clear()
+    for mod in model.modules():  # the model and its base model (heads models): AdapterHub's mixin method
+        if hasattr(mod, "iter_layers") and callable(getattr(type(mod), "get_fusion_regularization_loss", None)):
+            mod.__dict__["get_fusion_regularization_loss"] = types.MethodType(_fused_regularization_loss, mod)
     invalidate_compiled_graphs()  # compose_fuse is replaced on instances: cached graphs would miss it
 
     setup = getattr(layers[0], "adapters_config", None)
@@ -301,6 +321,10 @@ def _unaccelerate(model: nn.Module) -> bool:
     for layer in layers:
         layer.__dict__.pop("compose_fuse", None)
         layer.__dict__.pop(_STATE_ATTR, None)
+    for mod in model.modules():
+        fn = mod.__dict__.get("get_fusion_regularization_loss")
+        if getattr(fn, "__func__", None) is _fused_regularization_loss:
+            del mod.__dict__["get_fusion_regularization_loss"]
     return bool(layers)
 
 
