@@ -52,7 +52,7 @@ from .masking import current_adapter_mask
 from .modules import BottleneckAdapter, FusedAdapterFusion
 from .zero_grads import attach_zero_grads
 
-__all__ = ["MultiFusion", "MultiHead", "fusion_route", "current_fusion_route", "normalize_fusions"]
+__all__ = ["MultiFusion", "MultiHead", "fusion_route", "current_fusion_route", "normalize_fusions", "route_ids"]
 
 _state = threading.local()
 
@@ -127,6 +127,50 @@ def normalize_fusions(fusions, pool: Sequence[str], where: str = "MultiFusion") 
         seen.add(name)
         out.append((name, FusionConfig.load(config), names))
     return out
+
+
+def route_ids(route: Optional[RouteLike], names: Sequence[str], batch: int, where: str = "MultiFusion") -> torch.Tensor:
+    """The ``(batch,)`` int64 CPU tensor of indices into ``names`` (a site's fusions) for ``route``
+    (see the module doc); also used by :func:`fusedadapter.accelerate`'s ``MultiTask`` routing."""
+    names = list(names)
+
+    def _index(name: str) -> int:
+        if name not in names:
+            raise ValueError(f"{where}: unknown fusion {name!r}; this site's fusions are {names}")
+        return names.index(name)
+
+    if route is None:
+        if len(names) == 1:
+            return torch.zeros(batch, dtype=torch.int64)
+        raise ValueError(f"{where}: no route for a site with fusions {names}: pass route= (one fusion name or "
+                         f"id per batch row) or call the model inside `with fusedadapter.fusion_route(...)`")
+    if isinstance(route, str):
+        ids = torch.full((batch,), _index(route), dtype=torch.int64)
+    elif isinstance(route, torch.Tensor):
+        if route.dim() != 1 or route.is_floating_point() or route.is_complex() or route.dtype == torch.bool:
+            raise ValueError(f"{where}: a route tensor must be 1-D (batch,) of integer fusion ids, got "
+                             f"{route.dtype} {tuple(route.shape)}")
+        ids = route.detach().to("cpu", torch.int64)
+    elif isinstance(route, (list, tuple)):
+        if all(isinstance(r, str) for r in route):
+            ids = torch.tensor([_index(r) for r in route], dtype=torch.int64)
+        elif all(isinstance(r, int) and not isinstance(r, bool) for r in route):
+            ids = torch.tensor(list(route), dtype=torch.int64)
+        else:
+            raise TypeError(f"{where}: a route sequence must hold fusion names or int ids, got {list(route)!r}")
+    else:
+        raise TypeError(f"{where}: route must be a fusion name, a sequence of names / ids or an integer "
+                        f"tensor, got {type(route).__name__}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
+        raise ValueError(f"{where}: route ids must be in [0, {len(names)}) (fusions {names}), got "
+                         f"{ids.tolist()}")
+    if ids.shape[0] != batch:
+        rows = ids.shape[0]
+        if rows == 0 or batch % rows != 0:
+            raise ValueError(f"{where}: the route has {rows} rows but the site runs on batch {batch}; give one "
+                             f"fusion per batch row (a route of batch B follows generate()'s expansion to B*k)")
+        ids = ids.repeat_interleave(batch // rows)
+    return ids
 
 
 def _share_adapters(fusion: FusedAdapterFusion, adapters: Mapping[str, BottleneckAdapter]) -> None:
@@ -239,45 +283,7 @@ class MultiFusion(nn.Module):
     # ------------------------------------------------------------------ routing
     def route_ids(self, route: Optional[RouteLike], batch: int) -> torch.Tensor:
         """The ``(batch,)`` int64 CPU tensor of fusion indices for ``route`` (see the module doc)."""
-        names = self.fusion_names
-        if route is None:
-            if len(names) == 1:
-                return torch.zeros(batch, dtype=torch.int64)
-            raise ValueError(f"MultiFusion: no route for a site with fusions {names}: pass route= (one fusion name or "
-                             f"id per batch row) or call the model inside `with fusedadapter.fusion_route(...)`")
-        if isinstance(route, str):
-            ids = torch.full((batch,), self._fusion_index(route), dtype=torch.int64)
-        elif isinstance(route, torch.Tensor):
-            if route.dim() != 1 or route.is_floating_point() or route.is_complex() or route.dtype == torch.bool:
-                raise ValueError(f"MultiFusion: a route tensor must be 1-D (batch,) of integer fusion ids, got "
-                                 f"{route.dtype} {tuple(route.shape)}")
-            ids = route.detach().to("cpu", torch.int64)
-        elif isinstance(route, (list, tuple)):
-            if all(isinstance(r, str) for r in route):
-                ids = torch.tensor([self._fusion_index(r) for r in route], dtype=torch.int64)
-            elif all(isinstance(r, int) and not isinstance(r, bool) for r in route):
-                ids = torch.tensor(list(route), dtype=torch.int64)
-            else:
-                raise TypeError(f"MultiFusion: a route sequence must hold fusion names or int ids, got {list(route)!r}")
-        else:
-            raise TypeError(f"MultiFusion: route must be a fusion name, a sequence of names / ids or an integer "
-                            f"tensor, got {type(route).__name__}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
-            raise ValueError(f"MultiFusion: route ids must be in [0, {len(names)}) (fusions {names}), got "
-                             f"{ids.tolist()}")
-        if ids.shape[0] != batch:
-            rows = ids.shape[0]
-            if rows == 0 or batch % rows != 0:
-                raise ValueError(f"MultiFusion: the route has {rows} rows but the site runs on batch {batch}; give one "
-                                 f"fusion per batch row (a route of batch B follows generate()'s expansion to B*k)")
-            ids = ids.repeat_interleave(batch // rows)
-        return ids
-
-    def _fusion_index(self, name: str) -> int:
-        try:
-            return self.fusion_names.index(name)
-        except ValueError:
-            raise ValueError(f"MultiFusion: unknown fusion {name!r}; this site's fusions are {self.fusion_names}") from None
+        return route_ids(route, self.fusion_names, batch)
 
     # ------------------------------------------------------------------ forward
     def forward(self, adapter_input: torch.Tensor, residual: torch.Tensor, query: Optional[torch.Tensor] = None, *,

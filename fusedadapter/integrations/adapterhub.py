@@ -16,6 +16,10 @@ a ``Fuse`` with a nested composition block (``Fuse(Stack(...), ...)``), PHM (Com
 adapters, an activation the op does not implement; per call also adapters with stochastic
 depth in training mode and gating adapters while gating scores are requested.
 
+Several ``Fuse`` setups over one adapter pool serve a mixed batch in one forward through
+``MultiTask(Fuse(...), Fuse(...))`` with per-row ``task_ids`` or :func:`fusedadapter.fusion_route`
+(:mod:`fusedadapter.integrations.adapterhub_multi`, docs/multitask.md).
+
 ``adapters`` is imported only when :func:`accelerate` is called.
 """
 
@@ -37,6 +41,7 @@ from ..compile_cache import invalidate_compiled_graphs
 from ..registry import register_integration
 from ..runner import run_site
 from ..site import FusionSite, ScaledUp
+from .adapterhub_multi import fused_compose_multi_task
 
 __all__ = ["accelerate"]
 
@@ -278,6 +283,8 @@ def accelerate(model: nn.Module, backend: str = "auto") -> nn.Module:
         if state is None:
             layer.__dict__[_STATE_ATTR] = _LayerAccel(ah, backend)
             layer.__dict__["compose_fuse"] = types.MethodType(_fused_compose_fuse, layer)
+            # MultiTask(Fuse, Fuse, ...): per-row routing over several setups (adapterhub_multi)
+            layer.__dict__["compose_multi_task"] = types.MethodType(fused_compose_multi_task, layer)
         else:
             state.backend = backend
             state.sites.clear()
@@ -320,6 +327,7 @@ def _unaccelerate(model: nn.Module) -> bool:
     layers = _accelerated_layers(model)
     for layer in layers:
         layer.__dict__.pop("compose_fuse", None)
+        layer.__dict__.pop("compose_multi_task", None)
         layer.__dict__.pop(_STATE_ATTR, None)
     for mod in model.modules():
         fn = mod.__dict__.get("get_fusion_regularization_loss")
