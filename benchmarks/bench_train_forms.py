@@ -31,9 +31,15 @@ if __package__ in (None, ""):  # run as a script: make the repository's `benchma
 
 from benchmarks.providers import SiteShape, Step, setup_site  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
+from benchmarks.train_fold_precision import set_variant  # noqa: E402
 
-VARIANTS = {"folded-fp64": ("folded", torch.float64), "folded-fp32": ("folded", torch.float32),
-            "per_token": ("per_token", torch.float64), "auto": ("auto", torch.float64)}
+# name -> (form, forward products' precision, backward products' precision) of fusedadapter.fold;
+# "auto": the switches as committed (the cost model and the committed precisions).
+VARIANTS = {"folded-fp64": ("folded", torch.float64, torch.float64),
+            "folded-fp64-bwd32": ("folded", torch.float64, torch.float32),
+            "folded-fp32": ("folded", torch.float32, torch.float32),
+            "per_token": ("per_token", torch.float64, torch.float64),
+            "auto": ("auto", fold_mod.TRAIN_FOLD_PRECISION, fold_mod.TRAIN_FOLD_BACKWARD_PRECISION)}
 
 
 def saved_bytes_excl_cache(case, name) -> int:
@@ -65,45 +71,43 @@ def saved_bytes_excl_cache(case, name) -> int:
     return int(sum(seen.values()))
 
 
-def _with_form(step: Step, form, precision) -> Step:
+def _with_form(step: Step, values) -> Step:
     def wrap(fn):
         if fn is None:
             return None
 
         def run():
-            saved = (fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION)
-            fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION = form, precision
+            saved = set_variant(values)
             try:
                 return fn()
             finally:
-                fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION = saved
+                set_variant(saved)
         return run
     return Step(wrap(step.run), wrap(step.prep))
 
 
-def measure(tokens, backends, repeats, hidden=768, n=8, reduction=16, min_sample_s=0.05):
+def measure(tokens, backends, repeats, hidden=768, n=8, reduction=16, min_sample_s=0.05, width=None):
     rows = []
     for m in tokens:
-        case = setup_site(SiteShape(tokens=m, hidden=hidden, n=n, reduction=reduction))
+        case = setup_site(SiteShape(tokens=m, hidden=hidden, n=n, reduction=reduction, width=width))
         steps = {"reference": case.step("reference", "full")}
         saved = {"reference": case.saved_bytes("reference")}
         saved_nc = {"reference": saved["reference"]}
         for b in backends:
-            for v, (form, prec) in VARIANTS.items():
+            for v, values in VARIANTS.items():
                 name = f"{b}:{v}"
-                steps[name] = _with_form(case.step(b, "full"), form, prec)
-                saved_form = (fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION)
-                fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION = form, prec
+                steps[name] = _with_form(case.step(b, "full"), values)
+                saved_form = set_variant(values)
                 try:
                     saved[name] = case.saved_bytes(b)
                     saved_nc[name] = saved_bytes_excl_cache(case, b)
                 finally:
-                    fold_mod.TRAIN_FORM, fold_mod.TRAIN_FOLD_PRECISION = saved_form
+                    set_variant(saved_form)
         times = time_interleaved(steps, "cpu", repeats=repeats, min_sample_s=min_sample_s)
         ref = quantiles(times["reference"])["median"]
         for name, samples in times.items():
             q = quantiles(samples)
-            rows.append({"tokens": m, "provider": name, "ms_median": q["median"], "ms_p20": q["p20"],
+            rows.append({"tokens": m, "r": case.spec.r, "provider": name, "ms_median": q["median"], "ms_p20": q["p20"],
                          "ms_p80": q["p80"], "speedup_vs_reference": ref / q["median"],
                          "saved_MiB": saved[name] / 2**20, "saved_MiB_excl_fold_cache": saved_nc[name] / 2**20})
             print(f"M={m:5d} {name:22s} {q['median']:9.3f} ms  [{q['p20']:.3f}, {q['p80']:.3f}]  "
@@ -113,10 +117,15 @@ def measure(tokens, backends, repeats, hidden=768, n=8, reduction=16, min_sample
 
 
 def crossover(rows, backend, rows_count):
-    """M* where per_token and folded-fp64 (the folded form's precision) cost the same (log-linear interpolation), or None."""
+    """M* where per_token and the folded form at the committed precisions (folded-fp64-bwd32, else
+    folded-fp64, if measured) cost the same (log-linear interpolation), or None."""
     t = {(r["tokens"], r["provider"]): r["ms_median"] for r in rows}
+    have = {p for _, p in t}
+    folded = next((f"{backend}:{v}" for v in ("folded-fp64-bwd32", "folded-fp64") if f"{backend}:{v}" in have), None)
+    if f"{backend}:per_token" not in have or folded is None:
+        return None  # not measured in this run (--variants)
     ms = sorted({r["tokens"] for r in rows})
-    d = [(m, math.log(t[(m, f"{backend}:per_token")] / t[(m, f"{backend}:folded-fp64")])) for m in ms]
+    d = [(m, math.log(t[(m, f"{backend}:per_token")] / t[(m, folded)])) for m in ms]
     for (m0, d0), (m1, d1) in zip(d, d[1:]):
         if d0 <= 0 < d1:
             f = -d0 / (d1 - d0)
@@ -131,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--width", type=int, default=48, help="adapter width r (R = 8 r; r > 192 is wide: R > 2H)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -138,11 +148,11 @@ def main(argv=None):
     for v in list(VARIANTS):
         if v not in args.variants:
             del VARIANTS[v]
-    rows = measure(args.tokens, backends, args.repeats)
-    rn = 8 * 48 + 8
+    rows = measure(args.tokens, backends, args.repeats, width=args.width)
+    rn = 8 * args.width + 8
     result = {"command": "python -m benchmarks.bench_train_forms " + " ".join(sys.argv[1:] if argv is None else argv),
               "torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
-              "shape": {"hidden": 768, "n": 8, "r": 48, "rows": rn}, "rows": rows, "crossover": {}}
+              "shape": {"hidden": 768, "n": 8, "r": args.width, "rows": rn}, "rows": rows, "crossover": {}}
     for b in backends:
         m_star = crossover(rows, b, rn)
         result["crossover"][b] = {"tokens": m_star, "ratio": None if m_star is None else m_star / rn}

@@ -72,6 +72,16 @@ def _cpu() -> List[Point]:
     return _dedupe(pts)
 
 
+def _cpu_train() -> List[Point]:
+    # The training rows of the dispatch table (issue 11): a fusion-training step (mode full) in
+    # every token bucket, fp32 and bf16, H=768, N=8, r=48, and wide adapters (r=384, R > 2H).
+    base = SiteShape(tokens=256, hidden=768, n=8, reduction=16, dtype="float32")
+    pts = sweep(base, tokens=(1, 16, 64, 256, 1024, 4096), reduction=(2,))
+    pts += sweep(replace(base, dtype="bfloat16"), tokens=(1, 16, 256, 1024, 8192))
+    pts += sweep(replace(base, tokens=1024, reduction=2), tokens=(1024,))
+    return _dedupe(pts)
+
+
 def _gpu() -> List[Point]:
     # device_check.sh: the issue-3 target row first, then the grid.
     target = SiteShape(tokens=16384, hidden=768, n=8, reduction=16, dtype="bfloat16")
@@ -104,6 +114,9 @@ PRESETS: Dict[str, dict] = {
                  "help": "issue 2: CPU fp32, H=768, N=8, r=48, 1024 tokens; torch vs reference vs AdapterHub"},
     "cpu": {"points": _cpu, "opts": dict(repeats=5, min_sample_s=0.03, warmup=2, rss="max"),
             "help": "the committed CPU grid: all token buckets, fp32 and bf16, N / hidden / width sweeps"},
+    "cpu-train": {"points": _cpu_train, "opts": dict(repeats=5, min_sample_s=0.03, warmup=2, rss="none",
+                                                      modes=("full",)),
+                  "help": "the training rows of the dispatch table: mode full, every token bucket, fp32 and bf16"},
     "gpu": {"points": _gpu, "opts": dict(repeats=7, min_sample_s=0.01, warmup=3, rss="none", device="cuda"),
             "help": "the GPU grid of device_check.sh (issue-3 target row first)"},
 }

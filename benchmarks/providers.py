@@ -267,6 +267,12 @@ class SiteCase:
         def zero():
             for t in leaves:
                 t.grad = None
+            # An optimizer step updates the trained weights in place between two training steps; the
+            # in-place no-op bumps their version counters the same way, so no step reuses a cached
+            # product of the previous step's weights (the fold's checkpointing memo, issue 11).
+            with torch.no_grad():
+                for p in fusion_params:
+                    p.add_(0.0)
 
         if mode == "forward":
             return Step(lambda: fwd(a, res), zero)

@@ -2,8 +2,11 @@
 
 ``auto`` reads ``dispatch_table.json`` (shipped in the package, written from committed
 benchmark results by ``python -m benchmarks table``): for (device type, dtype, token bucket) it
-names the backend that measured fastest. A device type with no committed results uses the
-``torch`` backend. When the table names a backend that cannot run here (no compiler, no
+names the backend that measured fastest, in two modes: ``table`` from the no-grad rows (serving)
+and ``training`` from the training-step rows (forward + backward with the fusion weights trained;
+a training call is one under autograd where a fusion or adapter weight requires grad). A training
+call whose (device, dtype, bucket) has no training row uses the no-grad choice. A device type with
+no committed results uses the ``torch`` backend. When the table names a backend that cannot run here (no compiler, no
 Triton, no GPU), ``auto`` warns once and uses ``torch``. A backend requested by name that
 cannot run raises :class:`BackendUnavailable`.
 """
@@ -138,14 +141,20 @@ def token_bucket(tokens: int) -> str:
     return f">{TOKEN_BUCKETS[-1]}"
 
 
-def _auto_choice(device: torch.device, dtype: torch.dtype, tokens: int) -> str:
-    per_device = dispatch_table().get("table", {}).get(device.type, {})
-    per_dtype = per_device.get(str(dtype).replace("torch.", ""), {})
-    return per_dtype.get(token_bucket(tokens), "torch")
+def _auto_choice(device: torch.device, dtype: torch.dtype, tokens: int, training=False) -> str:
+    table = dispatch_table()
+    key = (device.type, str(dtype).replace("torch.", ""), token_bucket(tokens))
+    modes = (("training", "table") if (training() if callable(training) else training) else ("table",))
+    for mode in modes:
+        choice = table.get(mode, {}).get(key[0], {}).get(key[1], {}).get(key[2])
+        if choice is not None:
+            return choice
+    return "torch"
 
 
-def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int) -> Tuple[str, Callable]:
-    """(name, op) for a site call. ``requested`` is a backend name or ``"auto"``."""
+def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int, training=False) -> Tuple[str, Callable]:
+    """(name, op) for a site call. ``requested`` is a backend name or ``"auto"``; ``training`` (a bool, or
+    a callable asked only for ``"auto"``): the call trains (``auto`` then reads the table's training rows)."""
     if torch.compiler.is_exporting():  # every backend lowers to the composite torch form (fusedadapter.export)
         from .export_hooks import lowered_backend
 
@@ -156,7 +165,7 @@ def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int) -> 
         return "reference", None
     if requested != "auto":
         return requested, fusion_op(requested, device, dtype)
-    name = _auto_choice(device, dtype, tokens)
+    name = _auto_choice(device, dtype, tokens, training)
     if name in ("torch", "reference"):
         return name, (fusion_torch if name == "torch" else None)
     try:

@@ -11,6 +11,8 @@ Per adapter n, with ``U_n = diag(s_n) W_U,n`` (H x r_n) and ``c_n = s_n * b_U,n`
 Flags that are off are identities. Folding is O(H^2 R) once per parameter change (eval: cached
 by the module) and differentiable, so training runs it under autograd every step.
 Folding in float32 came close to the 2x error budget of docs/algorithm.md §4; float64 then a cast does not.
+The forms a call takes (folded, per-token, plain) and the training fold's precision are chosen here
+alone: :func:`call_form`, :func:`training_fold_form` and the constants next to them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 
 __all__ = ["AdapterWeights", "FusionWeights", "Folded", "AdapterHalf", "fold", "fold_adapters", "fold_fusion",
-           "fold_fusion_train", "training_fold_form", "fold_plain"]
+           "fold_fusion_train", "training_fold_form", "call_form", "fold_plain", "PLAIN_FORM_RATIO"]
 
 _F64 = torch.float64
 
@@ -210,11 +212,13 @@ class _FoldFusion64(torch.autograd.Function):
 
     ``rows`` is the cached float64 adapter half. Autograd saves only ``rows`` (alive in the cache
     anyway) and the parameters: ``rows @ W_K^T`` and the float64 copies of the parameters are
-    recomputed in backward, so no float64 intermediate is kept between forward and backward."""
+    recomputed in backward, so no float64 intermediate is kept between forward and backward. The
+    backward's products run at ``backward_precision`` (TRAIN_FOLD_BACKWARD_PRECISION)."""
 
     @staticmethod
-    def forward(ctx, rows64, wq, bq, wk, wv, dtype, memo=None):
+    def forward(ctx, rows64, wq, bq, wk, wv, dtype, backward_precision=_F64, memo=None):
         ctx.save_for_backward(rows64, wq, bq, wk, wv)
+        ctx.bp = backward_precision
         if memo is not None:  # the same weights folded earlier (gradient checkpointing, accumulation)
             return tuple(t.clone() for t in memo)
         rk = rows64 @ wk.to(_F64).t() if wk is not None else rows64
@@ -227,13 +231,15 @@ class _FoldFusion64(torch.autograd.Function):
     def backward(ctx, g_wq, g_bq, g_wo):
         rows64, wq, bq, wk, wv = ctx.saved_tensors
         need = ctx.needs_input_grad
+        bp = ctx.bp  # the backward products' precision (TRAIN_FOLD_BACKWARD_PRECISION)
         d_wq = d_bq = d_wk = d_wv = None
-        wq64 = wq.to(_F64) if wq is not None else None
-        g_wq64 = g_wq.to(_F64)
+        rows = rows64.to(bp)
+        wq64 = wq.to(bp) if wq is not None else None
+        g_wq64 = g_wq.to(bp)
         has_bq = bq is not None and wq is not None
-        g_bq64 = g_bq.to(_F64) if has_bq else None
+        g_bq64 = g_bq.to(bp) if has_bq else None
         if wq is not None and (need[1] or need[2]):
-            rk = rows64 @ wk.to(_F64).t() if wk is not None else rows64
+            rk = rows @ wk.to(bp).t() if wk is not None else rows
             if need[1]:
                 d_wq = (rk.t() @ g_wq64).to(wq.dtype)
             if need[2] and has_bq:
@@ -241,11 +247,11 @@ class _FoldFusion64(torch.autograd.Function):
         if wk is not None and need[3]:
             g_rk = g_wq64 @ wq64.t() if wq is not None else g_wq64
             if has_bq:
-                g_rk = g_rk + torch.outer(g_bq64, bq.to(_F64))
-            d_wk = (g_rk.t() @ rows64).to(wk.dtype)
+                g_rk = g_rk + torch.outer(g_bq64, bq.to(bp))
+            d_wk = (g_rk.t() @ rows).to(wk.dtype)
         if wv is not None and need[4]:
-            d_wv = (g_wo.to(_F64) @ rows64).to(wv.dtype)
-        return None, d_wq, d_bq, d_wk, d_wv, None, None
+            d_wv = (g_wo.to(bp) @ rows).to(wv.dtype)
+        return None, d_wq, d_bq, d_wk, d_wv, None, None, None
 
 
 def key_bias_shift_f64(wq, bq, bk, dtype):
@@ -271,6 +277,14 @@ def fold(adapters: Sequence[AdapterWeights], fusion: FusionWeights, dtype: torch
 # float64 intermediates recomputed in backward (_FoldFusion64), never saved. The per-token form
 # runs in float32: it holds the oracle as well as the float64 fold (same measurement).
 TRAIN_FOLD_PRECISION = torch.float64
+# Precision of the fold's backward products (d_WQ = (rows W_K^T)^T g_wq, d_WK, d_WV: ~5·(R+N)·H²,
+# two thirds of the fold's cost) when the forward products are float64. Their inputs, the op's
+# gradients g, are float32 already; float32 products measured as float64 ones against the §4
+# oracle (benchmarks/train_fold_precision.py, train_fold/precision_bwd*.json: 120 small sites
+# and 40 at H = 256 / 768, fp32 and bf16, no site over the bound where the float64 backward holds
+# it, per-site ratio at worst 1.32x float64's), where float32 *forward* products do not (7 of the
+# 40 large sites over the bound where float64 holds it). So: float64 forward, float32 backward.
+TRAIN_FOLD_BACKWARD_PRECISION = torch.float32
 
 # The cost model: the folded form pays ~3·(R+N)·H² multiply-adds per call (forward; backward
 # ~2x that) for the trained products; the per-token form pays ~3·M·H² (q, W_K^T q, W_V after the
@@ -279,8 +293,43 @@ TRAIN_FOLD_PRECISION = torch.float64
 # committed in benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/forms.json: crossover at
 # M* = 2.27 (R+N) for the torch backend, 2.09 (R+N) for cpu, H=768, N=8, r=48, 1 thread).
 TRAIN_PER_TOKEN_RATIO = 2.1
+# Wide adapters (R > PLAIN_FORM_RATIO·H) on the cpu backend in training: the plain form from
+# TRAIN_WIDE_PLAIN_RATIO·H tokens (call_form). Measured: benchmarks/bench_train_forms.py --width 384
+# (train_fold/forms_wide.json, H=768, N=8, r=384, 1 thread: the cpu backend's per-token form and
+# the plain form cost the same at M* = 221 tokens = 0.29·H).
+TRAIN_WIDE_PLAIN_RATIO = 0.29
 # "auto" (the cost model), "folded" or "per_token": a switch for benchmarks and tests.
 TRAIN_FORM = "auto"
+
+
+# The folded form costs ~3·H·R multiply-adds per token; the plain form (adapters' own up
+# projections, W_K^T W_Q folded into one H x H matrix, W_V after the sum) ~2·H·R + 2·H².
+# Folded wins while R < 2H (docs/algorithm.md §2.3 quotes 3H with Q and K unfolded).
+PLAIN_FORM_RATIO = 2.0
+
+
+def call_form(backend: str, hidden: int, bottleneck: int, training=False, n_tokens: Optional[int] = None) -> str:
+    """``"plain"`` or ``"folded"`` for one call of a site; the folded form's training variants (the
+    per-token form) are :func:`training_fold_form`'s choice. The one place the runner asks.
+    ``training``: a bool, or a callable returning it (asked only for wide adapters on ``cpu``).
+
+    Wide adapters (R > PLAIN_FORM_RATIO·H) take the plain form on the ``torch`` backend. The ``cpu``
+    backend, in a training call, takes it from TRAIN_WIDE_PLAIN_RATIO·H tokens up; fewer tokens keep
+    its fused op in the per-token form (nothing trainable folded, the op on the frozen rows: ~3·H·(R+N)
+    per token against the plain form's ~2·H·(R+H) plus its W_K^T W_Q fold, O(H³) per call). Folded,
+    a training call would re-fold the (R+N) rows against the trained matrices on every call
+    (O((R+N)·H²) in float64: 0.36x the reference at r=384). With ``TRAIN_FORM`` pinned, "folded"
+    means the plain form and "per_token" the per-token form there."""
+    if bottleneck <= PLAIN_FORM_RATIO * hidden:
+        return "folded"
+    if backend == "torch":
+        return "plain"
+    if backend != "cpu" or not (training() if callable(training) else training):
+        return "folded"
+    if TRAIN_FORM == "folded" or (TRAIN_FORM == "auto" and n_tokens is not None
+                                  and n_tokens >= TRAIN_WIDE_PLAIN_RATIO * hidden):
+        return "plain"
+    return "folded"
 
 
 def training_fold_form(n_tokens: Optional[int], hidden: int, rows: int) -> str:
@@ -313,7 +362,8 @@ def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dty
         hit = memo.get("train64") if memo is not None else None
         vals = hit[1] if hit is not None and hit[0] == stamp else None
         w_query, b_query, w_out = _FoldFusion64.apply(half.rows64, fusion.query_weight, fusion.query_bias,
-                                                      fusion.key_weight, fusion.value_weight, dtype, vals)
+                                                      fusion.key_weight, fusion.value_weight, dtype,
+                                                      TRAIN_FOLD_BACKWARD_PRECISION, vals)
         if memo is not None and vals is None:
             memo["train64"] = (stamp, (w_query.detach(), b_query.detach(), w_out.detach()),
                                [half.rows64] + [t for t in (fusion.query_weight, fusion.query_bias, fusion.key_weight,

@@ -16,17 +16,12 @@ import torch.nn.functional as F
 
 from .activations import apply_activation
 from .dispatch import resolve_backend
-from .fold import AdapterWeights, Folded, FusionWeights
+from .fold import PLAIN_FORM_RATIO, AdapterWeights, Folded, FusionWeights, call_form
 from .ops import acc_dtype, hash_keep_mask, masked_softmax
 from .zero_grads import keep_unused_shift, site_key_bias
 
 __all__ = ["run_site", "run_folded", "check_site_inputs", "draw_seed", "adapter_mask_rows", "use_plain_form",
            "PLAIN_FORM_RATIO"]
-
-# The folded form costs ~3·H·R multiply-adds per token; the plain form (adapters' own up
-# projections, W_K^T W_Q folded into one H x H matrix, W_V after the sum) ~2·H·R + 2·H².
-# Folded wins while R < 2H. (docs/algorithm.md §2.3 quotes 3H with Q and K unfolded.)
-PLAIN_FORM_RATIO = 2.0
 
 
 def check_site_inputs(hidden_size: int, adapter_input, residual, query, param: Optional[torch.Tensor],
@@ -241,6 +236,18 @@ def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temp
     return _value_after_sum(mix, fw.value_weight, res, residual_before, adapter_mask).to(out_dtype), probs
 
 
+def _trains(site) -> bool:
+    """A training call: autograd on and some fusion or adapter weight requires grad (the folds run under autograd)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_exporting():
+        return False
+    f = site.fusion_weights()
+    if any(t is not None and t.requires_grad for t in (f.query_weight, f.query_bias, f.key_weight, f.key_bias,
+                                                       f.value_weight)):
+        return True
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for w in site.adapter_weights()
+               for t in (w.down_weight, w.up_weight))
+
+
 def use_plain_form(hidden_size: int, bottleneck: int) -> bool:
     return bottleneck > PLAIN_FORM_RATIO * hidden_size
 
@@ -277,7 +284,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
         from .export_hooks import check_site_exportable
 
         check_site_exportable(site, dropout_p=dropout_p, temperature=temperature)
-    name, op = resolve_backend(backend, a.device, dtype, n_tokens)
+    name, op = resolve_backend(backend, a.device, dtype, n_tokens, training=lambda: _trains(site))
     if name == "reference":
         out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask, adapter_mask=adapter_mask)
     else:
@@ -293,7 +300,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
                 seed = draw_seed()
         with torch.autocast(dev, enabled=False) if autocast_on else contextlib.nullcontext():
             wdtype = acc_dtype(dtype)  # folded weights: fp32 for half activations (see ops.FUSION_SCHEMA)
-            if name == "torch" and use_plain_form(hidden, site.bottleneck):
+            if call_form(name, hidden, site.bottleneck, lambda: _trains(site), n_tokens) == "plain":
                 if dropout_p > 0 and keep_mask is None:
                     keep_mask = hash_keep_mask(seed, n_tokens, site.num_adapters, dropout_p, device=a.device)
                 plain = keep_unused_shift(site.plain_folded(wdtype), dropout_p > 0, site_key_bias(site))  # b_K: zero grad

@@ -104,23 +104,30 @@ def test_dispatch_table_from_results(tmp_path):
            row("torch", 1024, 1.0), row("cpu", 1024, 3.0), row("torch", 8, 1.0, dtype="bfloat16"),
            row("torch", 8, 5.0, mode="full"), row("cpu", 8, 4.0, mode="full")])
     data = build_table(tmp_path)
-    assert set(data) == {"comment", "sources", "table"}
+    assert set(data) == {"comment", "sources", "table", "training"}
     assert data["table"] == {"cpu": {"bfloat16": {token_bucket(8): "torch"},
                                      "float32": {token_bucket(8): "cpu", token_bucket(1024): "torch"}}}
     assert data["sources"] and data["sources"][0]["git_commit"] is not None
+    # the training table comes from the training-step (full) rows alone
+    assert data["training"] == {"cpu": {"float32": {token_bucket(8): "cpu"}}}
+    w.add([row("torch", 8, 3.0, mode="full")])  # a newer measurement of the same point wins
+    assert build_table(tmp_path)["training"] == {"cpu": {"float32": {token_bucket(8): "torch"}}}
+    assert build_table(tmp_path)["table"] == data["table"]
 
 
 def test_committed_dispatch_table_is_readable():
     from fusedadapter.dispatch import TOKEN_BUCKETS, dispatch_table, token_bucket
 
     names = {token_bucket(t) for t in (*TOKEN_BUCKETS, TOKEN_BUCKETS[-1] + 1)}
-    table = dispatch_table()["table"]
-    for dev, dtypes in table.items():
-        for dtype, buckets in dtypes.items():
-            assert set(buckets) <= names
-            assert set(buckets.values()) <= {"torch", "triton", "cuda", "cpu"}
-            if dev == "cpu":
-                assert "triton" not in buckets.values()
+    data = dispatch_table()
+    assert set(data) <= {"comment", "sources", "table", "training"}
+    for table in (data["table"], data.get("training", {})):
+        for dev, dtypes in table.items():
+            for dtype, buckets in dtypes.items():
+                assert set(buckets) <= names
+                assert set(buckets.values()) <= {"torch", "triton", "cuda", "cpu"}
+                if dev == "cpu":
+                    assert "triton" not in buckets.values()
 
 
 def test_device_summary_reads_the_target_row(tmp_path):

@@ -206,3 +206,35 @@ def test_checkpoint_recompute_and_accumulation_reuse_the_float64_products(monkey
         for q in list(m.parameters()) + list(ref.parameters()):
             q.grad = None
     assert computed.count(True) == 2 and len(computed) == 8  # once per step, not per forward
+
+
+def test_auto_picks_the_backend_by_the_training_rows_under_autograd(monkeypatch):
+    """backend="auto": a training call (autograd on, fusion weights trained) reads the table's
+    training rows, a no-grad call the no-grad rows; a training call without a training row falls
+    back to the no-grad choice."""
+    from fusedadapter import dispatch
+
+    skip_unless_runnable("cpu", "cpu")
+    table = {"table": {"cpu": {"float64": {"0-16": "torch", "17-256": "torch"}}},
+             "training": {"cpu": {"float64": {"0-16": "cpu"}}}}
+    monkeypatch.setattr(dispatch, "_TABLE", table)
+    used = []
+    real = dict(dispatch._LOADERS)
+    for name in ("torch", "cpu"):
+        monkeypatch.setitem(dispatch._LOADERS, name, lambda device, name=name: used.append(name) or real[name](device))
+    m = stage2(backend="auto")
+    a, res, _, mask = make_inputs(m, lead=(2, 6))  # 12 rows: the 0-16 bucket
+    with torch.no_grad():
+        m(a, res)
+    assert used == []  # the no-grad choice, torch, needs no loader (dispatch.resolve_backend)
+    m(a, res, dropout_mask=mask).sum().backward()
+    assert used == ["cpu"]
+    assert m.query.weight.grad is not None
+    used.clear()
+    m.requires_grad_(False)  # nothing trains: the no-grad rows even with autograd on
+    m(a, res, dropout_mask=mask)
+    assert used == []
+    m.query.requires_grad_(True)
+    big_a, big_res, _, big_mask = make_inputs(m, lead=(4, 10))  # 17-256: no training row, the no-grad choice
+    m(big_a, big_res, dropout_mask=big_mask).sum().backward()
+    assert used == []
