@@ -12,8 +12,10 @@
 //                             and fp32 GEMM1 outputs (never rounded before the epilogue), the
 //                             GEMM2 input p*z rounded to bf16; else the fp32 path on upcast rows
 //   fp16 (and no AVX-512)     the fp32 path through at::addmm on upcast rows
-// Backward: always fp32/fp64 from scratch (GEMM1 and softmax recomputed with the exact weights; the
-// saved probs are not reused), epilogue backward fused in one pass, the rest ATen GEMMs.
+// Backward: fp32/fp64 from scratch (GEMM1 and softmax recomputed, the saved probs not reused), GEMM1
+// on the weights as the forward's GEMM1 saw them (bf16-rounded where the forward took the bf16
+// GEMMs, so the backward differentiates the forward's p, as the CUDA backend does), the rest with
+// the exact weights; epilogue backward fused in one pass, the rest ATen GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -221,6 +223,12 @@ at::Tensor padded_even_bf16(const at::Tensor& x) {
 
 const uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
+// Does fusion_cpu run its GEMMs in bf16 (weights rounded to bf16 per call) for these activations?
+// One predicate for the forward and for the backward's GEMM1 recompute.
+bool uses_bf16_gemms(at::ScalarType adt, int64_t M) {
+  return adt == at::kBFloat16 && cpu::active_isa() >= cpu::kAvx512Bf16 && M >= cpu::tuning().bf16_min_m;
+}
+
 // ------------------------------------------------------------------------------------ forward
 std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual,
                                               const at::Tensor& w_down, const OptTensor& b_down,
@@ -271,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
   const auto dr = make_dropout<float>(dropout_p, seed, keep, shift, allow);
   const int64_t ldb1 = 2 * R + N;
 
-  if (adt == at::kBFloat16 && isa >= cpu::kAvx512Bf16 && M >= tune.bf16_min_m) {
+  if (uses_bf16_gemms(adt, M)) {
     // bf16 x bf16 -> fp32 GEMMs (weights rounded to bf16 per call).
     const at::Tensor xdp = padded_even_bf16(xd);
     const at::Tensor xqp = xq.has_value() ? padded_even_bf16(*xq) : xdp;
@@ -396,8 +404,11 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
   const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();
   if (M > 0) {
-    addmm_into(zp, xdc, wd, b_down);
-    addmm_into(t, xqc, wq, b_query);
+    // GEMM1 on the weights the forward's GEMM1 used: rounded to bf16 (RNE, as pack_b_bf16) on the
+    // bf16 path, so the recomputed p is the forward's; the gradients' own products use the exact ones.
+    const bool rounded = uses_bf16_gemms(xd.scalar_type(), M);
+    addmm_into(zp, xdc, rounded ? wd.to(at::kBFloat16).to(acc) : wd, b_down);
+    addmm_into(t, xqc, rounded ? wq.to(at::kBFloat16).to(acc) : wq, b_query);
     at::mm_out(dw, go, wo);
     AT_DISPATCH_FLOATING_TYPES(acc, "fusion_cpu_backward", [&] {
       const auto dr = make_dropout<scalar_t>(dropout_p, seed, keep, shift, allow);

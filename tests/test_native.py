@@ -314,6 +314,42 @@ def test_gradients_match_torch_backend_op(cpu_path):
             torch.testing.assert_close(gc.double(), gt.double(), rtol=tol, atol=tol * gt.abs().max().item())
 
 
+def test_bf16_backward_sees_the_forwards_rounded_weights(cpu_op):
+    """The bf16 GEMMs round w_down / w_query to bf16 in the forward, so the forward cannot tell w
+    from round(w); the backward must differentiate that same function: every gradient computed
+    from the recomputed GEMM1 (p, z) is the same for w and round(w). (It recomputed GEMM1 from the
+    exact weights: a different p.) Needs the AVX512-BF16 kernels (the path exists only there)."""
+    if _cfg()[0] < NEEDS_ISA["bf16"]:
+        pytest.skip("this CPU has no AVX512-BF16 kernels (the only path that rounds the weights)")
+    before = _cfg()
+    _cfg(*PATHS["bf16"])
+    try:
+        a = _op_args(40, 32, [8, 5, 7], 24, dtype=torch.bfloat16, seed=11)
+        shift = torch.randn(40)
+        results = []
+        for rounded in (False, True):
+            b = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+            if rounded:
+                for k in ("w_down", "w_query"):
+                    b[k] = b[k].bfloat16().float()
+            b = {k: (v.requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                 for k, v in b.items()}
+            s = shift.clone().requires_grad_(True)
+            out, probs = _call(cpu_op, b, [2, 1, 6], 1.3, 0.25, 5, None, s)
+            g = torch.Generator().manual_seed(0)
+            loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum() + \
+                (probs.double() * torch.randn(probs.shape, generator=g, dtype=torch.float64)).sum()
+            names = ["w_down", "b_down", "w_query", "b_query", "w_out"]
+            grads = torch.autograd.grad(loss, [b[k] for k in names] + [s])
+            results.append((out, probs, dict(zip(names + ["shift"], grads))))
+        (out0, p0, g0), (out1, p1, g1) = results
+        assert torch.equal(out0, out1) and torch.equal(p0, p1)  # the forward rounds: the same function
+        for k in g0:  # products of the recomputed p / z / t with activations and grad_out only
+            assert torch.equal(g0[k], g1[k]), k
+    finally:
+        _cfg(-1, before[2], before[3], before[5])
+
+
 @pytest.mark.parametrize("case", ["fp32", "fp64-dropout", "bf16-no-xq", "fp32-keep-mask"])
 def test_opcheck(cpu_op, case):
     dtype = {"fp32": torch.float32, "fp64-dropout": torch.float64, "bf16-no-xq": torch.bfloat16,
