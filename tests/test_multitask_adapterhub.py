@@ -138,6 +138,22 @@ def test_multi_fusion_load_errors(tmp_path):
     model = fa.load_adapterhub(base_model(), _fixture_dirs())
     with pytest.raises(ValueError, match="no route"):
         model(**tiny_inputs("bert"))
+    # fusions that do not share their sites: "pair" fuses only c, which leaves out block 1
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "fx2"
+    shutil.copytree(FIXTURE, root)
+    for rel, edit in (("c/adapter_config.json", lambda m: m["config"].update(leave_out=[1])),
+                      ("pair/adapter_fusion_config.json", lambda m: m.update(adapter_names=["c"]))):
+        meta = json.load(open(root / rel))
+        edit(meta)
+        json.dump(meta, open(root / rel, "w"))
+    sd = load_file(root / "c" / "adapter.safetensors")
+    save_file({k: v for k, v in sd.items() if ".layer.1." not in k}, root / "c" / "adapter.safetensors")
+    with pytest.raises(fa.checkpoint.AdapterHubFormatError, match="block 1 output_adapter: fusions \\['a,b,c'\\] "
+                                                                   "have a site there but \\['pair'\\] do not"):
+        fa.load_adapterhub(unchanged := base_model(), _fixture_dirs(str(root)))
+    assert not fa.patching.is_patched(unchanged)  # checked before the model changes
 
 
 # ------------------------------------------------------------------------------------------
