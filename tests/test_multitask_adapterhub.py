@@ -45,6 +45,13 @@ def _fixture_dirs(root=FIXTURE):
     return [os.path.join(root, f) for f in FUSES]
 
 
+def _backend_or_skip(backend):
+    if backend == "triton":  # the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1)
+        fusion = pytest.importorskip("fusedadapter.kernels.fusion", reason="needs the `triton` package")
+        if fusion.unsupported_reason("cpu") is not None:
+            pytest.skip(fusion.unsupported_reason("cpu"))
+
+
 def _assert_rows(y, route, ref, truth, what):
     """Every row of ``y`` against its fusion's own output (``ref[name]`` float32, ``truth[name]`` float64)."""
     for k, name in enumerate(FUSES):
@@ -56,8 +63,9 @@ def _assert_rows(y, route, ref, truth, what):
 # ------------------------------------------------------------------------------------------
 # main environment: AdapterHub's files with two fusions on this transformers version
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "triton"])
 def test_adapterhub_files_with_two_fusions_load_and_route(backend):
+    _backend_or_skip(backend)
     from make_adapterhub_fixture import base_model
     from safetensors.torch import load_file
 
@@ -197,9 +205,10 @@ def _per_setup(model, fuses, x, x64=None, **kw):
 
 @requires_adapterhub
 @pytest.mark.adapterhub
-@pytest.mark.parametrize("backend", ["torch", "cpu", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "triton"])
 def test_accelerated_adapterhub_model_with_two_fuse_setups_serves_a_mixed_batch(backend):
     """The issue's Must-show: rows of one routed forward equal AdapterHub run once per setup."""
+    _backend_or_skip(backend)
     from adapters.composition import MultiTask
 
     model, fuses = _ah_model()
@@ -370,3 +379,29 @@ def test_adapterhub_multi_fixture_is_current():
     assert problems == [], ("tests/fixtures/adapterhub_bert_multi is stale; regenerate it with "
                             "`.venv-ah/bin/python tests/fixtures/make_adapterhub_multi_fixture.py`: "
                             + "; ".join(problems))
+
+
+@requires_adapterhub
+@pytest.mark.adapterhub
+def test_accelerated_setups_that_do_not_share_their_sites_raise():
+    """A routed setup without an adapter at a site where another setup runs would pass its rows
+    through that site: refused, naming the layer and the setups."""
+    import adapters
+    from adapters.composition import Fuse, MultiTask
+
+    model = tiny_model("bert", dropout=False)
+    adapters.init(model)
+    for n in "ab":
+        model.add_adapter(n, config=adapters.SeqBnConfig(reduction_factor=4))
+    model.add_adapter("c", config=adapters.SeqBnConfig(reduction_factor=4, leave_out=[1]))
+    fuses = (Fuse("a", "b"), Fuse("c", "a", name="late"), Fuse("b", "c", name="early"))
+    for f in fuses:
+        model.add_adapter_fusion(f)
+    model.eval()
+    model.active_adapters = MultiTask(fuses[0], fuses[2])
+    fa.accelerate(model, backend="torch")
+    with pytest.raises(ValueError, match="at layer 1 output_adapter the setups \\['early'\\] have no last adapter"):
+        model(**tiny_inputs("bert"), task_ids=torch.tensor([0, 1]))
+    model.active_adapters = MultiTask(fuses[0], fuses[1])  # 'late' ends with a: at every site
+    with torch.no_grad():
+        model(**tiny_inputs("bert"), task_ids=torch.tensor([0, 1]))
