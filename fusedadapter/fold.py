@@ -286,13 +286,14 @@ TRAIN_FOLD_PRECISION = torch.float64
 # 40 large sites over the bound where float64 holds it). So: float64 forward, float32 backward.
 TRAIN_FOLD_BACKWARD_PRECISION = torch.float32
 
-# The cost model: the folded form pays ~3·(R+N)·H² multiply-adds per call (forward; backward
-# ~2x that) for the trained products; the per-token form pays ~3·M·H² (q, W_K^T q, W_V after the
-# sum; backward ~2x), in float32 against the folded form's float64, so the per-token form wins
+# The cost model: the folded form pays ~3·(R+N)·H² multiply-adds per call for the trained products
+# in float64 (forward) and ~5·(R+N)·H² in float32 (backward); the per-token form pays ~3·M·H² (q,
+# W_K^T q, W_V after the sum) forward and ~2x that backward, in float32, so the per-token form wins
 # while M < TRAIN_PER_TOKEN_RATIO · (R+N). The ratio is measured (benchmarks/bench_train_forms.py,
-# committed in benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/forms.json: crossover at
-# M* = 2.27 (R+N) for the torch backend, 2.09 (R+N) for cpu, H=768, N=8, r=48, 1 thread).
-TRAIN_PER_TOKEN_RATIO = 2.1
+# committed in benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/forms.json, the trained
+# weights changing every step, H=768, N=8, r=48, 1 thread: crossover at M* = 1.59 (R+N) for the
+# torch backend, 1.50 (R+N) for cpu; 2.1 before the backward ran in float32).
+TRAIN_PER_TOKEN_RATIO = 1.55
 # Wide adapters (R > PLAIN_FORM_RATIO·H) on the cpu backend in training: the plain form from
 # TRAIN_WIDE_PLAIN_RATIO·H tokens (call_form). Measured: benchmarks/bench_train_forms.py --width 384
 # (train_fold/forms_wide.json, H=768, N=8, r=384, 1 thread: the cpu backend's per-token form and
