@@ -107,8 +107,12 @@ class _SiteRuntime:
         local.x, local.armed = None, False
         a, query, residual = self.inputs(h, x)
         # The mask of an enclosing fa.adapter_mask block, expanded to this call's batch where
-        # generate() repeated each row (num_beams / num_return_sequences).
-        mask = current_adapter_mask(self.fusion.adapters, batch=a.shape[0] if a.dim() >= 2 else None)
+        # generate() repeated each row (num_beams / num_return_sequences). Outside any block (the
+        # argument-free call is one thread-local read) nothing else is read: this runs per layer per
+        # token in decoding.
+        mask = current_adapter_mask()
+        if mask is not None:
+            mask = current_adapter_mask(self.fusion.adapters, batch=a.shape[0] if a.dim() >= 2 else None)
         collector = getattr(local, "collector", None)
         if collector is None:
             return self.fusion(a, residual, query, adapter_mask=mask)

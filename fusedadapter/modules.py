@@ -43,60 +43,103 @@ def _init_bert(module: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 # The fast fold-cache check (issue 12, host overhead). A hit of the full key (fold_inputs_key)
 # rebuilds AdapterWeights for every adapter and a tuple per tensor on every call (~0.1 ms at
-# N=8). The fast entry of a FusedAdapterFusion instead walks the site's modules' own dicts for
-# the fold's inputs (every parameter, the float scalings and activation names), compares them by
-# identity with the ones it was built from (a replaced Parameter, layer, adapter or scaling
-# misses), and compares each tensor's version counter and data pointer (in-place edits,
-# optimizer steps, load_state_dict, .to(), ``.data =``). The entry holds the tensors' storages,
-# so a data pointer cannot be reused by another storage while it is compared against. (Global
-# module registration hooks would be cheaper still, but make torch.compile recompile.)
+# N=8). The fast entry of a FusedAdapterFusion instead records *where* every input of the fold
+# lives: one (dict, key) slot per module-dict entry on the way from the site to each parameter,
+# float scaling, activation name and config (site._modules["adapters"], each adapter, its
+# adapter_down layers and adapter_up, their _parameters, the query/key/value linears), plus the
+# sizes of the dicts whose length matters (the adapters, each adapter_down). A warm call reads
+# every slot with C-level maps (no Python loop) and compares the objects by id with the ones it
+# was built from (the entry keeps them alive, so an id cannot be reused meanwhile): a replaced
+# Parameter, layer, adapter or scaling misses, at any level. Then each tensor's version counter
+# and data pointer (in-place edits, optimizer steps, load_state_dict, .to(), ``.data =``). The
+# entry holds the tensors' storages, so a data pointer cannot be reused by another storage while
+# it is compared against. (Global module registration hooks would be cheaper still, but make
+# torch.compile recompile.)
 # ---------------------------------------------------------------------------------------------
-def _site_inputs(site) -> list:
-    # module dicts read directly: nn.Module.__getattr__ (submodules) costs ~0.5 us a lookup
-    out = []
-    for a in site._modules["adapters"]._modules.values():
-        am = a._modules
-        for m in am["adapter_down"]._modules.values():
-            out.extend(m._parameters.values())
-        out.extend(am["adapter_up"]._parameters.values())
-        d = a.__dict__
-        out.append(d["scaling"] if "scaling" in d else a._parameters.get("scaling"))
-        out.append(d.get("activation_name"))
-        out.append(d.get("config"))
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def _site_slots(site):
+    """(dicts, keys, sized): the module-dict slots holding every input of the site's fold, and the
+    dicts whose size is part of the structure (an adapter or a layer added or removed)."""
+    dicts, keys = [], []
+
+    def add(d, k):
+        dicts.append(d)
+        keys.append(k)
+
     mods = site._modules
+    adapters = mods["adapters"]._modules
+    add(mods, "adapters")
+    sized = [adapters]
+    for name, a in adapters.items():
+        add(adapters, name)
+        am = a._modules
+        add(am, "adapter_down")
+        add(am, "adapter_up")
+        down = am["adapter_down"]._modules
+        sized.append(down)
+        for k, layer in down.items():
+            add(down, k)
+            for pk in layer._parameters:
+                add(layer._parameters, pk)
+        up = am["adapter_up"]._parameters
+        for pk in up:
+            add(up, pk)
+        d = a.__dict__
+        add(d if "scaling" in d else a._parameters, "scaling")
+        add(d, "activation_name")
+        add(d, "config")
     for name in ("query", "key", "value"):
+        add(mods, name)
         lin = mods.get(name)
-        if lin is None:
-            out.append(None)
-        else:
-            out.extend(lin._parameters.values())
-    return out
+        if lin is not None:
+            for pk in lin._parameters:
+                add(lin._parameters, pk)
+    return dicts, keys, sized
 
 
 class _FastFold:
-    __slots__ = ("dtype", "inputs", "tensors", "versions", "ptrs", "storages", "value")
+    """The fast check's entry. Slots holding tensors are compared by id (a tensor's ``==`` is
+    elementwise); the others by ``==`` in one C-level list comparison, which for modules is
+    identity (nn.Module defines no ``__eq__``) and for floats, activation names and configs is
+    their value, which is all the fold reads of them."""
 
-    def __init__(self, dtype, inputs, value):
+    __slots__ = ("dtype", "t_dicts", "t_keys", "t_ids", "o_dicts", "o_keys", "objects", "sized", "sizes",
+                 "tensors", "versions", "ptrs", "storages", "value")
+
+    def __init__(self, dtype, site, value):
         self.dtype = dtype
-        self.inputs = inputs
-        self.tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        self.versions = [t._version for t in self.tensors]
-        self.ptrs = [t.data_ptr() for t in self.tensors]
+        dicts, keys, self.sized = _site_slots(site)
+        got = list(map(dict.get, dicts, keys))
+        is_t = [isinstance(v, torch.Tensor) for v in got]
+        self.t_dicts = [d for d, t in zip(dicts, is_t) if t]
+        self.t_keys = [k for k, t in zip(keys, is_t) if t]
+        self.o_dicts = [d for d, t in zip(dicts, is_t) if not t]
+        self.o_keys = [k for k, t in zip(keys, is_t) if not t]
+        self.tensors = [v for v in got if isinstance(v, torch.Tensor)]  # kept alive: their ids stay theirs
+        self.objects = [v for v in got if not isinstance(v, torch.Tensor)]
+        self.t_ids = list(map(id, self.tensors))
+        self.sizes = list(map(len, self.sized))
+        self.versions = list(map(_VERSION, self.tensors))
+        self.ptrs = list(map(_DATA_PTR, self.tensors))
         self.storages = [t.untyped_storage() for t in self.tensors]
         self.value = value
 
-    def get(self, site, dtype):
+    def get(self, dtype):
         if self.dtype != dtype:
             return None
-        now = _site_inputs(site)
-        old = self.inputs
-        if len(now) != len(old) or not all(map(operator.is_, now, old)):
+        if list(map(dict.get, self.o_dicts, self.o_keys)) != self.objects \
+                or list(map(id, map(dict.get, self.t_dicts, self.t_keys))) != self.t_ids \
+                or list(map(len, self.sized)) != self.sizes:
             return None
         ts = self.tensors
         try:
-            if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+            if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
                 return None
-            if [t._version for t in ts] != self.versions or [t.data_ptr() for t in ts] != self.ptrs:
+            if list(map(_VERSION, ts)) != self.versions or list(map(_DATA_PTR, ts)) != self.ptrs:
                 return None
         except RuntimeError:  # an inference tensor (no version counter): never served from here
             return None
@@ -254,8 +297,8 @@ class FusedAdapterFusion(nn.Module, FusionSite):
         return len(self.adapters)
 
     @property
-    def bottleneck(self) -> int:
-        return sum(a.bottleneck_size for a in self.adapters.values())
+    def bottleneck(self) -> int:  # read on every call (the runner's form choice): module dicts, no __getattr__
+        return sum([a.__dict__["bottleneck_size"] for a in self._modules["adapters"]._modules.values()])
 
     @property
     def residual_before(self) -> bool:
@@ -263,7 +306,9 @@ class FusedAdapterFusion(nn.Module, FusionSite):
 
     @property
     def anchor_param(self) -> torch.Tensor:
-        return next(iter(self.adapters.values())).adapter_up.weight
+        # read through the module dicts: nn.Module.__getattr__ costs ~1 us a lookup, every call
+        first = next(iter(self._modules["adapters"]._modules.values()))
+        return first._modules["adapter_up"]._parameters["weight"]
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, adapters={self.adapter_names}, backend={self.backend!r}, "
@@ -329,13 +374,13 @@ class FusedAdapterFusion(nn.Module, FusionSite):
             return FusionSite.folded(self, dtype, n_tokens)
         fast = self.__dict__.get("_fast_fold")
         if fast is not None:
-            value = fast.get(self, dtype)
+            value = fast.get(dtype)
             if value is not None:
                 return value
         value = FusionSite.folded(self, dtype, n_tokens)
         entry = (self._fold_cache or {}).get("folded")
         if entry is not None and entry[2] is value:  # the cached eval fold: remember it for the fast check
-            self._fast_fold = _FastFold(dtype, _site_inputs(self), value)
+            self._fast_fold = _FastFold(dtype, self, value)
         return value
 
     # ------------------------------------------------------------------ forward
@@ -352,7 +397,7 @@ class FusedAdapterFusion(nn.Module, FusionSite):
         Left ``None``, the mask of an enclosing :func:`fusedadapter.adapter_mask` block (this
         thread) applies, if any: that is how a patched model gets one per call.
         """
-        if adapter_mask is None:
+        if adapter_mask is None and current_adapter_mask() is not None:  # inside a block (a cheap first look)
             adapter_mask = current_adapter_mask(self.adapters)  # iterating the ModuleDict gives the names
         temperature = self.step_temperature()
         dropout_p = self.dropout_p if self.training else 0.0

@@ -136,7 +136,9 @@ def hash_keep_mask(seed: int, m: int, n: int, dropout_p: float, device=None) -> 
 # ---------------------------------------------------------------------------------------------
 def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
                       temperature, dropout_p, keep_mask, logit_shift, adapter_mask=None) -> Tuple[int, int, int]:
-    """Validate the op's arguments; return (M, R, N)."""
+    """Validate the op's arguments; return (M, R, N). (Written for few attribute reads: it runs on every
+    call of the torch backend, where a one-token call is ~17 small aten ops; torch.Size compares
+    with a tuple directly.)"""
     if xd.dim() != 2:
         raise ValueError(f"fusion op: xd must be 2-D (tokens, features), got shape {tuple(xd.shape)}")
     if not xd.is_floating_point():
@@ -144,57 +146,59 @@ def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
     n = len(activations)
     if n < 1 or len(segments) != n + 1:
         raise ValueError(f"fusion op: expected len(segments) == len(activations) + 1 >= 2, got {len(segments)} and {n}")
-    if segments[0] != 0 or any(b <= a for a, b in zip(segments[:-1], segments[1:])):
-        raise ValueError(f"fusion op: segments must start at 0 and strictly increase, got {list(segments)}")
-    r = int(segments[-1])
+    seg = list(segments)
+    if seg[0] != 0 or sorted(set(seg)) != seg:  # strictly increasing from 0
+        raise ValueError(f"fusion op: segments must start at 0 and strictly increase, got {seg}")
+    r = int(seg[-1])
     m, kd = xd.shape
     kq = kd if xq is None else xq.shape[-1]
     if xq is not None and (xq.dim() != 2 or xq.shape[0] != m):
         raise ValueError(f"fusion op: xq must have shape ({m}, K), got {tuple(xq.shape)}")
-    if tuple(w_down.shape) != (r, kd):
+    if w_down.shape != (r, kd):
         raise ValueError(f"fusion op: w_down must have shape ({r}, {kd}), got {tuple(w_down.shape)}")
-    if b_down is not None and tuple(b_down.shape) != (r,):
+    if b_down is not None and b_down.shape != (r,):
         raise ValueError(f"fusion op: b_down must have shape ({r},), got {tuple(b_down.shape)}")
-    if tuple(w_query.shape) != (r + n, kq):
+    if w_query.shape != (r + n, kq):
         raise ValueError(f"fusion op: w_query must have shape ({r + n}, {kq}), got {tuple(w_query.shape)}")
-    if b_query is not None and tuple(b_query.shape) != (r + n,):
+    if b_query is not None and b_query.shape != (r + n,):
         raise ValueError(f"fusion op: b_query must have shape ({r + n},), got {tuple(b_query.shape)}")
     if w_out.dim() != 2 or w_out.shape[1] != r + n:
         raise ValueError(f"fusion op: w_out must have shape (H, {r + n}), got {tuple(w_out.shape)}")
     h = w_out.shape[0]
-    if residual is not None and tuple(residual.shape) != (m, h):
+    if residual is not None and residual.shape != (m, h):
         raise ValueError(f"fusion op: residual must have shape ({m}, {h}), got {tuple(residual.shape)}")
-    acc = acc_dtype(xd.dtype)
-    tensors = {"xq": (xq, xd.dtype), "residual": (residual, xd.dtype), "w_down": (w_down, acc),
-               "b_down": (b_down, acc), "w_query": (w_query, acc), "b_query": (b_query, acc), "w_out": (w_out, acc),
-               "logit_shift": (logit_shift, acc)}
-    for name, (t, want) in tensors.items():
+    act, dev = xd.dtype, xd.device
+    acc = acc_dtype(act)
+    for name, t, want in (("xq", xq, act), ("residual", residual, act), ("w_down", w_down, acc),
+                          ("b_down", b_down, acc), ("w_query", w_query, acc), ("b_query", b_query, acc),
+                          ("w_out", w_out, acc), ("logit_shift", logit_shift, acc)):
         if t is None:
             continue
         if t.dtype != want:
             raise TypeError(f"fusion op: {name} has dtype {t.dtype}, expected {want} (activations share xd's dtype "
-                            f"{xd.dtype}; weights and logit_shift are in its accumulation dtype {acc})")
-        if t.device != xd.device:
-            raise ValueError(f"fusion op: {name} is on {t.device}, expected {xd.device} (the device of xd)")
+                            f"{act}; weights and logit_shift are in its accumulation dtype {acc})")
+        if t.device != dev:
+            raise ValueError(f"fusion op: {name} is on {t.device}, expected {dev} (the device of xd)")
     if not temperature > 0:
         raise ValueError(f"fusion op: temperature must be > 0, got {temperature}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fusion op: dropout_p must be in [0, 1), got {dropout_p}")
-    if keep_mask is not None and (tuple(keep_mask.shape) != (m, n) or keep_mask.dtype != torch.bool):
+    if keep_mask is not None and (keep_mask.shape != (m, n) or keep_mask.dtype != torch.bool):
         raise ValueError(f"fusion op: keep_mask must be a bool tensor of shape ({m}, {n}), got "
                          f"{keep_mask.dtype} {tuple(keep_mask.shape)}")
-    if logit_shift is not None and tuple(logit_shift.shape) != (m,):
+    if logit_shift is not None and logit_shift.shape != (m,):
         raise ValueError(f"fusion op: logit_shift must have shape ({m},), got {tuple(logit_shift.shape)}")
     if adapter_mask is not None:
-        if tuple(adapter_mask.shape) != (m, n) or adapter_mask.dtype != torch.bool:
+        if adapter_mask.shape != (m, n) or adapter_mask.dtype != torch.bool:
             raise ValueError(f"fusion op: adapter_mask must be a bool tensor of shape ({m}, {n}) (tokens, adapters), "
                              f"got {adapter_mask.dtype} {tuple(adapter_mask.shape)}")
-        if adapter_mask.device != xd.device:
-            raise ValueError(f"fusion op: adapter_mask is on {adapter_mask.device}, expected {xd.device} "
+        if adapter_mask.device != dev:
+            raise ValueError(f"fusion op: adapter_mask is on {adapter_mask.device}, expected {dev} "
                              f"(the device of xd)")
-    for code in activations:
-        if not 0 <= int(code) <= 8:
-            raise ValueError(f"fusion op: unknown activation code {code}; expected 0..8")
+    codes = [int(code) for code in activations]
+    if min(codes) < 0 or max(codes) > 8:
+        code = next(c for c in codes if not 0 <= c <= 8)
+        raise ValueError(f"fusion op: unknown activation code {code}; expected 0..8")
     return m, r, n
 
 
@@ -233,16 +237,20 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments,
                                 activations, temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
-    acc = acc_dtype(xd.dtype)
+    act = xd.dtype
+    acc = acc_dtype(act)
     # Half-precision activations are computed with fp32 intermediates, as a kernel's fp32
     # accumulators hold them: rounding GEMM1's outputs or GEMM2's input gradient to bf16 (bf16
     # F.linear calls) cost up to ~8x the reference's bf16 error in the docs/algorithm.md §4 oracle, through
     # the softmax over unscaled logits and its backward. Weights already arrive in fp32.
-    xd_c = xd.to(acc)
+    # (Casts and the division by T are skipped where they are identities: a one-token eval call is
+    # a handful of small aten ops, each a few us of host time.)
+    same = act == acc
+    xd_c = xd if same else xd.to(acc)
     zp = F.linear(xd_c, w_down, b_down)
-    t = F.linear(xd_c if xq is None else xq.to(acc), w_query, b_query)
+    t = F.linear(xd_c if xq is None else (xq if same else xq.to(acc)), w_query, b_query)
     z = _segment_activation(zp, segments, activations)
-    y, e = t[:, :r], t[:, r:]
+    y, e = t.split_with_sizes([r, n], 1)  # the C method (Tensor.split is a Python wrapper)
     yz = y * z
     equal_widths = len({b - a for a, b in zip(segments[:-1], segments[1:])}) == 1
     if equal_widths:
@@ -256,10 +264,12 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
         if logit_shift is not None:
             logits = logits + logit_shift[:, None]
         logits = torch.where(keep_mask, logits * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=acc, device=xd.device))
+    if not (isinstance(temperature, (int, float)) and temperature == 1.0):  # x / 1.0 is x, bit for bit
+        logits = logits / temperature
     if adapter_mask is None:
-        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = torch.softmax(logits, dim=-1)
     else:
-        probs = masked_softmax(logits / temperature, adapter_mask)
+        probs = masked_softmax(logits, adapter_mask)
     if equal_widths:
         pz = (probs.unsqueeze(-1) * z.view(m, n, r // n)).view(m, r)
     else:
@@ -268,8 +278,8 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
     if residual is None:
         out = F.linear(wmix, w_out)
     else:
-        out = torch.addmm(residual.to(acc), wmix, w_out.t())
-    return out.to(xd.dtype), probs
+        out = torch.addmm(residual if same else residual.to(acc), wmix, w_out.t())
+    return (out if same else out.to(act)), probs
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

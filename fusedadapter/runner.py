@@ -26,6 +26,16 @@ __all__ = ["run_site", "run_folded", "check_site_inputs", "draw_seed", "adapter_
 
 def check_site_inputs(hidden_size: int, adapter_input, residual, query, param: Optional[torch.Tensor],
                       autocast_on: bool):
+    a, r = adapter_input, residual
+    if query is None and isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor):
+        # The common valid call (no separate query) in a few attribute reads (issue 12: host overhead
+        # of a one-token call); anything else, valid or not, takes the detailed checks below.
+        shape = a.shape
+        if shape and shape[-1] == hidden_size and r.shape == shape and a.is_floating_point():
+            dt, dev = a.dtype, a.device
+            if r.device == dev and (r.dtype == dt or (autocast_on and r.is_floating_point())) and (
+                    param is None or (param.device == dev and (autocast_on or param.dtype == dt))):
+                return
     named = {"adapter_input": adapter_input, "residual": residual}
     if query is not None:
         named["query"] = query
@@ -189,10 +199,10 @@ def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual
         b_query = None if b_query is None else b_query / temperature
         shift = None if shift is None else shift / temperature
         temperature = 1.0
-    out, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, w_query, b_query, folded.w_out,
-                    folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask,
-                    shift, adapter_mask)
-    return out.to(out_dtype), probs
+    out, probs = _call_op(op, xd, xq, op_res, folded.w_down, folded.b_down, w_query, b_query, folded.w_out,
+                          folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed),
+                          keep_mask, shift, adapter_mask)
+    return (out if out.dtype == out_dtype else out.to(out_dtype)), probs
 
 
 def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temperature, dropout_p: float,
@@ -230,9 +240,9 @@ def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temp
         temperature = 1.0
     # op: sum_n p_n u_n (+ res under residual_before, so that W_V applies to it too)
     op_res = res if residual_before else None
-    mix, probs = op(xd, xq, op_res, folded.w_down, folded.b_down, w_query, None, folded.w_out,
-                    folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask,
-                    shift, adapter_mask)
+    mix, probs = _call_op(op, xd, xq, op_res, folded.w_down, folded.b_down, w_query, None, folded.w_out,
+                          folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed),
+                          keep_mask, shift, adapter_mask)
     return _value_after_sum(mix, fw.value_weight, res, residual_before, adapter_mask).to(out_dtype), probs
 
 
@@ -246,6 +256,24 @@ def _trains(site) -> bool:
         return True
     return any(isinstance(t, torch.Tensor) and t.requires_grad for w in site.adapter_weights()
                for t in (w.down_weight, w.up_weight))
+
+
+# One C call that is False outside every autocast region (the per-device query costs more, per call).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _call_op(op, *args):
+    """``op(*args)``; a kernel backend's registered op (an OpOverload, whose autograd formula is Python:
+    ``torch.library.register_autograd``) is called below the Autograd key when grad mode is off, which is
+    where that formula's no-grad branch sends it anyway, without the detour through Python (~30 us a
+    one-token call on a 2-core CPU). Not while compiling or exporting (dynamo and export see the op)."""
+    if not torch.is_grad_enabled() and isinstance(op, _OP_TYPES) and not torch.compiler.is_compiling():
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
+_OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 
 
 def use_plain_form(hidden_size: int, bottleneck: int) -> bool:
@@ -264,7 +292,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
     for its shapes.
     """
     dev = adapter_input.device.type if isinstance(adapter_input, torch.Tensor) else "cpu"
-    autocast_on = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+    autocast_on = _any_autocast() and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
     check_site_inputs(site.hidden_size, adapter_input, residual, query, site.anchor_param, autocast_on)
     dtype = torch.get_autocast_dtype(dev) if autocast_on else adapter_input.dtype
     hidden = site.hidden_size
@@ -312,10 +340,12 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
                 # The raw fusion weights are needed only for residual_before and dropout's logit shift;
                 # casting them (3 H x H matrices) on every eval call cost ~0.13 ms at H = 768.
                 need_raw = site.residual_before or dropout_p > 0
-                folded = keep_unused_shift(site.folded(wdtype, n_tokens=n_tokens), dropout_p > 0, site_key_bias(site))
+                folded = site.folded(wdtype, n_tokens=n_tokens)
+                if torch.is_grad_enabled():  # without autograd keep_unused_shift is a no-op: skip finding b_K
+                    folded = keep_unused_shift(folded, dropout_p > 0, site_key_bias(site))
                 out, probs = run_folded(op, folded, a, res, c,
                                         fusion=site.fusion_weights(wdtype) if need_raw else None,
                                         residual_before=site.residual_before, temperature=temperature,
                                         dropout_p=dropout_p, seed=seed, keep_mask=keep_mask,
                                         adapter_mask=adapter_mask)
-    return out.reshape(*lead, hidden), probs.reshape(*lead, probs.shape[-1])
+    return out.reshape(adapter_input.shape), probs.reshape(*lead, probs.shape[-1])
