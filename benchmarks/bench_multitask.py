@@ -13,7 +13,8 @@ fusion per target task over the same adapters), :class:`fusedadapter.MultiFusion
   subsets the caller already holds (slices: no copy), outputs left apart — what serving K tasks
   costs without routing.
 * ``routed`` (``--rows contiguous``): one ``MultiFusion`` forward of the whole batch with the
-  route (rows of a task adjacent: the site takes slices, and concatenates the outputs in order).
+  route (rows of a task adjacent: the site takes slices, and each group's op writes into its rows
+  of one batch output, ``fusedadapter/multitask_rows.py``: no concatenation).
 * ``routed-interleaved`` (``--rows interleaved``): the same batch with the tasks round-robin over
   the rows (the site gathers each task's rows and scatters the outputs back).
 

@@ -230,22 +230,22 @@ bool uses_bf16_gemms(at::ScalarType adt, int64_t M) {
 }
 
 // ------------------------------------------------------------------------------------ forward
-std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual,
-                                              const at::Tensor& w_down, const OptTensor& b_down,
-                                              const at::Tensor& w_query, const OptTensor& b_query,
-                                              const at::Tensor& w_out, c10::IntArrayRef segments,
-                                              c10::IntArrayRef activations, double temperature, double dropout_p,
-                                              int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
-                                              const OptTensor& adapter_mask) {
-  const FusionDims d = check_fusion_args("fusion_cpu", c10::DeviceType::CPU, xd, xq, residual, w_down, b_down, w_query,
-                                         b_query, w_out, segments, activations, temperature, dropout_p, keep_mask,
-                                         logit_shift, adapter_mask);
+// The forward into `out` (M, H), contiguous rows: fusion_cpu allocates it, fusion_cpu_out (below)
+// takes the caller's buffer (a MultiFusion writes each row group's output into its rows of one
+// batch output, with no concatenation afterwards).
+std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionDims& d, const at::Tensor& xd,
+                                                   const OptTensor& xq, const OptTensor& residual,
+                                                   const at::Tensor& w_down, const OptTensor& b_down,
+                                                   const at::Tensor& w_query, const OptTensor& b_query,
+                                                   const at::Tensor& w_out, c10::IntArrayRef segments,
+                                                   c10::IntArrayRef activations, double temperature, double dropout_p,
+                                                   int64_t seed, const OptTensor& keep_mask,
+                                                   const OptTensor& logit_shift, const OptTensor& adapter_mask) {
   const SegmentInfo seg(segments, activations);
   const int64_t M = d.M, R = d.R, N = d.N, H = d.H, RN = R + N;
   const auto adt = xd.scalar_type();
   const auto acc = acc_type_of(adt);
   auto probs = at::empty({M, N}, xd.options().dtype(acc));
-  auto out = at::empty({M, H}, xd.options());
   if (M == 0) return {out, probs};
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
@@ -372,6 +372,39 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
   return {out, probs};
 }
 
+std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual,
+                                              const at::Tensor& w_down, const OptTensor& b_down,
+                                              const at::Tensor& w_query, const OptTensor& b_query,
+                                              const at::Tensor& w_out, c10::IntArrayRef segments,
+                                              c10::IntArrayRef activations, double temperature, double dropout_p,
+                                              int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
+                                              const OptTensor& adapter_mask) {
+  const FusionDims d = check_fusion_args("fusion_cpu", c10::DeviceType::CPU, xd, xq, residual, w_down, b_down, w_query,
+                                         b_query, w_out, segments, activations, temperature, dropout_p, keep_mask,
+                                         logit_shift, adapter_mask);
+  return fusion_cpu_into(at::empty({d.M, d.H}, xd.options()), d, xd, xq, residual, w_down, b_down, w_query, b_query,
+                         w_out, segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift,
+                         adapter_mask);
+}
+
+// fusion_cpu writing its output into `out` (M, H), the activations' dtype, contiguous (e.g. a run of
+// rows of a larger contiguous tensor); returns the probabilities. No autograd formula (inference).
+at::Tensor fusion_cpu_out(const at::Tensor& out, const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual,
+                          const at::Tensor& w_down, const OptTensor& b_down, const at::Tensor& w_query,
+                          const OptTensor& b_query, const at::Tensor& w_out, c10::IntArrayRef segments,
+                          c10::IntArrayRef activations, double temperature, double dropout_p, int64_t seed,
+                          const OptTensor& keep_mask, const OptTensor& logit_shift, const OptTensor& adapter_mask) {
+  const FusionDims d = check_fusion_args("fusion_cpu_out", c10::DeviceType::CPU, xd, xq, residual, w_down, b_down,
+                                         w_query, b_query, w_out, segments, activations, temperature, dropout_p,
+                                         keep_mask, logit_shift, adapter_mask);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == xd.scalar_type() && out.dim() == 2 &&
+                  out.size(0) == d.M && out.size(1) == d.H && out.is_contiguous(),
+              "fusion_cpu_out: out must be a contiguous CPU (", d.M, ", ", d.H, ") tensor of ", xd.scalar_type(),
+              ", got ", out.scalar_type(), " ", out.sizes(), out.is_contiguous() ? "" : " (not contiguous)");
+  return std::get<1>(fusion_cpu_into(out, d, xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments,
+                                     activations, temperature, dropout_p, seed, keep_mask, logit_shift, adapter_mask));
+}
+
 // ------------------------------------------------------------------------------------ backward
 Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_probs, const at::Tensor& probs,
                           const at::Tensor& xd, const OptTensor& xq, const at::Tensor& w_down, const OptTensor& b_down,
@@ -445,6 +478,10 @@ std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_m
 TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
   m.def("fusion_cpu" FA_FUSION_SCHEMA_ARGS);
   m.def("fusion_cpu_backward" FA_FUSION_BACKWARD_SCHEMA_ARGS);
+  m.def("fusion_cpu_out(Tensor(a!) out, Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, "
+        "Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, int[] activations, float temperature=1.0, "
+        "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None, "
+        "Tensor? adapter_mask=None) -> Tensor");
   m.def("_cpu_config(int isa=-2, int small_m_max=-1, int bf16_min_m=-1, int f32_blas=-1) -> int[]",
         &fusedadapter::cpu_config);
 }
@@ -452,4 +489,5 @@ TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
 TORCH_LIBRARY_IMPL(fusedadapter, CPU, m) {
   m.impl("fusion_cpu", &fusedadapter::fusion_cpu);
   m.impl("fusion_cpu_backward", &fusedadapter::fusion_cpu_backward);
+  m.impl("fusion_cpu_out", &fusedadapter::fusion_cpu_out);
 }

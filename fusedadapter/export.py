@@ -43,7 +43,7 @@ from .export_hooks import (ExportError, check_site_exportable, exported_temperat
                            lowered_backend)
 
 __all__ = ["ExportError", "onnx_export", "check_exportable", "hf_dynamic_shapes", "WithFusionProbs",
-           "WithAdapterMask", "custom_domain_ops", "fold_for_export", "lowered_backend", "check_site_exportable",
+           "WithAdapterMask", "WithFusionRoute", "custom_domain_ops", "fold_for_export", "lowered_backend", "check_site_exportable",
            "exported_temperature"]
 
 
@@ -116,7 +116,9 @@ class WithFusionProbs(_Wrapper):
         super().__init__(model, input_names)
         from .patching import fusion_sites
 
-        target = model.model if isinstance(model, WithAdapterMask) else model
+        target = model
+        while isinstance(target, (WithAdapterMask, WithFusionRoute)):
+            target = target.model
         sites = fusion_sites(target)  # raises for a model that is not patched
         self._target = [target]  # a list: not a second registration of the module
         self._keys = [(layer, loc) for layer, loc, _ in sites]
@@ -153,9 +155,27 @@ class WithAdapterMask(_Wrapper):
             return self.model(*args, **kwargs)
 
 
+class WithFusionRoute(_Wrapper):
+    """``forward(*args, route, **kwargs)``: the model under :func:`fusedadapter.fusion_route`
+    (``route``: int64 (batch,), each row's fusion id in the sites' ``fusion_names`` order), so that
+    an exported graph of a model with several fusions (``fa.patch(..., fusions=...)``, a
+    :class:`~fusedadapter.MultiFusion`) takes the routing ids as an input. The exported sites run
+    every fusion on every row and keep each row's own (``fusedadapter.multitask_rows.select_rows``);
+    a row whose id names no fusion comes out NaN. With ``input_names`` (``"route"`` among them),
+    forward takes every input positionally in that order."""
+
+    def forward(self, *args, **kwargs):
+        from .multitask import fusion_route
+
+        args, kwargs = self._call_args(args, kwargs)
+        route = kwargs.pop("route")
+        with fusion_route(route):
+            return self.model(*args, **kwargs)
+
+
 def onnx_export(model: nn.Module, args: Tuple = (), f=None, *, kwargs: Optional[dict] = None,
                 dynamic_shapes="auto", fusion_probs: bool = False, adapter_mask: bool = False,
-                adapter_names: Optional[Sequence[str]] = None, **onnx_kwargs):
+                adapter_names: Optional[Sequence[str]] = None, fusion_route: bool = False, **onnx_kwargs):
     """``torch.onnx.export(model, args, f, kwargs=kwargs, dynamo=True, ...)`` with the usual choices made.
 
     * ``dynamic_shapes="auto"``: dynamic batch and sequence axes (:func:`hf_dynamic_shapes`) for
@@ -164,17 +184,20 @@ def onnx_export(model: nn.Module, args: Tuple = (), f=None, *, kwargs: Optional[
       (:class:`WithFusionProbs`; outputs ``output``, ``fusion_probs.<layer>.<location>``);
     * ``adapter_mask=True``: the graph takes an ``adapter_mask`` input, bool (batch, N)
       (:class:`WithAdapterMask`); ``kwargs`` must hold an example mask.
+    * ``fusion_route=True``: the graph takes a ``route`` input, int64 (batch,), each row's fusion id
+      (:class:`WithFusionRoute`, models with several fusions); ``kwargs`` must hold an example route.
 
-    With either option the keyword inputs become positional inputs of a wrapper, named after the
+    With any of these options the keyword inputs become positional inputs of a wrapper, named after the
     keywords in the ONNX graph. Checks :func:`check_exportable` first. Other keywords go to
     :func:`torch.onnx.export`. Returns its :class:`torch.onnx.ONNXProgram`.
     """
     check_exportable(model)
     kwargs = dict(kwargs or {})
     args = tuple(args)
-    if (fusion_probs or adapter_mask) and kwargs:
+    if (fusion_probs or adapter_mask or fusion_route) and kwargs:
         if args:
-            raise ValueError("onnx_export: with fusion_probs/adapter_mask, pass the inputs as keywords only")
+            raise ValueError("onnx_export: with fusion_probs/adapter_mask/fusion_route, pass the inputs as keywords "
+                             "only")
         names = list(kwargs)
         args, kwargs = tuple(kwargs[n] for n in names), {}
         onnx_kwargs.setdefault("input_names", names)
@@ -183,9 +206,13 @@ def onnx_export(model: nn.Module, args: Tuple = (), f=None, *, kwargs: Optional[
     if adapter_mask:
         if names is None or "adapter_mask" not in names:
             raise ValueError("onnx_export(adapter_mask=True) needs an example kwargs['adapter_mask'] (bool, (batch, N))")
-        model = WithAdapterMask(model, adapter_names, input_names=names)
+        model = WithAdapterMask(model, adapter_names, input_names=None if fusion_route else names)
+    if fusion_route:  # outside the mask wrapper: it takes the positional inputs and hands on the keywords
+        if names is None or "route" not in names:
+            raise ValueError("onnx_export(fusion_route=True) needs an example kwargs['route'] (int64, (batch,))")
+        model = WithFusionRoute(model, input_names=names)
     if fusion_probs:
-        model = WithFusionProbs(model, input_names=names if not adapter_mask else None)
+        model = WithFusionProbs(model, input_names=names if not (adapter_mask or fusion_route) else None)
         onnx_kwargs.setdefault("output_names", ["output"] + model.prob_names)
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
         if args and kwargs:

@@ -48,6 +48,7 @@ from torch import nn
 from .config import AdapterConfig, FusionConfig, check_adapter_name
 from .dispatch import check_backend_name
 from . import masking
+from . import multitask_rows as rows
 from .masking import current_adapter_mask
 from .modules import BottleneckAdapter, FusedAdapterFusion
 from .zero_grads import attach_zero_grads
@@ -298,7 +299,10 @@ class MultiFusion(nn.Module):
             raise ValueError(f"MultiFusion: adapter_input must be a (batch, ..., H) tensor, got "
                              f"{getattr(adapter_input, 'shape', type(adapter_input).__name__)}")
         batch = adapter_input.shape[0]
-        ids = self.route_ids(route if route is not None else current_fusion_route(), batch)
+        route = route if route is not None else current_fusion_route()
+        exporting = torch.compiler.is_exporting()  # the route may be a graph input: every fusion runs on every row
+        ids = (rows.exported_route_ids(route, adapter_input.device) if exporting and isinstance(route, torch.Tensor)
+               else self.route_ids(route, batch))
         pool = self.adapter_names
         block = getattr(masking._state, "value", None) if adapter_mask is None else None
         named_block = block is not None and block[1] is not None
@@ -313,13 +317,16 @@ class MultiFusion(nn.Module):
                                  f"{batch} first: (batch, {n_pool}) or (*lead, {n_pool}), got "
                                  f"{getattr(m, 'shape', type(m).__name__)}")
         sites = list(self.adapter_fusion_layer.values())
-        id_list = ids.tolist()
-        counts = [0] * len(sites)
+        id_list = [] if exporting else ids.tolist()
+        counts = [batch if exporting else 0] * len(sites)
         for i in id_list:
             counts[i] += 1
         order = None
         if any(x > y for x, y in zip(id_list, id_list[1:])):  # rows not grouped by fusion: gather / scatter
             order = torch.argsort(ids, stable=True)
+        # inference, rows grouped by fusion: each group's op writes its rows of one batch output (no concatenation)
+        into = (adapter_input.new_empty(adapter_input.shape) if order is None and not exporting
+                and not torch.is_grad_enabled() and sum(c > 0 for c in counts) > 1 else None)
         outs, probs_parts, row_index, start = [], [], [], 0
         for k, site in enumerate(sites):
             n = counts[k]
@@ -349,24 +356,34 @@ class MultiFusion(nn.Module):
             if named_block:  # a named block mask: this fusion's own columns (the pool may be wider)
                 m = current_adapter_mask(site.adapters, batch=batch)
                 masks[0] = m if whole or m.dim() < 2 else take(m)
-            out, probs = site(sub[0], sub[1], sub[2], return_probs=True, dropout_mask=masks[1],
-                              adapter_mask=masks[0])
-            outs.append(out)
+            probs = None if into is None else rows.run_group_into(site, into.narrow(0, start - n, n), *sub, masks[0])
+            if probs is None:
+                out, probs = site(sub[0], sub[1], sub[2], return_probs=True, dropout_mask=masks[1],
+                                  adapter_mask=masks[0])
+                outs.append(out)
+                if into is not None:  # a group the cpu out-path does not take (see run_group_into)
+                    into.narrow(0, start - n, n).copy_(out)
             if return_probs:
                 if cols != list(range(n_pool)):
                     full = probs.new_zeros((*probs.shape[:-1], n_pool))
                     full[..., cols] = probs
                     probs = full
                 probs_parts.append(probs)
-        if len(outs) == 1:
+        if into is not None:
+            out = into
+            probs = torch.cat(probs_parts, 0) if return_probs else None
+        elif exporting:
+            out = rows.select_rows(outs, ids)
+            probs = rows.select_rows(probs_parts, ids) if return_probs else None
+        elif len(outs) == 1:
             out = outs[0]
             probs = probs_parts[0] if return_probs else None
         elif order is None:  # rows grouped by fusion, in the fusions' order
             out = torch.cat(outs, 0)
             probs = torch.cat(probs_parts, 0) if return_probs else None
         else:  # scatter each group's rows back (into a fresh tensor: autograd flows to the groups)
-            out = _scatter_rows(outs, row_index, batch)
-            probs = _scatter_rows(probs_parts, row_index, batch) if return_probs else None
+            out = rows.scatter_rows(outs, row_index, batch)
+            probs = rows.scatter_rows(probs_parts, row_index, batch) if return_probs else None
         if torch.is_grad_enabled():
             unused = self._unused_params(counts)
             if unused:
@@ -388,13 +405,6 @@ class MultiFusion(nn.Module):
             if name not in used_adapters:
                 params.extend(p for p in adapter.parameters() if p.requires_grad)
         return params
-
-
-def _scatter_rows(parts: List[torch.Tensor], index: List[torch.Tensor], batch: int) -> torch.Tensor:
-    out = parts[0].new_empty((batch, *parts[0].shape[1:]))
-    for part, idx in zip(parts, index):
-        out.index_copy_(0, idx, part)
-    return out
 
 
 class MultiHead(nn.Module):
