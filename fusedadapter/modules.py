@@ -102,27 +102,28 @@ def _site_slots(site):
 
 
 class _FastFold:
-    """The fast check's entry. Slots holding tensors are compared by id (a tensor's ``==`` is
-    elementwise); the others by ``==`` in one C-level list comparison, which for modules is
-    identity (nn.Module defines no ``__eq__``) and for floats, activation names and configs is
-    their value, which is all the fold reads of them."""
+    """The fast check's entry. Slots holding modules are compared in one C-level list comparison
+    (``==`` is identity for modules: nn.Module defines no ``__eq__``); the others (tensors, whose
+    ``==`` is elementwise, and floats, activation names, configs) by id. A float reassigned to an
+    equal value misses here and hits the full key, which compares it by value."""
 
-    __slots__ = ("dtype", "t_dicts", "t_keys", "t_ids", "o_dicts", "o_keys", "objects", "sized", "sizes",
+    __slots__ = ("dtype", "m_dicts", "m_keys", "modules", "i_dicts", "i_keys", "ids", "held", "sized", "sizes",
                  "tensors", "versions", "ptrs", "storages", "value")
 
     def __init__(self, dtype, site, value):
         self.dtype = dtype
         dicts, keys, self.sized = _site_slots(site)
         got = list(map(dict.get, dicts, keys))
-        is_t = [isinstance(v, torch.Tensor) for v in got]
-        self.t_dicts = [d for d, t in zip(dicts, is_t) if t]
-        self.t_keys = [k for k, t in zip(keys, is_t) if t]
-        self.o_dicts = [d for d, t in zip(dicts, is_t) if not t]
-        self.o_keys = [k for k, t in zip(keys, is_t) if not t]
-        self.tensors = [v for v in got if isinstance(v, torch.Tensor)]  # kept alive: their ids stay theirs
-        self.objects = [v for v in got if not isinstance(v, torch.Tensor)]
-        self.t_ids = list(map(id, self.tensors))
+        is_m = [isinstance(v, nn.Module) for v in got]
+        self.m_dicts = [d for d, m in zip(dicts, is_m) if m]
+        self.m_keys = [k for k, m in zip(keys, is_m) if m]
+        self.modules = [v for v, m in zip(got, is_m) if m]
+        self.i_dicts = [d for d, m in zip(dicts, is_m) if not m]
+        self.i_keys = [k for k, m in zip(keys, is_m) if not m]
+        self.held = [v for v, m in zip(got, is_m) if not m]  # kept alive: their ids stay theirs
+        self.ids = list(map(id, self.held))
         self.sizes = list(map(len, self.sized))
+        self.tensors = [v for v in self.held if isinstance(v, torch.Tensor)]
         self.versions = list(map(_VERSION, self.tensors))
         self.ptrs = list(map(_DATA_PTR, self.tensors))
         self.storages = [t.untyped_storage() for t in self.tensors]
@@ -131,17 +132,17 @@ class _FastFold:
     def get(self, dtype):
         if self.dtype != dtype:
             return None
-        if list(map(dict.get, self.o_dicts, self.o_keys)) != self.objects \
-                or list(map(id, map(dict.get, self.t_dicts, self.t_keys))) != self.t_ids \
-                or list(map(len, self.sized)) != self.sizes:
-            return None
         ts = self.tensors
         try:
+            if list(map(dict.get, self.m_dicts, self.m_keys)) != self.modules \
+                    or list(map(id, map(dict.get, self.i_dicts, self.i_keys))) != self.ids \
+                    or list(map(len, self.sized)) != self.sizes:
+                return None
             if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, ts)):
                 return None
             if list(map(_VERSION, ts)) != self.versions or list(map(_DATA_PTR, ts)) != self.ptrs:
                 return None
-        except RuntimeError:  # an inference tensor (no version counter): never served from here
+        except RuntimeError:  # an inference tensor (no version counter), or a slot that now holds a tensor
             return None
         return self.value
 

@@ -297,3 +297,15 @@ def test_fast_check_sees_replaced_parameters_modules_and_round_trips():
     out = m(a, res, dropout_mask=torch.ones(*a.shape[:-1], 3, dtype=torch.bool))
     out.sum().backward()
     assert m.query.weight.grad is not None
+
+
+def test_fast_check_sees_a_float_scaling_turned_tensor_then_edited():
+    m = fresh()
+    a, res = inputs(m)
+    warm(m, a, res)
+    ad = m.adapters["0"]
+    ad.scaling = torch.tensor(float(ad.scaling))  # the same value, now a plain tensor attribute
+    warm(m, a, res)
+    with torch.no_grad():
+        ad.scaling.mul_(3.0)  # an in-place edit only the tensor's version counter shows
+        torch.testing.assert_close(m(a, res), expect(m, a, res), rtol=1e-5, atol=1e-5)
