@@ -51,7 +51,8 @@ _FLOATS = {"drop_hi", "drop_lo", "temp_hi", "temp_lo"}
 # when it specializes a kernel for a call, which lets loads vectorize; a compile without these hints
 # is the unaligned worst case (e.g. H=776) and spills more. ``--unaligned`` compiles that case.
 _DIVISIBLE = {
-    "fwd_gemm1": {"M", "KD", "KQ", "R", "stride_xd", "stride_xq", "stride_wd", "stride_wq", "stride_z", "M_KEY"},
+    "fwd_gemm1": {"M", "KD", "KQ", "R", "stride_xd", "stride_xq", "stride_wd", "stride_wq", "stride_z", "wq_lo",
+                  "M_KEY"},  # wq_lo = (R + N) * KQ
     "fwd_gemm2": {"M", "H", "R", "stride_z", "stride_res", "stride_out", "M_KEY"},  # stride_wo = R + N = 392
     "bwd_epilogue": {"M", "KD", "KQ", "H", "R", "stride_do", "stride_xd", "stride_xq", "stride_wd", "stride_wq",
                      "M_KEY"},  # stride_wo = R + N, stride_g = 2R + N, stride_wm = R + N: not multiples of 16
@@ -61,10 +62,13 @@ _DIVISIBLE = {
 
 # The variants the issue-3 target row (bf16, 16384 tokens, H=768, N=8, r=48, relu, shared input)
 # runs: its no-grad forward (eval) and its training step (hash dropout with the logit shift).
-# "precast": the same with FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not per tile).
+# "precast": the same with FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not per tile);
+# "presplit": FUSEDADAPTER_TRITON_PRESPLIT=1 (w_query's hi/lo halves made once on the host);
+# "v2": FUSEDADAPTER_TRITON_GEMM2=v2 (p loaded once per tile, w_out precast).
 TARGET_VARIANTS = {
-    "fwd_gemm1": ("bf16 shared-x eval relu", "bf16 shared-x train-hash relu", "bf16 shared-x eval relu precast"),
-    "fwd_gemm2": ("bf16 residual", "bf16 residual precast"),
+    "fwd_gemm1": ("bf16 shared-x eval relu", "bf16 shared-x train-hash relu", "bf16 shared-x eval relu precast",
+                  "bf16 shared-x eval relu presplit", "bf16 shared-x train-hash relu presplit"),
+    "fwd_gemm2": ("bf16 residual", "bf16 residual precast", "bf16 residual v2"),
     "bwd_epilogue": ("bf16 shared-x train-hash", "bf16 shared-x train-hash precast"),
     "mm": ("bf16 operands",),
 }
@@ -72,7 +76,8 @@ TARGET_VARIANTS = {
 
 def _variants(name, quick):
     """(label, dtype name, constexpr flags) per kernel: the shapes of call the op makes."""
-    base_fwd = dict(HAS_BD=True, HAS_BQ=True, ACT_MASK=2, UNIFORM_ACT=1, N_PAD=16, SPLIT_WD=False, HAS_AMASK=False)
+    base_fwd = dict(HAS_BD=True, HAS_BQ=True, ACT_MASK=2, UNIFORM_ACT=1, N_PAD=16, SPLIT_WD=False, HAS_AMASK=False,
+                    PRESPLIT_WQ=False)
     out = []
     if name == "fwd_gemm1":
         out.append(("bf16 shared-x eval relu", "bf16", dict(base_fwd, HAS_XQ=False, HAS_SHIFT=False, DROPOUT=False,
@@ -87,11 +92,18 @@ def _variants(name, quick):
                                                                  HAS_KEEP=True, SPLIT_WQ=False)))
         if not quick:  # FUSEDADAPTER_TRITON_PRECAST=1: w_down cast to bf16 once (w_query is hi/lo split)
             out.append(("bf16 shared-x eval relu precast", "bf16", dict(out[0][2], _ROLES=dict(wd_ptr="act"))))
+            # FUSEDADAPTER_TRITON_PRESPLIT=1: w_query's [hi; lo] halves in bf16, no split in the loop
+            for i, tag in ((0, "eval"), (1, "train-hash")):
+                out.append((f"bf16 shared-x {tag} relu presplit", "bf16",
+                            dict(out[i][2], SPLIT_WQ=False, PRESPLIT_WQ=True, _ROLES=dict(wq_ptr="act"))))
     elif name == "fwd_gemm2":
-        out.append(("bf16 residual", "bf16", dict(HAS_RES=True)))
+        v1 = dict(HAS_RES=True, P_ONCE=False, N_PAD=16)
+        out.append(("bf16 residual", "bf16", v1))
         if not quick:
-            out.append(("bf16 residual precast", "bf16", dict(HAS_RES=True, _ROLES=dict(wo_ptr="act"))))
-            out.append(("fp32 residual", "fp32", dict(HAS_RES=True)))
+            out.append(("bf16 residual precast", "bf16", dict(v1, _ROLES=dict(wo_ptr="act"))))
+            # FUSEDADAPTER_TRITON_GEMM2=v2: p once per tile, gathered in registers; w_out precast
+            out.append(("bf16 residual v2", "bf16", dict(v1, P_ONCE=True, _ROLES=dict(wo_ptr="act"))))
+            out.append(("fp32 residual", "fp32", v1))  # (v2 is a half-precision path: fp32 keeps v1)
     elif name == "bwd_epilogue":
         common = dict(HAS_BD=True, HAS_BQ=True, HAS_GP=True, STORE_G=True, STORE_WM=True, ACT_MASK=2, UNIFORM_ACT=1,
                       N_PAD=16, SPLIT_WD=False, SPLIT_WQ=False)
@@ -259,9 +271,10 @@ def _tools(arch: int = 90):
 
 
 def run(arch: int = 90, quick: bool = False, kernels=None, target_only: bool = False, candidates=None,
-        aligned: bool = True):
+        aligned: bool = True, variants=None):
     """Compile every (kernel, variant, config); returns (ok, rows). ``candidates``: {kernel: [config, ...]}
-    to compile instead of ``configs.GPU_CONFIGS`` (the config search of ``configs.py``)."""
+    to compile instead of ``configs.GPU_CONFIGS`` (the config search of ``configs.py``). ``variants``: only
+    the variants with these labels (with ``quick``: at the first config of each)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("aot_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
     from . import fusion
@@ -272,14 +285,16 @@ def run(arch: int = 90, quick: bool = False, kernels=None, target_only: bool = F
     pflags = _ptxas_flags()
     rows, ok = [], True
     try:
-        _compile_all(fns, rows, arch, quick, kernels, target_only, candidates, aligned, ptxas, cuobjdump, pflags)
+        _compile_all(fns, rows, arch, quick, kernels, target_only, candidates, aligned, ptxas, cuobjdump, pflags,
+                     variants)
     except KeyboardInterrupt:  # `timeout --signal=INT` (device_check.sh): report what was compiled
         rows.append(dict(kernel="-", variant="-", config={}, error="interrupted: the rest was not compiled"))
     ok = all("error" not in r for r in rows)
     return ok, rows
 
 
-def _compile_all(fns, rows, arch, quick, kernels, target_only, candidates, aligned, ptxas, cuobjdump, pflags):
+def _compile_all(fns, rows, arch, quick, kernels, target_only, candidates, aligned, ptxas, cuobjdump, pflags,
+                 variants=None):
     from . import configs
 
     for name, fn in fns.items():
@@ -288,8 +303,10 @@ def _compile_all(fns, rows, arch, quick, kernels, target_only, candidates, align
         cfgs = (candidates or {}).get(name) or configs.GPU_CONFIGS[name]
         if quick:
             cfgs = cfgs[:1]
-        for label, dt, flags in _variants(name, quick):
+        for label, dt, flags in _variants(name, quick and not variants):
             if target_only and label not in TARGET_VARIANTS.get(name, ()):
+                continue
+            if variants and label not in variants:
                 continue
             for cfg in ([configs.FP64_CONFIG[name]] if dt == "fp64" else cfgs):
                 rows.append(compile_one(name, fn, label, dt, flags, cfg, arch, ptxas=ptxas, flags_ptxas=pflags,
@@ -323,6 +340,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="first config and first (target-row) variant of each kernel")
     ap.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
     ap.add_argument("--target-only", action="store_true", help="only the issue-3 target row's variants")
+    ap.add_argument("--variant", action="append", help="only the variant with this label (repeatable)")
     ap.add_argument("--require-no-spills", action="store_true",
                     help="exit 1 if a target-row variant spills (ptxas spill stores/loads or a stack frame)")
     ap.add_argument("--unaligned", action="store_true",
@@ -331,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--json-out", help="also write {rows, summary} as JSON to this file")
     args = ap.parse_args(argv)
     ok, rows = run(args.arch, args.quick, kernels=args.kernel, target_only=args.target_only,
-                   aligned=not args.unaligned)
+                   aligned=not args.unaligned, variants=args.variant)
     summary = spill_summary(rows)
     summary.update(arch=args.arch, triton=_triton_version(), aligned=not args.unaligned)
     if args.json_out:

@@ -73,6 +73,20 @@ SPLIT_WEIGHTS_QUERY = {torch.float16} | ({torch.bfloat16} if os.environ.get("FUS
 # weight tensor instead (cached while the tensor and its version are unchanged) and read at half
 # the bytes; the dots see bit-identical operands. Off by default until a GPU measures it.
 PRECAST = os.environ.get("FUSEDADAPTER_TRITON_PRECAST", "0") == "1"
+# FUSEDADAPTER_TRITON_PRESPLIT=1: the hi/lo split of w_query (SPLIT_WEIGHTS_QUERY) made once per weight
+# tensor (cached like PRECAST: hi and lo stacked in one half-precision tensor) instead of in every GEMM1
+# CTA's main loop; the dots see bit-identical operands. Off by default until a GPU measures it.
+PRESPLIT = os.environ.get("FUSEDADAPTER_TRITON_PRESPLIT", "0") == "1"
+# FUSEDADAPTER_TRITON_GEMM2=v2: _fwd_gemm2_kernel loads each row block's probabilities once (one
+# BLOCK_M x N_PAD tile) and expands them to the bottleneck columns in registers (tl.gather), where v1
+# re-gathers p from memory for every K block of every CTA; the p columns of [p (x) z | p] are one
+# N_PAD-deep dot instead of a mostly padded BLOCK_K block; w_out is read as the precast half tensor
+# (as PRECAST). Same products, bit-identical z part. Half-precision activations only: at fp32 its
+# (BLOCK_M, N_PAD) fp32 tile spills on sm_90 (552-2160 bytes, aot_check "fp32 residual v2"), and fp32 and
+# fp64 keep v1. v1 stays the default until a GPU measures v2.
+GEMM2 = os.environ.get("FUSEDADAPTER_TRITON_GEMM2", "v1").strip().lower()
+if GEMM2 not in ("v1", "v2"):
+    raise ValueError(f"FUSEDADAPTER_TRITON_GEMM2 must be v1 or v2, not {GEMM2!r}")
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
@@ -84,17 +98,23 @@ _M32 = 0xFFFFFFFF
 # =============================================================================================
 @triton.jit
 def _gemm_acc(acc, x_ptr, stride_x, rows, rmask, w_ptr, stride_wk, stride_wc, cols, cmask, K,
-              BLOCK_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr = False):
+              BLOCK_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr = False,
+              lo_off=0, PRESPLIT: tl.constexpr = False):
     """Semantics: acc[i, j] += sum_k x[rows[i], k] * W[k, cols[j]]  for k < K,
-    with W[k, c] at ``w_ptr + k * stride_wk + c * stride_wc`` (operands rounded to DOT)."""
+    with W[k, c] at ``w_ptr + k * stride_wk + c * stride_wc`` (operands rounded to DOT).
+    PRESPLIT: W is the hi half (in DOT) and its lo half lies ``lo_off`` elements further (two dots)."""
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         kmask = ks < K
         x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wc,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        w_at = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wc
+        wmask = kmask[:, None] & cmask[None, :]
+        w = tl.load(w_at, mask=wmask, other=0.0)
         acc = _dot_split(x.to(DOT), w, acc, SPLIT, DOT, ACC)
+        if PRESPLIT:
+            acc = tl.dot(x.to(DOT), tl.load(w_at + lo_off, mask=wmask, other=0.0), acc, input_precision="ieee",
+                         out_dtype=ACC)
     return acc
 
 
@@ -113,9 +133,9 @@ def _dot_split(x, w, acc, SPLIT: tl.constexpr, DOT: tl.constexpr, ACC: tl.conste
 @triton.jit
 def _gemm_acc2(acc1, acc2, x_ptr, stride_x, rows, rmask, w1_ptr, stride_w1, w2_ptr, stride_w2, cols, cmask, K,
                BLOCK_K: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, SPLIT1: tl.constexpr = False,
-               SPLIT2: tl.constexpr = False):
+               SPLIT2: tl.constexpr = False, lo_off2=0, PRESPLIT2: tl.constexpr = False):
     """Semantics: acc1 += x[rows] @ W1[cols].T ; acc2 += x[rows] @ W2[cols].T  (W row-major (C, K));
-    one pass over x for both (the shared-input case xq = xd)."""
+    one pass over x for both (the shared-input case xq = xd). PRESPLIT2: as _gemm_acc's PRESPLIT, for W2."""
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
@@ -125,8 +145,12 @@ def _gemm_acc2(acc1, acc2, x_ptr, stride_x, rows, rmask, w1_ptr, stride_w1, w2_p
         wmask = kmask[:, None] & cmask[None, :]
         w1 = tl.load(w1_ptr + ks[:, None] + cols[None, :] * stride_w1, mask=wmask, other=0.0)
         acc1 = _dot_split(x, w1, acc1, SPLIT1, DOT, ACC)
-        w2 = tl.load(w2_ptr + ks[:, None] + cols[None, :] * stride_w2, mask=wmask, other=0.0)
+        w2_at = w2_ptr + ks[:, None] + cols[None, :] * stride_w2
+        w2 = tl.load(w2_at, mask=wmask, other=0.0)
         acc2 = _dot_split(x, w2, acc2, SPLIT2, DOT, ACC)
+        if PRESPLIT2:
+            acc2 = tl.dot(x, tl.load(w2_at + lo_off2, mask=wmask, other=0.0), acc2, input_precision="ieee",
+                          out_dtype=ACC)
     return acc1, acc2
 
 
@@ -258,13 +282,15 @@ def _scalar(hi, lo, ACC: tl.constexpr):
 def _fwd_gemm1_kernel(
         xd_ptr, xq_ptr, wd_ptr, bd_ptr, wq_ptr, bq_ptr, shift_ptr, keep_ptr, amask_ptr, segid_ptr, code_ptr, z_ptr,
         p_ptr, M, KD, KQ, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
-        stride_xd, stride_xq, stride_wd, stride_wq, stride_z, M_KEY,
+        stride_xd, stride_xq, stride_wd, stride_wq, stride_z, wq_lo, M_KEY,
         HAS_XQ: tl.constexpr, HAS_BD: tl.constexpr, HAS_BQ: tl.constexpr, HAS_SHIFT: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_AMASK: tl.constexpr, ACT_MASK: tl.constexpr,
         UNIFORM_ACT: tl.constexpr,
         ACC: tl.constexpr, DOT: tl.constexpr, N_PAD: tl.constexpr, SPLIT_WD: tl.constexpr, SPLIT_WQ: tl.constexpr,
+        PRESPLIT_WQ: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """GEMM1 + epilogue, one program per BLOCK_M rows.
+    """GEMM1 + epilogue, one program per BLOCK_M rows. PRESPLIT_WQ: ``wq_ptr`` holds w_query's hi half
+    (in DOT) and its lo half ``wq_lo`` elements further, split once on the host (SPLIT_WQ is then off).
 
     Semantics::
 
@@ -288,7 +314,7 @@ def _fwd_gemm1_kernel(
 
     logit = tl.zeros((BLOCK_M, N_PAD), dtype=ACC)
     logit = _gemm_acc(logit, xq_ptr, stride_xq, rows, rmask, wq_ptr + R * stride_wq, 1, stride_wq, offs_n, nmask,
-                      KQ, BLOCK_K, DOT, ACC, SPLIT_WQ)
+                      KQ, BLOCK_K, DOT, ACC, SPLIT_WQ, wq_lo, PRESPLIT_WQ)
     if HAS_BQ:
         logit += tl.load(bq_ptr + R + offs_n, mask=nmask, other=0.0)[None, :]
 
@@ -301,10 +327,10 @@ def _fwd_gemm1_kernel(
             zp = _gemm_acc(zp, xd_ptr, stride_xd, rows, rmask, wd_ptr, 1, stride_wd, cols, cmask, KD, BLOCK_K, DOT, ACC,
                            SPLIT_WD)
             y = _gemm_acc(y, xq_ptr, stride_xq, rows, rmask, wq_ptr, 1, stride_wq, cols, cmask, KQ, BLOCK_K, DOT, ACC,
-                          SPLIT_WQ)
+                          SPLIT_WQ, wq_lo, PRESPLIT_WQ)
         else:
             zp, y = _gemm_acc2(zp, y, xd_ptr, stride_xd, rows, rmask, wd_ptr, stride_wd, wq_ptr, stride_wq, cols,
-                               cmask, KD, BLOCK_K, DOT, ACC, SPLIT_WD, SPLIT_WQ)
+                               cmask, KD, BLOCK_K, DOT, ACC, SPLIT_WD, SPLIT_WQ, wq_lo, PRESPLIT_WQ)
         if HAS_BD:
             zp += tl.load(bd_ptr + cols, mask=cmask, other=0.0)[None, :]
         if HAS_BQ:
@@ -345,7 +371,7 @@ def _fwd_gemm1_kernel(
 def _fwd_gemm2_kernel(
         z_ptr, p_ptr, segid_ptr, wo_ptr, res_ptr, out_ptr,
         M, H, R, N, stride_z, stride_wo, stride_res, stride_out, M_KEY,
-        HAS_RES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+        HAS_RES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, P_ONCE: tl.constexpr, N_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """GEMM2 + residual, one program per (BLOCK_M rows, BLOCK_H output columns).
 
@@ -353,6 +379,10 @@ def _fwd_gemm2_kernel(
 
         for k in 0..R+N:   wmix[:, k] = p[:, seg[k]] * z[:, k]  if k < R  else  p[:, k - R]
         out[rows, hs] = wmix[rows] @ w_out[hs].T + residual[rows, hs]
+
+    P_ONCE (FUSEDADAPTER_TRITON_GEMM2=v2): p[rows] is loaded once as a (BLOCK_M, N_PAD) tile, its
+    columns gathered in registers per K block of z, and the p part is one N_PAD-deep dot; else (v1)
+    every K block of R + N gathers p[rows, seg[k]] from memory.
     """
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -361,19 +391,41 @@ def _fwd_gemm2_kernel(
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = hs < H
     acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
-    KC = R + N
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, KC, BLOCK_K):
-        ks = k0 + offs_k
-        in_z = ks < R
-        kmask = ks < KC
-        seg = tl.load(segid_ptr + ks, mask=in_z, other=0)
-        pcol = tl.where(in_z, seg, ks - R)
-        pg = tl.load(p_ptr + rows[:, None] * N + pcol[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        zz = tl.load(z_ptr + rows[:, None] * stride_z + ks[None, :], mask=rmask[:, None] & in_z[None, :], other=1.0)
-        wmix = pg.to(ACC) * zz.to(ACC)
-        wo = tl.load(wo_ptr + hs[None, :] * stride_wo + ks[:, None], mask=kmask[:, None] & hmask[None, :], other=0.0)
-        acc = tl.dot(wmix.to(DOT), wo.to(DOT), acc, input_precision="ieee", out_dtype=ACC)
+    if P_ONCE:
+        offs_n = tl.arange(0, N_PAD)
+        nmask = offs_n < N
+        pt = tl.load(p_ptr + rows[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+                     other=0.0).to(ACC)
+        wp = tl.load(wo_ptr + hs[None, :] * stride_wo + (R + offs_n)[:, None], mask=nmask[:, None] & hmask[None, :],
+                     other=0.0)
+        acc = tl.dot(pt.to(DOT), wp.to(DOT), acc, input_precision="ieee", out_dtype=ACC)  # the p columns
+        for k0 in range(0, R, BLOCK_K):
+            ks = k0 + offs_k
+            in_z = ks < R
+            seg = tl.load(segid_ptr + ks, mask=in_z, other=0)
+            ps = tl.gather(pt, tl.broadcast_to(seg[None, :], (BLOCK_M, BLOCK_K)), axis=1)  # p[rows, seg[ks]]
+            zz = tl.load(z_ptr + rows[:, None] * stride_z + ks[None, :], mask=rmask[:, None] & in_z[None, :],
+                         other=0.0)
+            wmix = ps * zz.to(ACC)  # columns past R: z = 0 (a NaN p makes its whole row NaN anyway)
+            wo = tl.load(wo_ptr + hs[None, :] * stride_wo + ks[:, None], mask=in_z[:, None] & hmask[None, :],
+                         other=0.0)
+            acc = tl.dot(wmix.to(DOT), wo.to(DOT), acc, input_precision="ieee", out_dtype=ACC)
+    else:
+        KC = R + N
+        for k0 in range(0, KC, BLOCK_K):
+            ks = k0 + offs_k
+            in_z = ks < R
+            kmask = ks < KC
+            seg = tl.load(segid_ptr + ks, mask=in_z, other=0)
+            pcol = tl.where(in_z, seg, ks - R)
+            pg = tl.load(p_ptr + rows[:, None] * N + pcol[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            zz = tl.load(z_ptr + rows[:, None] * stride_z + ks[None, :], mask=rmask[:, None] & in_z[None, :],
+                         other=1.0)
+            wmix = pg.to(ACC) * zz.to(ACC)
+            wo = tl.load(wo_ptr + hs[None, :] * stride_wo + ks[:, None], mask=kmask[:, None] & hmask[None, :],
+                         other=0.0)
+            acc = tl.dot(wmix.to(DOT), wo.to(DOT), acc, input_precision="ieee", out_dtype=ACC)
     omask = rmask[:, None] & hmask[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + rows[:, None] * stride_res + hs[None, :], mask=omask, other=0.0).to(ACC)
@@ -587,8 +639,8 @@ class _Launcher:
 # adapter mask, the activation set, which outputs the backward stores), so that a config tuned on
 # eval calls is not reused for training calls (or the reverse).
 _FWD1 = _Launcher("fwd_gemm1", _fwd_gemm1_kernel, ["M_KEY", "KD", "KQ", "R", "N", "HAS_XQ", "DOT", "DROPOUT",
-                                                   "HAS_AMASK", "ACT_MASK"])
-_FWD2 = _Launcher("fwd_gemm2", _fwd_gemm2_kernel, ["M_KEY", "H", "R", "N", "DOT"])
+                                                   "HAS_AMASK", "ACT_MASK", "SPLIT_WQ", "PRESPLIT_WQ"])
+_FWD2 = _Launcher("fwd_gemm2", _fwd_gemm2_kernel, ["M_KEY", "H", "R", "N", "DOT", "P_ONCE"])
 _BWD1 = _Launcher("bwd_epilogue", _bwd_epilogue_kernel, ["M_KEY", "KD", "KQ", "H", "R", "N", "HAS_XQ", "DOT",
                                                          "DROPOUT", "ACT_MASK", "STORE_G", "STORE_WM",
                                                          "STORE_DSHIFT"])
@@ -746,28 +798,47 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
-_CASTS: Dict[int, tuple] = {}
+_CASTS: Dict[tuple, tuple] = {}
 
 
-def _dot_weight(w: torch.Tensor, dtype: torch.dtype, split: bool) -> torch.Tensor:
-    """``w`` as the kernels' dot operand: cast to the half dtype once (PRECAST), else ``w`` itself (fp32
-    tiles rounded in the kernel). A split weight stays fp32 (the kernel takes its hi and lo halves)."""
-    if not PRECAST or split or dtype not in (torch.float16, torch.bfloat16) or w.dtype == dtype:
-        return w
+def _cached_weight(w: torch.Tensor, dtype: torch.dtype, kind: str, make):
+    """``make()`` of weight ``w`` for ``dtype``, cached while ``w`` (identity and version) is unchanged:
+    once per fold, as a cached fold keeps its tensors. Inference tensors have no version: made per call."""
     try:
         version = w._version
-    except RuntimeError:  # an inference tensor has no version counter: cast per call
-        return w.to(dtype)
-    hit = _CASTS.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == version and hit[2].dtype == dtype:
-        return hit[2]
-    cast = w.to(dtype)
+    except RuntimeError:  # an inference tensor has no version counter
+        return make()
+    key = (id(w), kind)
+    hit = _CASTS.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == version and hit[2] == dtype:
+        return hit[3]
+    value = make()
     if len(_CASTS) > 64:
         _CASTS.clear()
     import weakref
 
-    _CASTS[id(w)] = (weakref.ref(w), version, cast)
-    return cast
+    _CASTS[key] = (weakref.ref(w), version, dtype, value)
+    return value
+
+
+def _dot_weight(w: torch.Tensor, dtype: torch.dtype, split: bool, precast: Optional[bool] = None) -> torch.Tensor:
+    """``w`` as the kernels' dot operand: cast to the half dtype once (``precast``, default PRECAST), else
+    ``w`` itself (fp32 tiles rounded in the kernel). A split weight stays fp32 (the kernel takes its hi and
+    lo halves; :func:`_split_weight` is the split made once)."""
+    precast = PRECAST if precast is None else precast
+    if not precast or split or dtype not in (torch.float16, torch.bfloat16) or w.dtype == dtype:
+        return w
+    return _cached_weight(w, dtype, "cast", lambda: w.to(dtype))
+
+
+def _split_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` (fp32) as ``stack([hi, lo])`` in ``dtype``: hi = dtype(w), lo = dtype(w - hi), the halves the
+    kernels' in-loop split (``_dot_split``) makes, once per weight tensor (PRESPLIT)."""
+    def make():
+        hi = w.to(dtype)
+        return torch.stack([hi, (w - hi.to(w.dtype)).to(dtype)]).contiguous()
+
+    return _cached_weight(w, dtype, "split", make)
 
 
 def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
@@ -791,9 +862,17 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
     z = _new((m, r), xd.dtype, xd.device)
     dummy = site.segid
     mk = _configs.token_key(m)
-    wd_k = _dot_weight(w_down, xd.dtype, site.meta["SPLIT_WD"])
-    wq_k = _dot_weight(w_query, xd.dtype, site.meta["SPLIT_WQ"])
-    wo_k = _dot_weight(w_out, xd.dtype, False)
+    meta1 = dict(site.meta)
+    presplit = PRESPLIT and meta1["SPLIT_WQ"] and w_query.dtype != xd.dtype
+    wd_k = _dot_weight(w_down, xd.dtype, meta1["SPLIT_WD"])
+    if presplit:  # [hi; lo] of w_query in the half dtype; the kernel's own split is off
+        wq_k = _split_weight(w_query, xd.dtype)
+        meta1["SPLIT_WQ"] = False
+    else:
+        wq_k = _dot_weight(w_query, xd.dtype, meta1["SPLIT_WQ"])
+    wq_lo = w_query.numel() if presplit else 0  # elements from the hi half to the lo half
+    p_once = GEMM2 == "v2" and xd.dtype in (torch.float16, torch.bfloat16)
+    wo_k = _dot_weight(w_out, xd.dtype, False, precast=True if p_once else None)
     with site.device_guard():
         _FWD1(lambda META: (triton.cdiv(m, META["BLOCK_M"]),),
               xd, x_q, wd_k, b_down if b_down is not None else dummy, wq_k,
@@ -801,15 +880,16 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
               site.keep if site.has_keep else dummy, site.amask if site.has_amask else dummy, site.segid, site.codes,
               z, probs,
               m, xd.shape[1], x_q.shape[1], r, n, *site.scalars(),
-              xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), mk,
+              xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), wq_lo, mk,
               HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None,
               HAS_SHIFT=shift is not None, DROPOUT=site.dropout, HAS_KEEP=site.has_keep, HAS_AMASK=site.has_amask,
-              **site.meta)
+              PRESPLIT_WQ=presplit, **meta1)
         if h > 0:
             _FWD2(lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(h, META["BLOCK_H"])),
                   z, probs, site.segid, wo_k, residual if residual is not None else out, out,
                   m, h, r, n, z.stride(0), w_out.stride(0), residual.stride(0) if residual is not None else 0,
-                  out.stride(0), mk, HAS_RES=residual is not None, ACC=site.meta["ACC"], DOT=site.meta["DOT"])
+                  out.stride(0), mk, HAS_RES=residual is not None, ACC=site.meta["ACC"], DOT=site.meta["DOT"],
+                  P_ONCE=p_once, N_PAD=site.meta["N_PAD"])
     return out, probs
 
 

@@ -50,6 +50,7 @@ def test_autotune_keys_include_the_flags_that_change_the_kernel():
     # an eval-tuned config must not be reused for training calls (dropout) or masked calls
     assert {"DROPOUT", "HAS_AMASK", "ACT_MASK", "DOT", "M_KEY"} <= set(fusion._FWD1.key)
     assert {"DROPOUT", "ACT_MASK", "STORE_G", "STORE_WM", "STORE_DSHIFT", "DOT"} <= set(fusion._BWD1.key)
+    assert {"SPLIT_WQ", "PRESPLIT_WQ"} <= set(fusion._FWD1.key) and "P_ONCE" in fusion._FWD2.key  # the switches
     for launcher in (fusion._FWD1, fusion._FWD2, fusion._BWD1, fusion._MM):
         assert set(launcher.key) <= set(launcher.fn.arg_names), launcher.name
 
@@ -76,6 +77,23 @@ def test_target_row_kernels_do_not_spill_on_sm90(tmp_path):
     for row in data["rows"]:
         assert row["target"] and row["aligned"]
         assert row["spill_stores"] == row["spill_loads"] == row["stack_frame"] == 0, row
+
+
+@pytest.mark.skipif(not _nvidia_toolchain(), reason="needs Triton's bundled ptxas")
+def test_switched_kernels_do_not_spill_on_sm90(tmp_path):
+    # the new sides of the device check's kernel switches at the target row, first config of each:
+    # FUSEDADAPTER_TRITON_GEMM2=v2 (p once per tile) and FUSEDADAPTER_TRITON_PRESPLIT=1 (w_query [hi; lo])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "spills.json"
+    labels = ["bf16 residual v2", "bf16 shared-x eval relu presplit"]
+    proc = subprocess.run([sys.executable, "-m", "fusedadapter.kernels.aot_check", "--quick", "--arch", "90",
+                           "--require-no-spills", "--json-out", str(out), *(f"--variant={v}" for v in labels)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["variant"] for r in rows) == sorted(labels)
+    for row in rows:
+        assert row["target"] and row["spill_stores"] == row["spill_loads"] == row["stack_frame"] == 0, row
 
 
 def test_compile_check_reads_cuda_kernel_spills():

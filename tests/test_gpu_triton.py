@@ -9,7 +9,10 @@ check in the interpreter. Skipped without CUDA (CI); ``benchmarks/device_check.s
   only here), forward and backward, with dropout;
 - every config of the autotune lists (configs.GPU_CONFIGS), one run each, forward and backward
   with dropout replayed against the torch op;
-- dropout replay: the same seed gives the same mask and output twice, and the torch op's.
+- dropout replay: the same seed gives the same mask and output twice, and the torch op's;
+- the new sides of the kernel switches the device check times (kernels/fusion.py GEMM2=v2, PRESPLIT,
+  PRECAST, each alone and together), forward and backward at bf16 and fp16, and every autotune config
+  with all of them on.
 
 ``FUSEDADAPTER_GPU_TESTS_IN_INTERPRETER=1`` runs the non-bf16 cases through the Triton interpreter
 on CPU instead (to check the tests themselves where no GPU is; slow).
@@ -125,6 +128,33 @@ def test_gpu_every_config(index, monkeypatch):
     monkeypatch.setattr(fusion, "CONFIG_OVERRIDE", override)
     for dtype in ((torch.bfloat16, torch.float32) if index == 0 else (torch.bfloat16,)):
         _compare(_case(dtype), dtype)
+    for k, v in SWITCHES["new"].items():  # the same config with the switches' new sides
+        monkeypatch.setattr(fusion, k, v)
+    _compare(_case(torch.bfloat16), torch.bfloat16)
+
+
+# kernels/fusion.py switches (FUSEDADAPTER_TRITON_GEMM2 / _PRESPLIT / _PRECAST): their new sides
+SWITCHES = {"gemm2-v2": dict(GEMM2="v2"), "presplit": dict(PRESPLIT=True), "precast": dict(PRECAST=True),
+            "new": dict(GEMM2="v2", PRESPLIT=True, PRECAST=True)}
+
+
+@pytest.mark.parametrize("dtype", [BF16, pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_gpu_switch_sides(switch, dtype, monkeypatch):
+    for k, v in SWITCHES[switch].items():
+        monkeypatch.setattr(fusion, k, v)
+    _compare(_case(dtype), dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16: GPU only")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_gpu_switches_hold_the_oracle_bf16(train, monkeypatch):
+    # the target row's shape (H=768, 8 adapters of 48) and a mixed site, every new side on
+    for k, v in SWITCHES["new"].items():
+        monkeypatch.setattr(fusion, k, v)
+    for seed, widths, acts in [(0, [3, 8, 13], ["relu", "gelu", "swish"]), (8, [48] * 8, ["relu"] * 8)]:
+        site = make_site(768 if len(widths) == 8 else 40, widths, acts, seed=seed)
+        check_parity("triton", site, torch.bfloat16, train=train, seed=seed + 1, lead=(2, 100))
 
 
 def test_gpu_dropout_replay():
