@@ -12,6 +12,7 @@ import torch.utils.checkpoint
 import fusedadapter as fa
 import fusedadapter.fold as fold_mod
 from benchmarks.train_fold_precision import random_site, worst_ratio
+from fusedadapter.testing import perturb_
 from backends import skip_unless_runnable
 from parity import make_inputs, make_site
 
@@ -255,3 +256,28 @@ def test_auto_training_site_saves_10x_less_than_the_reference():
     ref = case.saved_bytes("reference")
     got = saved_bytes_excl_cache(case, "auto")
     assert got * 10 <= ref, f"auto ({picked}) saves {got / 2**20:.2f} MiB, the reference {ref / 2**20:.2f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [3, 40], ids=["per_token", "plain"])
+def test_cpu_wide_adapters_in_training_take_the_measured_form(dtype, tokens, monkeypatch):
+    """Wide adapters (R > 2H) on the cpu backend in stage-2 training: the per-token form (the fused op)
+    below TRAIN_WIDE_PLAIN_RATIO·H tokens, the plain form from there (fusedadapter.fold.call_form;
+    before, cpu folded the R+N rows against the trained weights every call). Outputs and every
+    gradient within the oracle, dropout on and off."""
+    skip_unless_runnable("cpu", "cpu")
+    import fusedadapter.runner as runner
+
+    plain_calls = []
+    real = runner._plain_form
+    monkeypatch.setattr(runner, "_plain_form", lambda *a, **k: plain_calls.append(1) or real(*a, **k))
+    h = 16
+    cfgs = [fa.AdapterConfig(bottleneck_size=w, non_linearity=act) for w, act in ((12, "relu"), (9, "gelu"), (15, "tanh"))]
+    for i, dropout in enumerate((False, True)):
+        site = fa.FusedAdapterFusion(h, cfgs, fa.FusionConfig.load("dynamic"), backend="reference").double()
+        perturb_(site, torch.Generator().manual_seed(40 + i))
+        assert site.bottleneck > 2 * h
+        ratio, where = worst_ratio(site, tokens, dropout, dtype, None, seed=i + 1, backend="cpu")
+        assert ratio <= 1.0, f"{where} at {ratio:.2f}x the oracle bound"
+    want_plain = tokens >= fold_mod.TRAIN_WIDE_PLAIN_RATIO * h
+    assert bool(plain_calls) == want_plain
