@@ -35,7 +35,7 @@ TINY = {
 }
 JSON_FLAG = {"train-forms": "--out"}
 SCHEMA_ROWS = {"native-cpu": "native_cpu", "adapter-mask": "adapter_mask", "model-overhead": "model_overhead",
-               "train": "train_step"}
+               "train": "train_step", "host-overhead": "host_overhead"}
 
 
 @pytest.fixture
