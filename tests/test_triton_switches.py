@@ -16,6 +16,19 @@ OP = torch.ops.fusedadapter.fusion_triton
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
+@pytest.fixture(autouse=True)
+def _gpu_setup(monkeypatch):
+    """On a GPU, as tests/test_triton.py: CPU-tensor sites (tests/parity.py) run the op on CUDA through
+    the bridge, one fixed config per kernel (no autotuning of every variant these tests create)."""
+    if DEV == "cuda":
+        from backends import bridge_to_cuda
+        from fusedadapter.kernels import configs
+
+        bridge_to_cuda(monkeypatch, "triton", OP)
+        monkeypatch.setattr(fusion, "CONFIG_OVERRIDE", dict(configs.GPU_DEFAULT))
+    yield
+
+
 def _grads(args):
     from test_triton import _grads as grads
 
