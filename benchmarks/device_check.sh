@@ -9,9 +9,11 @@
 #   device_check.tar.gz  everything else: env.txt, steps.tsv, pytest-*.{xml,log}, build-cuda.log,
 #                        spills.json (ptxas -v of the target-row kernels with this machine's Triton),
 #                        bench/ (results.csv, results.json, skipped.json, summary.md, PNG plots),
-#                        bench-nosplit/, bench-configs-v1/, bench-precast/ (target row, a switch flipped),
-#                        summary.{md,json}; logs over 2 MiB keep their last 2 MiB, and if the archive
-#                        would pass 15 MiB the plots are left out
+#                        bench-graphs/ (BERT-base, eager and CUDA graphs), bench-switches/ (the target
+#                        row per kernel switch), bench-configs-v1/ (the autotune lists before),
+#                        each with results.{json,csv}, and *.log of every step; summary.{md,json};
+#                        logs over 2 MiB keep their last 2 MiB, and if the archive would pass 15 MiB
+#                        the plots are left out
 #   summary.md / summary.json   dry run or not, GPU, versions, commit, every step with its status,
 #                        test counts and failures, spills, the issue-3 target row, the archive's contents
 #   device_check.log     this script's own output
@@ -28,13 +30,18 @@
 #   spills       (background, CPU only) ptxas -v spill report of the target-row kernels -> spills.json
 #   tests-triton GPU tests of the Triton backend first: parity fwd+bwd fp32/fp16/bf16, adapter
 #                masks, dropout replay, numerics, one autotuned config per kernel (pytest -n, xdist)
-#   tests-cuda   the CUDA backend's tests (after build-cuda; FUSEDADAPTER_SKIP_CUDA=1 if it failed)
-#   bench        python -m benchmarks gpu: the issue-3 target row first, then the grid, in the time left
-#   bench-nosplit, bench-configs-v1, bench-precast   the target row (triton, torch) again with one
-#                switch flipped: FUSEDADAPTER_TRITON_SPLIT_BF16=0 FUSEDADAPTER_CUDA_SPLIT_BF16=0 (no w_query
-#                hi/lo split at bf16, Triton and CUDA backends),
-#                FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement),
-#                FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not per tile)
+#   tests-cuda   the CUDA backend's tests and its CUDA-graph test (after build-cuda;
+#                FUSEDADAPTER_SKIP_CUDA=1 if it failed)
+#   bench        python -m benchmarks gpu: the issue-3 target row (Triton op, bf16, 16384 tokens, H=768,
+#                N=8, r=48: % of roofline, ratio to the torch backend) first, then the grid while the
+#                steps below keep their time
+#   bench-graphs python -m benchmarks.devicecheck_graphs: BERT-base (B=8, S=128, bf16) with 8 fused
+#                adapters against the bare model, eager and as a captured CUDA graph (target <= 10% over)
+#   bench-switches  python -m benchmarks.devicecheck_switches: the target row per kernel switch in one
+#                process, interleaved (kernels/fusion.py: bf16 w_query split off, PRECAST, PRESPLIT,
+#                GEMM2=v2, the new ones together; the CUDA backend's split on/off), fixed configs
+#   bench-configs-v1  FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement):
+#                the target row again, autotuned over those lists (an import-time switch: own process)
 #   summary      summary.{md,json}
 # Tests that need no GPU are not run here (CI runs them).
 #
@@ -44,8 +51,10 @@
 # a real run packs them; summary.md says it was a dry run. tests/test_device_check.py runs it in CI.
 #
 # Budgets (seconds, override by environment): DC_TOTAL=280 (all steps), DC_BUILD=120 (CUDA build),
-# DC_TESTS=100 (Triton tests), DC_TESTS_CUDA=45, DC_WORKERS=6 (xdist workers), DC_TEST_TIMEOUT=90
-# (per test, with pytest-timeout). PYTHON picks the interpreter (default python3).
+# DC_TESTS=95 (Triton and other GPU tests), DC_TESTS_CUDA=35, DC_WORKERS=6 (xdist workers),
+# DC_TEST_TIMEOUT=80 (per test, with pytest-timeout). Each step's limit is also cut to what the
+# total leaves after the time reserved for the steps that follow (the bench steps in the order above
+# get at most 55 (+ the grid's time) + 40 + 45 + 25 s). PYTHON picks the interpreter (default python3).
 set -u
 OUT=${1:?usage: benchmarks/device_check.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -55,8 +64,8 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 DRY=${DEVICE_CHECK_DRY_RUN:-0}
 TOTAL=${DC_TOTAL:-280}
 T_BUILD=${DC_BUILD:-120}
-T_TESTS=${DC_TESTS:-100}
-T_TESTS_CUDA=${DC_TESTS_CUDA:-45}
+T_TESTS=${DC_TESTS:-95}
+T_TESTS_CUDA=${DC_TESTS_CUDA:-35}
 WORKERS=${DC_WORKERS:-6}
 START=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")
@@ -95,7 +104,7 @@ gpu_step() {  # gpu_step NAME TIMEOUT_S CMD...: step, or in a dry run the stub w
     local t0 rc
     t0=$(date +%s)
     echo "== $name: dry run stub"
-    timeout 60 "$PY" benchmarks/devicecheck_stub.py "$name" "$WORK"; rc=$?
+    timeout 150 "$PY" benchmarks/devicecheck_stub.py "$name" "$WORK"; rc=$?  # (a busy CI machine: torch + plots)
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" stub >> "$WORK/steps.tsv"
     return
   fi
@@ -131,7 +140,7 @@ fi
 
 PYTEST_OPTS=(-q -rfE -p no:cacheprovider)
 if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST_OPTS+=(-n "$WORKERS"); fi
-if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_OPTS+=(--timeout="${DC_TEST_TIMEOUT:-90}"); fi
+if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_OPTS+=(--timeout="${DC_TEST_TIMEOUT:-80}"); fi
 
 # In the background while the Triton tests run: the CUDA extension build (needed by tests-cuda and
 # the cuda provider) and the spill report (CPU only: Triton's own ptxas on this machine's Triton).
@@ -144,11 +153,14 @@ SPILLS_PID=$!
 
 # The Triton tests run one fixed config per kernel (their fixtures set it; autotuning every variant
 # they create would take minutes); test_gpu_autotune runs the autotuner and test_gpu_every_config
-# each config of the autotune lists. tests/test_gpu_*.py are the GPU-only files.
+# each config of the autotune lists. tests/test_gpu_*.py are the GPU-only files (Triton on the GPU,
+# the kernel switches' new sides, CUDA graphs and torch.compile's reduce-overhead mode).
 TRITON_TESTS=(tests/test_triton.py tests/test_triton_switches.py)
 for f in tests/test_gpu_*.py; do [ -f "$f" ] && TRITON_TESTS+=("$f"); done
-gpu_step tests-triton "$(min "$T_TESTS" "$(( $(left) - 150 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" --junitxml="$WORK/pytest-triton.xml" "${TRITON_TESTS[@]}" \
-  > "$WORK/pytest-triton.log" 2>&1
+# (the CUDA backend's graph test waits for the extension: it runs with tests-cuda)
+CUDA_GRAPH_TEST=tests/test_gpu_graphs.py::test_graph_by_hand_cuda_backend
+gpu_step tests-triton "$(min "$T_TESTS" "$(( $(left) - 160 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
+  --junitxml="$WORK/pytest-triton.xml" --deselect "$CUDA_GRAPH_TEST" "${TRITON_TESTS[@]}" > "$WORK/pytest-triton.log" 2>&1
 tail -n 15 "$WORK/pytest-triton.log"
 
 echo "== waiting for build-cuda ($(elapsed)s elapsed)"
@@ -159,32 +171,42 @@ if [ "$(grep '^build-cuda' "$WORK/steps.tsv" | cut -f2)" != "0" ]; then
   echo "== the CUDA extension did not build: FUSEDADAPTER_SKIP_CUDA=1 from here on"
   export FUSEDADAPTER_SKIP_CUDA=1
 fi
-gpu_step tests-cuda "$(min "$T_TESTS_CUDA" "$(( $(left) - 115 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
-  --junitxml="$WORK/pytest-cuda.xml" tests/test_native.py -k "cuda" > "$WORK/pytest-cuda.log" 2>&1
+gpu_step tests-cuda "$(min "$T_TESTS_CUDA" "$(( $(left) - 150 ))")" "$PY" -m pytest "${PYTEST_OPTS[@]}" \
+  --junitxml="$WORK/pytest-cuda.xml" tests/test_native.py "$CUDA_GRAPH_TEST" -k "cuda" > "$WORK/pytest-cuda.log" 2>&1
 tail -n 15 "$WORK/pytest-cuda.log"
 wait "$SPILLS_PID"
 
-# the target row first (it always gets >= 30 s), then the grid, keeping ~125 s for the switch rows
-# and the summary
-BUDGET=$(( $(left) - 125 ))
-[ "$BUDGET" -lt 30 ] && BUDGET=30
-gpu_step bench "$(( BUDGET + 25 ))" "$PY" -m benchmarks gpu --device cuda --out "$WORK/bench" --budget-s "$BUDGET" \
-  --no-progress > "$WORK/bench.log" 2>&1
+# The target row first (its point starts at once: --budget-s only stops new points; it writes its
+# rows when the point ends, so it gets 55 s), then the grid while 125 s stay for the rows below and
+# the summary. Modes nograd and full: the summary's targets (forward/backward alone: the grid runs).
+BUDGET=$(( $(left) - 125 - 55 ))
+[ "$BUDGET" -lt 1 ] && BUDGET=1
+gpu_step bench "$(min "$(( BUDGET + 55 ))" "$(( $(left) - 15 ))")" "$PY" -m benchmarks gpu --device cuda \
+  --out "$WORK/bench" --budget-s "$BUDGET" --modes nograd full --no-progress > "$WORK/bench.log" 2>&1
 tail -n 30 "$WORK/bench.log"
-# The target row again with one switch flipped each (so one run times both sides): bf16 w_query
-# without the hi/lo split, the configs before the spill measurement (configs.GPU_CONFIGS_V1), and
-# the weights cast to bf16 once instead of tile by tile in every CTA; in this order, each while
-# 20 s are left for the summary (a row that does not fit is recorded as skipped).
-TARGET_ROW=(--providers triton cuda torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
-gpu_step bench-nosplit "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_SPLIT_BF16=0 FUSEDADAPTER_CUDA_SPLIT_BF16=0 "$PY" -m benchmarks gpu \
-  --device cuda --out "$WORK/bench-nosplit" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-nosplit.log" 2>&1
-gpu_step bench-configs-v1 "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
-  --device cuda --out "$WORK/bench-configs-v1" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1
-gpu_step bench-precast "$(min 30 "$(( $(left) - 20 ))")" env FUSEDADAPTER_TRITON_PRECAST=1 "$PY" -m benchmarks gpu \
-  --device cuda --out "$WORK/bench-precast" --budget-s 15 "${TARGET_ROW[@]}" > "$WORK/bench-precast.log" 2>&1
+# BERT-base with 8 fused adapters against the bare model, eager and as a CUDA graph (issue 12's
+# <= 10% over the bare model, both ways); then the target row once per kernel switch (one process,
+# interleaved, so one run times both sides of each); then the autotune lists before the spill
+# measurement. Each while 15 s stay for the summary (a row that does not fit is recorded as skipped).
+LIM=$(min 40 "$(( $(left) - 15 ))")
+gpu_step bench-graphs "$LIM" "$PY" -m benchmarks.devicecheck_graphs --out "$WORK/bench-graphs" \
+  --budget-s "$(( LIM - 15 ))" > "$WORK/bench-graphs.log" 2>&1
+tail -n 20 "$WORK/bench-graphs.log"
+LIM=$(min 45 "$(( $(left) - 15 ))")
+gpu_step bench-switches "$LIM" "$PY" -m benchmarks.devicecheck_switches --out "$WORK/bench-switches" \
+  --budget-s "$(( LIM - 12 ))" > "$WORK/bench-switches.log" 2>&1
+tail -n 25 "$WORK/bench-switches.log"
+TARGET_ROW=(--providers triton torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
+gpu_step bench-configs-v1 "$(min 25 "$(( $(left) - 15 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
+  --device cuda --out "$WORK/bench-configs-v1" --budget-s 1 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1
 
-# summary.{md,json} in the work folder (they go into the archive too) and in OUTDIR
-step summary 20 "$PY" -m benchmarks device-summary "$WORK" --out "$OUT"
+# summary.{md,json} in the work folder (they go into the archive too) and in OUTDIR: the time left
+# and the 15 s kept for it, at least 20 s (a few seconds on the GPU machine; a busy CPU machine's
+# dry run may need more), at most 45
+SUMMARY_LIM=$(min 45 "$(( $(left) + 15 ))")
+[ "$SUMMARY_LIM" -lt 20 ] && SUMMARY_LIM=20
+[ "$DRY" = "1" ] && SUMMARY_LIM=150  # no GPU time at stake; a busy CI machine is slow to import torch
+step summary "$SUMMARY_LIM" "$PY" -m benchmarks device-summary "$WORK" --out "$OUT"
 
 # pack: logs over 2 MiB keep their tail; an archive over 15 MiB goes without the plots
 for f in $(find "$WORK" -type f \( -name '*.log' -o -name '*.xml' \) -size +2M); do

@@ -2,12 +2,15 @@
 
 Reads what the script left in WORKDIR (``steps.tsv``: one ``name<TAB>exit code<TAB>seconds[<TAB>kind]``
 line a step, kind ``real`` or ``stub``; ``pytest-*.xml``: the tests' JUnit reports; ``spills.json``:
-the ptxas spill report; ``bench/results.json``: the GPU grid) and writes ``summary.json`` and
-``summary.md`` into WORKDIR (they go into the archive) and OUTDIR: whether it was a dry run, the
-GPU name, versions and commit, every step's status, the test counts and failures, the spills, the
-issue-3 target row (bf16, 16384 tokens, H=768, N=8, r=48) for every fast provider (fraction of
-roofline, speedup over ``reference`` and over ``torch``, forward+backward speedup over
-``reference``, each against its target) and the files the archive will hold.
+the ptxas spill report; ``bench/results.json``: the GPU grid; ``bench-graphs/``, ``bench-switches/``,
+``bench-configs-v1/``: their ``results.json``) and writes ``summary.json`` and ``summary.md`` into
+WORKDIR (they go into the archive) and OUTDIR: whether it was a dry run, the GPU name, versions and
+commit, every step's status, the test counts and failures, the spills, the issue-3 target row (bf16,
+16384 tokens, H=768, N=8, r=48) for every fast provider (fraction of roofline with the roofline time,
+speedup over ``reference`` and over ``torch``, forward+backward speedup over ``reference``, each
+against its target), BERT-base with 8 fused adapters against the bare model (eager and CUDA graphs,
+target <= 10% over), the target row per kernel switch (ratio to the same run's default) and the
+files the archive will hold.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .env import git_commit, versions
 from .results import load_rows
 
 TARGET = {"tokens": 16384, "hidden": 768, "n": 8, "r": 48, "dtype": "bfloat16"}
+KERNEL_SITE = "fusion_site"
 # Issue 3's targets. "forward" there is the site's forward pass; we check it on the no-grad
 # forward (the roofline counts inputs and output only, no activations saved for backward) and
 # report the training forward beside it.
@@ -134,6 +138,7 @@ def target_row(rows) -> Dict[str, dict]:
     """{provider: metrics at the issue-3 target point}."""
     t: Dict[tuple, float] = {}
     roof: Dict[tuple, float] = {}
+    roof_ms: Dict[tuple, float] = {}
     for r in rows:
         if r.get("kernel") != "fusion_site" or not _match(r.get("config", {})) or r.get("median") is None:
             continue
@@ -141,6 +146,8 @@ def target_row(rows) -> Dict[str, dict]:
             t[(r["provider"], r["mode"])] = r["median"]
         elif r["metric"] == "roofline_fraction":
             roof[(r["provider"], r["mode"])] = r["median"]
+            if r.get("config", {}).get("roofline_ms"):
+                roof_ms[(r["provider"], r["mode"])] = r["config"]["roofline_ms"]
     out: Dict[str, dict] = {}
     for prov in sorted({p for p, _ in t}):
         m: Dict[str, Optional[float]] = {}
@@ -155,34 +162,122 @@ def target_row(rows) -> Dict[str, dict]:
                 m[f"speedup_vs_torch_{mode}"] = tor / t[(prov, mode)]
             if (prov, mode) in roof:
                 m[f"roofline_fraction_{mode}"] = roof[(prov, mode)]
+            if (prov, mode) in roof_ms:
+                m[f"roofline_ms_{mode}"] = roof_ms[(prov, mode)]
         # the targets are the GPU kernels' (triton, cuda); torch and reference are the baselines
         m["targets_met"] = {k: (m[k] >= v) for k, v in TARGETS.items() if k in m and prov in ("triton", "cuda")}
         out[prov] = m
     return out
 
 
-SWITCHES = {"bench-nosplit": "FUSEDADAPTER_TRITON_SPLIT_BF16=0 FUSEDADAPTER_CUDA_SPLIT_BF16=0 (bf16 w_query without the hi/lo split)",
-            "bench-configs-v1": "FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement)",
-            "bench-precast": "FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once, not tile by tile per CTA)"}
+SWITCH_NOTES = {"default": "the defaults", "nosplit": "bf16 w_query without the hi/lo split (FUSEDADAPTER_TRITON_SPLIT_BF16=0; "
+                "cuda: FUSEDADAPTER_CUDA_SPLIT_BF16=0)",
+                "gemm2-v2": "FUSEDADAPTER_TRITON_GEMM2=v2 (p once per tile, w_out precast)",
+                "presplit": "FUSEDADAPTER_TRITON_PRESPLIT=1 (w_query hi/lo made once)",
+                "precast": "FUSEDADAPTER_TRITON_PRECAST=1 (weights cast to bf16 once)",
+                "new": "gemm2-v2 + presplit + precast", "new-nosplit": "gemm2-v2 + precast + nosplit"}
+
+
+def _times(rows, kernel=KERNEL_SITE, match=True):
+    return {(r["provider"], r.get("config", {}).get("switch", "default"), r["mode"]): r for r in rows
+            if r.get("kernel") == kernel and r.get("metric") == "time" and r.get("median")
+            and (not match or _match(r.get("config", {})))}
 
 
 def switch_rows(out: Path, main_rows) -> Dict[str, dict]:
-    """{switch folder: {provider: {mode: (ms with the switch, ms in the main bench)}}} at the target point."""
-    def times(rows):
-        return {(r["provider"], r["mode"]): r["median"] for r in rows if r.get("kernel") == "fusion_site"
-                and r.get("metric") == "time" and r.get("median") and _match(r.get("config", {}))}
-
-    base = times(main_rows)
+    """``bench-switches``: {provider[setting]: {mode: {ms, p20, p80, vs_default, vs_torch, rel_err}}}, ratios
+    within that run (interleaved); ``bench-configs-v1``: {triton[configs-v1]: {mode: {ms, ms_default}}}
+    against the main bench (another process)."""
     res: Dict[str, dict] = {}
-    for folder in SWITCHES:
-        f = out / folder / "results.json"
-        if not f.exists():
-            continue
-        got = times(load_rows(f))
-        res[folder] = {}
-        for (prov, mode), ms in sorted(got.items()):
-            res[folder].setdefault(prov, {})[mode] = {"ms": ms, "ms_default": base.get((prov, mode))}
+    f = out / "bench-switches" / "results.json"
+    if f.exists():
+        rows = load_rows(f)
+        t = _times(rows)
+        errs = {(r["provider"], r["config"].get("switch")): r["median"] for r in rows if r.get("metric") == "rel_err"}
+        for (prov, setting, mode), r in sorted(t.items()):
+            d = {"ms": r["median"], "p20": r["p20"], "p80": r["p80"], "rel_err": errs.get((prov, setting))}
+            base = t.get((prov, "default", mode))
+            if base and setting != "default":
+                d["vs_default"] = base["median"] / r["median"]  # > 1: the switch is faster
+            tor = t.get(("torch", "default", mode))
+            if tor and prov != "torch":
+                d["vs_torch"] = tor["median"] / r["median"]
+            res.setdefault(f"{prov}[{setting}]", {})[mode] = d
+        for r in rows:
+            if r.get("metric") in ("skipped", "error"):
+                res.setdefault(f"{r['provider']}[{r['config'].get('switch')}]", {})[r["mode"]] = {
+                    "error": r["config"].get("error")}
+    f = out / "bench-configs-v1" / "results.json"
+    if f.exists():
+        base = _times(main_rows)
+        for (prov, _, mode), r in sorted(_times(load_rows(f)).items()):
+            b = base.get((prov, "default", mode))
+            res.setdefault(f"{prov}[configs-v1]", {})[mode] = {"ms": r["median"], "ms_default": b["median"] if b else None}
     return res
+
+
+def graph_rows(out: Path) -> Dict[str, dict]:
+    """``bench-graphs``: {provider: {mode: {ms, overhead, met, rel_err, error}}} (BERT-base, 8 fused adapters)."""
+    f = out / "bench-graphs" / "results.json"
+    res: Dict[str, dict] = {}
+    if not f.exists():
+        return res
+    for r in load_rows(f):
+        if r.get("kernel") != "bert_model":
+            continue
+        d = res.setdefault(r["provider"], {}).setdefault(r["mode"], {})
+        if r["metric"] == "time":
+            d["ms"] = r["median"]
+        elif r["metric"] == "overhead":
+            d.update(overhead=r["median"], overhead_p20=r["p20"], overhead_p80=r["p80"], met=r["config"].get("met"))
+        elif r["metric"] == "rel_err":
+            d[f"rel_err_vs_{r['config'].get('against')}"] = r["median"]
+        elif r["metric"] in ("error", "skipped"):
+            d["error"] = r["config"].get("error")
+        elif r["metric"] == "chooses":
+            d["error"] = f"auto chooses {r['config'].get('chosen')!r} here"
+    return res
+
+
+def _switch_lines(switches) -> List[str]:
+    if not switches:
+        return []
+    lines = ["", "## The target row per switch (bench-switches: one process, interleaved, fixed configs; "
+                 "bench-configs-v1: autotuned, its own process)", "",
+             "| provider[setting] | mode | median ms (p20-p80) | vs default | vs torch | rel_err |", "|---|---|---|---|---|---|"]
+    for name, modes in switches.items():
+        for mode, d in modes.items():
+            if "error" in d:
+                lines.append(f"| {name} | {mode} | {d['error']} | | | |")
+                continue
+            span = f" ({d['p20']:.4f}-{d['p80']:.4f})" if d.get("p20") else ""
+            vs_d = d.get("vs_default") or (d["ms_default"] / d["ms"] if d.get("ms_default") else None)
+            lines.append(f"| {name} | {mode} | {d['ms']:.4f}{span} | "
+                         + (f"{vs_d:.3f}x" if vs_d else "-") + " | "
+                         + (f"{d['vs_torch']:.2f}x" if d.get("vs_torch") else "-") + " | "
+                         + (f"{d['rel_err']:.2e}" if d.get("rel_err") is not None else "-") + " |")
+    lines += ["", "Settings: " + "; ".join(f"`{k}` {v}" for k, v in SWITCH_NOTES.items())
+              + ". `vs default` > 1: faster than the defaults."]
+    return lines
+
+
+def _graph_lines(graphs) -> List[str]:
+    if not graphs:
+        return []
+    lines = ["", "## BERT-base (B=8, S=128, bf16), 8 fused adapters vs the bare model (bench-graphs)", "",
+             "| provider | mode | median ms | overhead over bare (p20-p80) | <= 10% | rel_err |", "|---|---|---|---|---|---|"]
+    for prov, modes in graphs.items():
+        for mode, d in modes.items():
+            if "error" in d and "ms" not in d:
+                lines.append(f"| {prov} | {mode} | {d['error']} | | | |")
+                continue
+            ov = (f"{100 * d['overhead']:+.1f}% ({100 * d['overhead_p20']:+.1f} to {100 * d['overhead_p80']:+.1f})"
+                  if d.get("overhead") is not None else "-")
+            met = "-" if d.get("met") is None else ("met" if d["met"] else "MISSED")
+            err = d.get("rel_err_vs_eager", d.get("rel_err_vs_reference"))
+            lines.append(f"| {prov} | {mode} | {d.get('ms', float('nan')):.3f} | {ov} | {met} | "
+                         + ("-" if err is None else f"{err:.2e}") + " |")
+    return lines
 
 
 def summarize(outdir, out_copy=None) -> int:
@@ -219,6 +314,7 @@ def summarize(outdir, out_copy=None) -> int:
         "pytest": _pytest(out), "spills": _spills(out), "archive": _archive_listing(out),
         "target_point": TARGET, "targets": TARGETS, "rates_at_target": rates, "target": target_row(rows),
         "bench_rows": len(rows), "bench_errors": errors, "switches": switch_rows(out, rows),
+        "graphs": graph_rows(out),
     }
     v = data["versions"]
     lines = ["# fusedadapter device check" + (" (DRY RUN)" if dry else ""), ""]
@@ -259,7 +355,7 @@ def summarize(outdir, out_copy=None) -> int:
         lines.append(f"Measured rates: matmul {rates.get('matmul_tflops', float('nan')):.0f} TFLOP/s, "
                      f"copy {rates.get('copy_gbps', float('nan')):.0f} GB/s")
         lines.append("")
-    cols = ["roofline_fraction_nograd", "roofline_fraction_forward", "speedup_vs_reference_nograd",
+    cols = ["roofline_fraction_nograd", "roofline_ms_nograd", "roofline_fraction_forward", "speedup_vs_reference_nograd",
             "speedup_vs_torch_nograd", "speedup_vs_reference_forward", "speedup_vs_reference_full",
             "time_ms_nograd", "time_ms_full"]
     lines += ["| provider | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -270,18 +366,17 @@ def summarize(outdir, out_copy=None) -> int:
             if val is None:
                 cells.append("-")
                 continue
-            txt = f"{100 * val:.1f}%" if c.startswith("roofline") else (f"{val:.3f}" if c.startswith("time") else f"{val:.2f}x")
+            txt = (f"{100 * val:.1f}%" if c.startswith("roofline_fraction") else
+                   f"{1e3 * val:.1f} us" if c.startswith("roofline_ms") else
+                   f"{val:.3f}" if c.startswith("time") else f"{val:.2f}x")
             met = m["targets_met"].get(c)
             cells.append(txt + ("" if met is None else (" (met)" if met else " (MISSED)")))
         lines.append(f"| {prov} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 3): " + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items())
-              + "; the roofline target is checked on the no-grad forward."]
-    if data["switches"]:
-        lines += ["", "## The target row with a switch flipped (median ms; default settings in brackets)", ""]
-        for folder, provs in data["switches"].items():
-            cells = [f"{prov} {mode} {m['ms']:.3f}" + (f" ({m['ms_default']:.3f})" if m["ms_default"] else "")
-                     for prov, modes in provs.items() for mode, m in modes.items()]
-            lines.append(f"- {SWITCHES[folder]}: " + (", ".join(cells) or "no rows"))
+              + "; the roofline target is checked on the no-grad forward (50% = twice the roofline time, "
+                "`roofline_ms_nograd`, from the matmul and copy rates measured in the run)."]
+    lines += _graph_lines(data["graphs"])
+    lines += _switch_lines(data["switches"])
     if skipped:
         lines += ["", "Providers not run:"] + [f"- {p}: {why}" for p, why in skipped.items()]
     if errors:

@@ -4,9 +4,11 @@ With ``DEVICE_CHECK_DRY_RUN=1`` (a CPU machine) each GPU step of the script runs
 it writes the files that step writes in a real run, in the same places and formats (its log is
 its standard output, which the script redirects as it redirects the real step's), so that the
 summary and the packing run on them as they would on a GPU: a JUnit report and log (tests-*),
-the build and spill logs, and for ``bench`` the result rows (written by the real
+the build and spill logs, for ``bench`` the result rows (written by the real
 ``benchmarks.results.ResultWriter``), ``skipped.json``, ``summary.md`` and the plots (written by
-the real ``benchmarks.report``). Every stub row and test case says it is a stub; none is a
+the real ``benchmarks.report``), and for ``bench-graphs``, ``bench-switches`` and
+``bench-configs-v1`` the rows of ``benchmarks.devicecheck_graphs`` / ``devicecheck_switches`` /
+``benchmarks gpu`` (results.json, results.csv, skipped.json). Every stub row and test case says it is a stub; none is a
 measurement. Run as a file (not ``-m benchmarks...``) so that the test stubs need no torch import.
 """
 
@@ -30,11 +32,15 @@ TEST_CASES = {
         ("tests.test_gpu_triton", "test_gpu_adapter_mask_parity[bf16-train-token]"),
         ("tests.test_gpu_triton", "test_gpu_every_config[0]"),
         ("tests.test_gpu_triton", "test_gpu_numerics[test_adversarially_large_logits_do_not_overflow]"),
+        ("tests.test_gpu_triton", "test_gpu_switch_sides[new-bf16]"),
+        ("tests.test_gpu_graphs", "test_reduce_overhead_compile_follows_masks_and_weights[triton]"),
+        ("tests.test_gpu_graphs", "test_graph_by_hand_replays_eager_and_takes_copied_inputs[cuda]"),
     ],
     "tests-cuda": [
         ("tests.test_native", "test_cuda_parity[torch.bfloat16-train]"),
         ("tests.test_native", "test_cuda_gradcheck_opcheck_and_dropout_replay"),
         ("tests.test_native", "test_cuda_sources_compile"),
+        ("tests.test_gpu_graphs", "test_graph_by_hand_cuda_backend"),
     ],
 }
 
@@ -89,7 +95,7 @@ def _bench(work: Path) -> None:
             if prov in ("triton", "cuda"):
                 rows.append(make_row(kernel="fusion_site", provider=prov, mode="nograd", metric="roofline_fraction",
                                      unit="fraction", x_name="tokens", x_value=tokens, p20=0.5, median=0.5, p80=0.5,
-                                     config=cfg))
+                                     config=dict(cfg, roofline_ms=0.5 * ms * tokens / TARGET["tokens"])))
     writer.add(rows)
     skipped = {"adapterhub": "stub: `adapters` is not installed on the GPU machine"}
     (out / "skipped.json").write_text(json.dumps(skipped, indent=1))
@@ -100,28 +106,73 @@ def _bench(work: Path) -> None:
     print(f"wrote {len(rows)} stub rows, {len(plots)} plot(s)")
 
 
-def _switch_row(work: Path, folder: str) -> None:
-    """The target row with a switch flipped: the bench stub's target rows for triton and torch (no torch
-    import: rows copied from bench/results.json), written in ResultWriter's two formats."""
-    import csv
+def _writer_rows(out: Path, rows) -> None:
+    from benchmarks.results import ResultWriter
 
-    data = json.loads((work / "bench" / "results.json").read_text())
-    rows = [dict(r, timestamp=r["timestamp"]) for r in data["rows"]
-            if r["provider"] in ("triton", "cuda", "torch") and r["mode"] in ("nograd", "full") and r["metric"] == "time"
-            and r["config"].get("tokens") == 16384]
-    for r in rows:
-        r["config"] = dict(r["config"], switch=folder)
-    out = work / folder
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"schema": data["schema"], "rows": rows}, indent=1))
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=data["schema"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (json.dumps(r[k], sort_keys=True) if k == "config" else ("" if r[k] is None else r[k]))
-                        for k in data["schema"]})
+    ResultWriter(out).add(rows)
     (out / "skipped.json").write_text("{}")
+
+
+def _switches(work: Path) -> None:
+    """bench-switches: the target row per setting (benchmarks.devicecheck_switches' rows, stub times)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.devicecheck import TARGET
+    from benchmarks.devicecheck_switches import CUDA_SETTINGS, SETTINGS
+    from benchmarks.results import make_row
+
+    rows = []
+    labels = [("triton", s) for s in SETTINGS] + [("cuda", s) for s in CUDA_SETTINGS] + [("torch", "default")]
+    for i, (prov, setting) in enumerate(labels):
+        cfg = dict(TARGET, switch=setting, stub=True, note=STUB_NOTE)
+        rows.append(make_row(kernel="fusion_site", provider=prov, mode="nograd", metric="rel_err", unit="",
+                             x_name="tokens", x_value=TARGET["tokens"], p20=1e-3, median=1e-3, p80=1e-3, config=cfg))
+        for mode, f in (("nograd", 1.0), ("full", 3.2)):
+            t = (1.0 if prov == "torch" else 0.4 + 0.01 * i) * f
+            rows.append(make_row(kernel="fusion_site", provider=prov, mode=mode, metric="time", unit="ms",
+                                 x_name="tokens", x_value=TARGET["tokens"], p20=0.95 * t, median=t, p80=1.05 * t,
+                                 config=cfg))
+    _writer_rows(work / "bench-switches", rows)
     print(f"wrote {len(rows)} stub rows")
+
+
+def _configs_v1(work: Path) -> None:
+    """bench-configs-v1: the bench stub's target rows for triton and torch (no plots)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.results import load_rows
+
+    rows = [dict(r, config=dict(r["config"], switch="configs-v1")) for r in load_rows(work / "bench" / "results.json")
+            if r["provider"] in ("triton", "torch") and r["mode"] in ("nograd", "full") and r["metric"] == "time"
+            and r["config"].get("tokens") == 16384]
+    _writer_rows(work / "bench-configs-v1", rows)
+    print(f"wrote {len(rows)} stub rows")
+
+
+def _graphs(work: Path) -> None:
+    """bench-graphs: BERT-base rows as benchmarks.devicecheck_graphs writes them (stub times)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.devicecheck_graphs import KERNEL, TARGET_OVERHEAD
+    from benchmarks.results import make_row
+
+    cfg = dict(batch=8, seq=128, layers=12, hidden=768, n=8, r=48, dtype="bfloat16", stub=True, note=STUB_NOTE)
+    rows = []
+    stub_ms = {("bare", "eager"): 4.0, ("bare", "graph"): 3.0, ("auto", "eager"): 4.3, ("auto", "graph"): 3.2,
+               ("triton", "eager"): 4.3, ("triton", "graph"): 3.2}
+    for (prov, mode), t in stub_ms.items():
+        rows.append(make_row(kernel=KERNEL, provider=prov, mode=mode, metric="time", unit="ms", x_name="tokens",
+                             x_value=1024, p20=0.98 * t, median=t, p80=1.02 * t, config=cfg))
+        if prov != "bare":
+            ov = t / stub_ms[("bare", mode)] - 1
+            rows.append(make_row(kernel=KERNEL, provider=prov, mode=mode, metric="overhead", unit="fraction",
+                                 x_name="tokens", x_value=1024, p20=ov, median=ov, p80=ov,
+                                 config=dict(cfg, target=TARGET_OVERHEAD, met=ov <= TARGET_OVERHEAD)))
+        if mode == "graph":
+            rows.append(make_row(kernel=KERNEL, provider=prov, mode=mode, metric="rel_err", unit="", x_name="tokens",
+                                 x_value=1024, p20=0.0, median=0.0, p80=0.0, config=dict(cfg, against="eager")))
+    _writer_rows(work / "bench-graphs", rows)
+    print(f"wrote {len(rows)} stub rows")
+
+
+STUBS = {"bench-switches": _switches, "bench-configs-v1": _configs_v1, "bench-graphs": _graphs}
 
 
 def main(argv) -> int:
@@ -138,8 +189,8 @@ def main(argv) -> int:
         _spills(work)
     elif step == "bench":
         _bench(work)
-    elif step in ("bench-nosplit", "bench-configs-v1", "bench-precast"):
-        _switch_row(work, step)
+    elif step in STUBS:
+        STUBS[step](work)
     else:
         print(f"devicecheck_stub: unknown step {step!r}", file=sys.stderr)
         return 2

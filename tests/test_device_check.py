@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SWITCH_STEPS = ["bench-nosplit", "bench-configs-v1", "bench-precast"]
-STEPS = ["env", "build-cuda", "spills", "tests-triton", "tests-cuda", "bench", *SWITCH_STEPS, "summary"]
-GPU_STEPS = ["build-cuda", "spills", "tests-triton", "tests-cuda", "bench", *SWITCH_STEPS]
+BENCH_STEPS = ["bench", "bench-graphs", "bench-switches", "bench-configs-v1"]
+STEPS = ["env", "build-cuda", "spills", "tests-triton", "tests-cuda", *BENCH_STEPS, "summary"]
+GPU_STEPS = ["build-cuda", "spills", "tests-triton", "tests-cuda", *BENCH_STEPS]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def dry_run(tmp_path_factory):
     env = dict(os.environ, DEVICE_CHECK_DRY_RUN="1", PYTHON=sys.executable, OMP_NUM_THREADS="1",
                BENCH_GIT_COMMIT="0123456789abcdef0123456789abcdef01234567", TMPDIR=str(out.parent))
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "device_check.sh"), str(out)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=900)  # a hang still fails
     return out, proc
 
 
@@ -55,8 +55,9 @@ def test_archive_holds_the_reports_and_results(dry_run):
         names = {m.name.lstrip("./") for m in tar.getmembers() if m.isfile()}
         for need in ("env.txt", "steps.tsv", "pytest-triton.xml", "pytest-triton.log", "pytest-cuda.xml",
                      "pytest-cuda.log", "build-cuda.log", "spills.json", "bench/results.json", "bench/results.csv",
-                     "bench/skipped.json", "bench/summary.md", "bench-nosplit/results.json",
-                     "bench-configs-v1/results.json", "bench-precast/results.json", "summary.md", "summary.json"):
+                     "bench/skipped.json", "bench/summary.md", "bench-graphs/results.json",
+                     "bench-graphs/results.csv", "bench-switches/results.json", "bench-switches/results.csv",
+                     "bench-configs-v1/results.json", "summary.md", "summary.json"):
             assert need in names, (need, sorted(names))
         assert any(n.startswith("bench/") and n.endswith(".png") for n in names), sorted(names)
         member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "bench/results.json")
@@ -88,9 +89,22 @@ def test_summary_says_dry_run_and_lists_every_step(dry_run):
     assert data["target"]["triton"]["time_ms_nograd"] > 0
     assert any(e["path"] == "bench/results.json" for e in data["archive"])
     assert "## Archive contents" in md
-    assert set(data["switches"]) == set(SWITCH_STEPS)
-    assert data["switches"]["bench-nosplit"]["triton"]["nograd"]["ms"] > 0
-    assert "FUSEDADAPTER_TRITON_SPLIT_BF16=0" in md
+    # the target row's roofline time and ratio to torch; BERT-base eager and CUDA graphs; every switch
+    assert data["target"]["triton"]["roofline_fraction_nograd"] > 0
+    assert "roofline_ms_nograd" in md and "speedup_vs_torch_nograd" in md
+    from benchmarks.devicecheck_switches import CUDA_SETTINGS, SETTINGS
+
+    want = {f"triton[{k}]" for k in SETTINGS} | {f"cuda[{k}]" for k in CUDA_SETTINGS} | {
+        "torch[default]", "triton[configs-v1]", "torch[configs-v1]"}
+    assert set(data["switches"]) == want, sorted(data["switches"])
+    assert data["switches"]["triton[gemm2-v2]"]["nograd"]["vs_default"] > 0
+    assert data["switches"]["triton[new]"]["full"]["vs_torch"] > 0
+    assert data["switches"]["triton[configs-v1]"]["nograd"]["ms_default"] > 0
+    assert "FUSEDADAPTER_TRITON_SPLIT_BF16=0" in md and "FUSEDADAPTER_TRITON_GEMM2=v2" in md
+    graphs = data["graphs"]
+    assert {"bare", "auto", "triton"} <= set(graphs) and set(graphs["triton"]) == {"eager", "graph"}
+    assert graphs["triton"]["graph"]["overhead"] is not None and graphs["triton"]["graph"]["met"] in (True, False)
+    assert "## BERT-base (B=8, S=128, bf16)" in md
 
 
 def test_step_status_words():
@@ -102,3 +116,45 @@ def test_step_status_words():
     assert step_status(124).startswith("timed out")
     assert step_status("skipped").startswith("skipped")
     assert step_status(2) == "failed (exit 2)"
+
+
+def _run_module(args, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    proc = subprocess.run([sys.executable, "-m", *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_switches_step_runs_here(tmp_path):
+    # the real bench-switches code on a tiny fp16 site through the Triton interpreter (the GPU run must
+    # work the first time): rows per setting, each setting's output checked against the reference
+    pytest.importorskip("triton")
+    from benchmarks.results import load_rows
+
+    _run_module(["benchmarks.devicecheck_switches", "--out", str(tmp_path), "--device", "cpu", "--tokens", "24",
+                 "--hidden", "32", "--n", "3", "--reduction", "4", "--dtype", "float16", "--settings", "default",
+                 "gemm2-v2", "new", "--modes", "nograd", "--repeats", "1", "--min-sample-s", "0"],
+                TRITON_INTERPRET="1")
+    rows = load_rows(tmp_path / "results.json")
+    times = {(r["provider"], r["config"]["switch"]) for r in rows if r["metric"] == "time"}
+    assert times == {("triton", "default"), ("triton", "gemm2-v2"), ("triton", "new"), ("torch", "default")}
+    errs = [r["median"] for r in rows if r["metric"] == "rel_err"]
+    assert len(errs) == 4 and max(errs) < 1e-2
+
+
+def test_graphs_step_runs_here(tmp_path):
+    # the real bench-graphs code on a tiny BERT on CPU: eager rows, overhead rows, the graph rows
+    # skipped with the reason (CUDA graphs need CUDA)
+    from benchmarks.results import load_rows
+
+    _run_module(["benchmarks.devicecheck_graphs", "--out", str(tmp_path), "--device", "cpu", "--dtype", "float32",
+                 "--layers", "1", "--hidden", "32", "--batch", "2", "--seq", "8", "--backends", "torch",
+                 "--repeats", "1", "--min-sample-s", "0"])
+    rows = load_rows(tmp_path / "results.json")
+    got = {(r["provider"], r["mode"], r["metric"]) for r in rows}
+    assert {("bare", "eager", "time"), ("torch", "eager", "time"), ("torch", "eager", "overhead"),
+            ("torch", "eager", "rel_err"), ("-", "graph", "skipped")} <= got, got
+    assert not [r for r in rows if r["metric"] == "error"]
+    err = next(r["median"] for r in rows if r["metric"] == "rel_err")
+    assert err < 1e-5  # the torch backend against the reference, fp32
