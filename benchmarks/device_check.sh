@@ -190,7 +190,7 @@ tail -n 30 "$WORK/bench.log"
 # measurement. Each while 15 s stay for the summary (a row that does not fit is recorded as skipped).
 LIM=$(min 40 "$(( $(left) - 15 ))")
 gpu_step bench-graphs "$LIM" "$PY" -m benchmarks.devicecheck_graphs --out "$WORK/bench-graphs" \
-  --budget-s "$(( LIM - 15 ))" > "$WORK/bench-graphs.log" 2>&1
+  --budget-s "$(( LIM - 8 ))" > "$WORK/bench-graphs.log" 2>&1
 tail -n 20 "$WORK/bench-graphs.log"
 LIM=$(min 45 "$(( $(left) - 15 ))")
 gpu_step bench-switches "$LIM" "$PY" -m benchmarks.devicecheck_switches --out "$WORK/bench-switches" \
