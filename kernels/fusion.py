@@ -813,8 +813,11 @@ def _cached_weight(w: torch.Tensor, dtype: torch.dtype, kind: str, make):
     if hit is not None and hit[0]() is w and hit[1] == version and hit[2] == dtype:
         return hit[3]
     value = make()
-    if len(_CASTS) > 64:
-        _CASTS.clear()
+    if len(_CASTS) > 64:  # drop the entries of weights that are gone; clear all only past a large bound
+        for k in [k for k, e in _CASTS.items() if e[0]() is None]:  # (a captured CUDA graph may read the rest)
+            del _CASTS[k]
+        if len(_CASTS) > 4096:
+            _CASTS.clear()
     import weakref
 
     _CASTS[key] = (weakref.ref(w), version, dtype, value)

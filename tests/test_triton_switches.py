@@ -143,3 +143,16 @@ def test_gemm2_switch_rejects_unknown_values():
     proc = subprocess.run([sys.executable, "-c", "import fusedadapter.kernels.fusion"], env=env, capture_output=True,
                           text=True)
     assert proc.returncode != 0 and "FUSEDADAPTER_TRITON_GEMM2 must be v1 or v2" in proc.stderr
+
+
+def test_cast_cache_keeps_live_weights_past_64_entries(monkeypatch):
+    # a captured CUDA graph reads the cached casts: more live weights than 64 (a 24-layer model's sites)
+    # must not clear the cache; entries of weights that are gone are dropped
+    monkeypatch.setattr(fusion, "PRECAST", True)
+    monkeypatch.setattr(fusion, "_CASTS", {})
+    ws = [torch.randn(4, 4, device=DEV) for _ in range(80)]
+    casts = [fusion._dot_weight(w, torch.float16, False) for w in ws]
+    assert all(fusion._dot_weight(w, torch.float16, False) is c for w, c in zip(ws, casts))
+    del ws[40:], casts[40:]
+    fusion._dot_weight(torch.randn(4, 4, device=DEV), torch.float16, False)
+    assert len(fusion._CASTS) <= 42  # the dead ones went
