@@ -17,13 +17,13 @@ alone: :func:`call_form`, :func:`training_fold_form` and the constants next to t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence
 
 import torch
 
 __all__ = ["AdapterWeights", "FusionWeights", "Folded", "AdapterHalf", "fold", "fold_adapters", "fold_fusion",
-           "fold_fusion_train", "training_fold_form", "call_form", "fold_plain", "PLAIN_FORM_RATIO"]
+           "fold_fusion_train", "training_fold_form", "call_form", "fold_plain", "pack_gemm1", "PLAIN_FORM_RATIO"]
 
 _F64 = torch.float64
 
@@ -66,6 +66,27 @@ class Folded:
     # rows alone (w_query = [U^T; C], w_out = [U | C^T]) and the trained fusion weights are applied
     # per token around it: xq = W_K^T (W_Q c + b_Q) before, o = W_V (sum_n p_n u_n) after.
     query_pre: Optional[FusionWeights] = None  # fusion weights (weight dtype) for the per-token form
+    # [w_down; w_query] and [b_down; b_query] as one buffer each, of which those four are views (set by
+    # pack_gemm1 on cached eval folds): the torch backend's eval call runs GEMM1 as one GEMM on them.
+    gemm1_weight: Optional[torch.Tensor] = None
+    gemm1_bias: Optional[torch.Tensor] = None
+
+
+def pack_gemm1(f: Folded) -> Folded:
+    """``f`` with ``w_down``/``b_down``/``w_query``/``b_query`` moved into one weight and one bias buffer
+    (``gemm1_weight``, ``gemm1_bias``; the four become contiguous views of them: same values and
+    shapes, no extra memory), or ``f`` itself where a bias is missing, ``xq``'s width is not ``xd``'s or it
+    is a training form. Made
+    once per cached fold; it saves the torch backend one aten GEMM (with its transpose and bias
+    broadcast) per eval call, ~6 us of a one-token call's host time on a 1-thread CPU (issue 12,
+    ``python -m benchmarks host-overhead``)."""
+    if (f.query_pre is not None or f.b_query is None or f.b_down is None or f.gemm1_weight is not None
+            or f.w_down.shape[1] != f.w_query.shape[1]):  # xq of another width than xd: two GEMMs anyway
+        return f
+    r = f.w_down.shape[0]
+    w = torch.cat([f.w_down, f.w_query], 0)
+    b = torch.cat([f.b_down, f.b_query], 0)
+    return replace(f, w_down=w[:r], b_down=b[:r], w_query=w[r:], b_query=b[r:], gemm1_weight=w, gemm1_bias=b)
 
 
 def _f64(t):

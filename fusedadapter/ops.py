@@ -54,6 +54,7 @@ __all__ = [
     "FUSION_ARGS",
     "FUSION_GRADS",
     "fusion_torch",
+    "fusion_torch_packed",
     "hash_keep_mask",
     "check_fusion_args",
     "register_kernel_op",
@@ -211,6 +212,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _segment_activation(zp: torch.Tensor, segments: Sequence[int], activations: Sequence[int]) -> torch.Tensor:
     # Merge runs of adjacent segments with the same activation: one call in the common case.
+    if len(set(activations)) == 1:
+        return apply_activation(zp, activations[0])
     runs: List[Tuple[int, int, int]] = []
     for k, code in enumerate(activations):
         lo, hi = segments[k], segments[k + 1]
@@ -237,6 +240,27 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
     activations = [int(a) for a in activations]
     m, r, n = check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments,
                                 activations, temperature, dropout_p, keep_mask, logit_shift, adapter_mask)
+    return _fusion_torch_body(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
+                              temperature, dropout_p, seed, keep_mask, logit_shift, adapter_mask, m, r, n)
+
+
+def fusion_torch_packed(xd, residual, gemm1_weight, gemm1_bias, w_out, segments, activations, temperature,
+                        dropout_p, seed, keep_mask, logit_shift, adapter_mask):
+    """:func:`fusion_torch` with ``xq`` None on weights made by :func:`fusedadapter.fold.pack_gemm1`:
+    GEMM1 is one GEMM over ``gemm1_weight = [w_down; w_query]``. For the site runner only, whose
+    activations :func:`fusedadapter.runner.check_site_inputs` has checked and whose weights come from its
+    own fold, so the op's argument checks (~4 us a call) are not repeated; the scalars still are."""
+    if not temperature > 0 or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fusion op: temperature must be > 0 and dropout_p in [0, 1), got {temperature}, {dropout_p}")
+    n = len(activations)
+    r = segments[-1]
+    return _fusion_torch_body(xd, None, residual, None, None, None, None, w_out, segments, activations, temperature,
+                              dropout_p, seed, keep_mask, logit_shift, adapter_mask, xd.shape[0], r, n,
+                              gemm1=(gemm1_weight, gemm1_bias))
+
+
+def _fusion_torch_body(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
+                       temperature, dropout_p, seed, keep_mask, logit_shift, adapter_mask, m, r, n, gemm1=None):
     act = xd.dtype
     acc = acc_dtype(act)
     # Half-precision activations are computed with fp32 intermediates, as a kernel's fp32
@@ -247,10 +271,13 @@ def fusion_torch(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segm
     # a handful of small aten ops, each a few us of host time.)
     same = act == acc
     xd_c = xd if same else xd.to(acc)
-    zp = F.linear(xd_c, w_down, b_down)
-    t = F.linear(xd_c if xq is None else (xq if same else xq.to(acc)), w_query, b_query)
+    if gemm1 is not None:  # [zp | t] = xd @ [w_down; w_query]^T + [b_down; b_query], one GEMM
+        zp, y, e = F.linear(xd_c, gemm1[0], gemm1[1]).split_with_sizes([r, r, n], 1)
+    else:
+        zp = F.linear(xd_c, w_down, b_down)
+        t = F.linear(xd_c if xq is None else (xq if same else xq.to(acc)), w_query, b_query)
+        y, e = t.split_with_sizes([r, n], 1)  # the C method (Tensor.split is a Python wrapper)
     z = _segment_activation(zp, segments, activations)
-    y, e = t.split_with_sizes([r, n], 1)  # the C method (Tensor.split is a Python wrapper)
     yz = y * z
     equal_widths = len({b - a for a, b in zip(segments[:-1], segments[1:])}) == 1
     if equal_widths:

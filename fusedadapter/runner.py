@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .activations import apply_activation
 from .dispatch import resolve_backend
 from .fold import PLAIN_FORM_RATIO, AdapterWeights, Folded, FusionWeights, call_form
-from .ops import acc_dtype, hash_keep_mask, masked_softmax
+from .ops import acc_dtype, fusion_torch, fusion_torch_packed, hash_keep_mask, masked_softmax
 from .zero_grads import keep_unused_shift, site_key_bias
 
 __all__ = ["run_site", "run_folded", "check_site_inputs", "draw_seed", "adapter_mask_rows", "use_plain_form",
@@ -199,9 +199,16 @@ def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual
         b_query = None if b_query is None else b_query / temperature
         shift = None if shift is None else shift / temperature
         temperature = 1.0
-    out, probs = _call_op(op, xd, xq, op_res, folded.w_down, folded.b_down, w_query, b_query, folded.w_out,
-                          folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed),
-                          keep_mask, shift, adapter_mask)
+    if op is fusion_torch and xq is None and folded.gemm1_weight is not None and w_query is folded.w_query:
+        # A cached eval fold (fold.pack_gemm1) on the torch backend: GEMM1 as one GEMM, the op's
+        # argument checks skipped (inputs checked by run_site, weights from the site's own fold).
+        out, probs = fusion_torch_packed(xd, op_res, folded.gemm1_weight, folded.gemm1_bias, folded.w_out,
+                                         folded.segments, folded.activations, float(temperature), float(dropout_p),
+                                         int(seed), keep_mask, shift, adapter_mask)
+    else:
+        out, probs = _call_op(op, xd, xq, op_res, folded.w_down, folded.b_down, w_query, b_query, folded.w_out,
+                              folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed),
+                              keep_mask, shift, adapter_mask)
     return (out if out.dtype == out_dtype else out.to(out_dtype)), probs
 
 

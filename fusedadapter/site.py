@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
-from .fold import AdapterWeights, Folded, FusionWeights, fold, fold_adapters, fold_fusion_train, fold_plain
+from .fold import (AdapterWeights, Folded, FusionWeights, fold, fold_adapters, fold_fusion_train, fold_plain,
+                   pack_gemm1)
 from .reference import reference_fusion
 
 __all__ = ["FusionSite", "cached_fold", "site_fold", "fold_inputs_key", "ScaledUp", "WeightsAdapter"]
@@ -89,6 +90,8 @@ def cached_fold(holder, tag, dtype, make, adapters, fusion=None):
         return entry[2]
     with torch.no_grad():
         value = make()
+        if isinstance(value, Folded):  # GEMM1's weights as one buffer: one GEMM a call on the torch backend
+            value = pack_gemm1(value)
     cache[tag] = (key, tensors, value)
     return value
 
