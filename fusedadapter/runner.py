@@ -319,7 +319,14 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
         from .export_hooks import check_site_exportable
 
         check_site_exportable(site, dropout_p=dropout_p, temperature=temperature)
-    name, op = resolve_backend(backend, a.device, dtype, n_tokens, training=lambda: _trains(site))
+    trains = []  # _trains(site), asked at most once a call (by auto's table and by call_form), only if needed
+
+    def training() -> bool:
+        if not trains:
+            trains.append(_trains(site))
+        return trains[0]
+
+    name, op = resolve_backend(backend, a.device, dtype, n_tokens, training=training)
     if name == "reference":
         out, probs = site.reference(a, res, c, temperature, dropout_p, keep_mask, adapter_mask=adapter_mask)
     else:
@@ -335,7 +342,7 @@ def run_site(site, adapter_input, residual, query, *, backend: str, temperature:
                 seed = draw_seed()
         with torch.autocast(dev, enabled=False) if autocast_on else contextlib.nullcontext():
             wdtype = acc_dtype(dtype)  # folded weights: fp32 for half activations (see ops.FUSION_SCHEMA)
-            if call_form(name, hidden, site.bottleneck, lambda: _trains(site), n_tokens) == "plain":
+            if call_form(name, hidden, site.bottleneck, training, n_tokens) == "plain":
                 if dropout_p > 0 and keep_mask is None:
                     keep_mask = hash_keep_mask(seed, n_tokens, site.num_adapters, dropout_p, device=a.device)
                 plain = keep_unused_shift(site.plain_folded(wdtype), dropout_p > 0, site_key_bias(site))  # b_K: zero grad
