@@ -130,14 +130,18 @@ def normalize_fusions(fusions, pool: Sequence[str], where: str = "MultiFusion") 
     return out
 
 
-def route_ids(route: Optional[RouteLike], names: Sequence[str], batch: int, where: str = "MultiFusion") -> torch.Tensor:
+def route_ids(route: Optional[RouteLike], names: Sequence[str], batch: int, where: str = "MultiFusion",
+              owner: str = "this site's fusions", expand: bool = True) -> torch.Tensor:
     """The ``(batch,)`` int64 CPU tensor of indices into ``names`` (a site's fusions) for ``route``
-    (see the module doc); also used by :func:`fusedadapter.accelerate`'s ``MultiTask`` routing."""
+    (see the module doc); also used by :func:`fusedadapter.accelerate`'s ``MultiTask`` routing and
+    :class:`MultiHead` (``owner`` names what ``names`` are in the messages). ``expand``: a route of
+    ``B`` rows meeting a batch of ``B*k`` is repeated per row (``generate()``'s expansion); without
+    it the route must have ``batch`` rows."""
     names = list(names)
 
     def _index(name: str) -> int:
         if name not in names:
-            raise ValueError(f"{where}: unknown fusion {name!r}; this site's fusions are {names}")
+            raise ValueError(f"{where}: unknown fusion {name!r}; {owner} are {names}")
         return names.index(name)
 
     if route is None:
@@ -163,13 +167,14 @@ def route_ids(route: Optional[RouteLike], names: Sequence[str], batch: int, wher
         raise TypeError(f"{where}: route must be a fusion name, a sequence of names / ids or an integer "
                         f"tensor, got {type(route).__name__}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(names)):
-        raise ValueError(f"{where}: route ids must be in [0, {len(names)}) (fusions {names}), got "
+        raise ValueError(f"{where}: route ids must be in [0, {len(names)}) ({owner}: {names}), got "
                          f"{ids.tolist()}")
     if ids.shape[0] != batch:
         rows = ids.shape[0]
-        if rows == 0 or batch % rows != 0:
-            raise ValueError(f"{where}: the route has {rows} rows but the site runs on batch {batch}; give one "
-                             f"fusion per batch row (a route of batch B follows generate()'s expansion to B*k)")
+        if rows == 0 or batch % rows != 0 or not expand:
+            raise ValueError(f"{where}: the route has {rows} rows but the batch here has {batch}; give one "
+                             f"fusion per batch row" + (" (a route of batch B follows generate()'s expansion to B*k)"
+                                                        if expand else ""))
         ids = ids.repeat_interleave(batch // rows)
     return ids
 
@@ -423,23 +428,21 @@ class MultiHead(nn.Module):
         names = list(self.heads.keys())
         route = route if route is not None else current_fusion_route()
         if route is None:
-            raise ValueError("MultiHead: no route (pass route= or call it inside fusedadapter.fusion_route)")
-        if isinstance(route, str):
-            route = [route] * x.shape[0]
-        if isinstance(route, torch.Tensor):
-            route = route.tolist()
-        if len(route) != x.shape[0]:
-            raise ValueError(f"MultiHead: the route has {len(route)} rows, the input {x.shape[0]}")
+            raise ValueError(f"MultiHead: no route (pass route= or call it inside fusedadapter.fusion_route); "
+                             f"heads are {names}")
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ValueError(f"MultiHead: x must be a (batch, ...) tensor, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        # the sites' checks and messages: unknown names, ids out of range, a route of another batch
+        ids = route_ids(route, names, x.shape[0], where="MultiHead", owner="the heads", expand=False)
         rows: List[Optional[torch.Tensor]] = [None] * x.shape[0]
+        id_list = ids.tolist()
         for k, name in enumerate(names):
-            idx = [i for i, r in enumerate(route) if r == name or r == k]
+            idx = [i for i, r in enumerate(id_list) if r == k]
             if idx:
-                y = self.heads[name](x[torch.tensor(idx, device=x.device)])
+                y = self.heads[name](x.index_select(0, torch.tensor(idx, device=x.device)))
                 for j, i in enumerate(idx):
                     rows[i] = y[j]
-        missing = [route[i] for i, r in enumerate(rows) if r is None]
-        if missing:
-            raise ValueError(f"MultiHead: unknown tasks {missing}; heads are {names}")
         if len({tuple(r.shape) for r in rows}) == 1:
             return torch.stack(rows)
         return rows

@@ -185,27 +185,73 @@ def check_routed(backend, *, train, mask="none", route=ROUTE, grads=True, dtype=
     return got
 
 
+@pytest.fixture
+def ran(monkeypatch):
+    """What the routed run really executed: the backends the runner resolved (forward), and for
+    ``triton`` which of its op's functions ran (``fusion_triton`` forward, ``fusion_triton_backward``),
+    so a silent fallback to another backend would fail the test."""
+    import sys
+
+    import fusedadapter.runner as runner
+
+    seen = {"resolved": [], "triton": []}
+    resolve = runner.resolve_backend
+
+    def spy_resolve(*args, **kwargs):
+        out = resolve(*args, **kwargs)
+        seen["resolved"].append(out[0])
+        return out
+
+    monkeypatch.setattr(runner, "resolve_backend", spy_resolve)
+    try:
+        from fusedadapter.kernels import fusion
+    except ImportError:
+        return seen
+    check = fusion._check_device
+
+    def spy_check(*args, **kwargs):
+        seen["triton"].append(sys._getframe(1).f_code.co_name)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(fusion, "_check_device", spy_check)
+    return seen
+
+
+def _assert_ran(ran, backend, route, grads=True):
+    assert backend in ran["resolved"], f"the routed run resolved {set(ran['resolved'])}, not {backend}"
+    if backend == "triton":
+        groups = len(set(route))  # one op call per fusion with rows, forward and (with grads) backward
+        assert ran["triton"].count("fusion_triton") == groups, ran["triton"]
+        assert ran["triton"].count("fusion_triton_backward") == (groups if grads else 0), ran["triton"]
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "triton"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_routed_rows_equal_their_fusion_alone(backend, train):
+def test_routed_rows_equal_their_fusion_alone(backend, train, ran):
     _backend_or_skip(backend)
     check_routed(backend, train=train)
+    _assert_ran(ran, backend, ROUTE)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("mask", ["batch", "token"])
-def test_routed_with_masks(backend, mask):
+def test_routed_with_masks(backend, mask, train, ran):
     _backend_or_skip(backend)
-    check_routed(backend, train=backend == "torch", mask=mask)
+    check_routed(backend, train=train, mask=mask)
+    _assert_ran(ran, backend, ROUTE)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_fusion_without_rows_gets_zero_grads(backend):
-    # mnli has no rows; adapter "d" is fused only by qqp, which has none either
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mask", ["none", "batch"])
+def test_fusion_without_rows_gets_zero_grads(backend, train, mask, ran):
+    # only sst has rows: mnli and qqp get exact zero grads, and so does adapter "d" (fused by qqp only)
     _backend_or_skip(backend)
-    route = ["sst", "sst", "sst", "sst", "sst"]
-    check_routed(backend, train=True, route=route)
-    check_routed(backend, train=False, route=["sst", "qqp", "qqp", "sst", "sst"])
+    check_routed(backend, train=train, mask=mask, route=["sst"] * 5)
+    _assert_ran(ran, backend, ["sst"])
+    # mnli has no rows (interleaved sst / qqp rows: the gather / scatter path)
+    check_routed(backend, train=train, mask=mask, route=["sst", "qqp", "qqp", "sst", "sst"])
 
 
 def test_float64_adapter_grads_and_contiguous_rows():
@@ -289,7 +335,7 @@ def test_route_forms_and_errors():
         m(a, res, route=["sst", "cola", "sst", "sst", "sst"])
     with pytest.raises(ValueError, match=r"in \[0, 3\)"):
         m(a, res, route=[0, 1, 3, 0, 0])
-    with pytest.raises(ValueError, match="3 rows but the site runs on batch 5"):
+    with pytest.raises(ValueError, match="3 rows but the batch here has 5"):
         m(a, res, route=["sst", "sst", "mnli"])
     with pytest.raises(ValueError, match="1-D"):
         m(a, res, route=torch.zeros(5, 1, dtype=torch.long))
@@ -326,34 +372,47 @@ def test_mask_blocks_compose():
         assert torch.equal(m(a, res, route=ROUTE), want)
 
 
-def test_two_threads_with_different_routes():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("grad", ["autograd", "inference_mode"])
+def test_threads_with_different_routes_and_masks(backend, grad):
+    """Four threads on one model, each with its own fusion_route and adapter_mask blocks (and the cpu
+    serving path under inference_mode): every call returns its own route's rows, bit for bit the
+    single-threaded result."""
+    _backend_or_skip(backend)
     m = make_multi().float()
-    m.backend = "torch"
+    m.backend = backend
     m.eval()
     a, res, _ = make_inputs()
     a, res = a.float(), res.float()
-    routes = [ROUTE, ["qqp", "qqp", "sst", "mnli", "mnli"]]
-    want = [m(a, res, route=r) for r in routes]
-    barrier = threading.Barrier(2)
-    got, errors = [[], []], []
+    sorted_route = ["sst", "sst", "mnli", "qqp", "qqp"]   # grouped rows: the in-place serving path on cpu
+    routes = [ROUTE, ["qqp", "qqp", "sst", "mnli", "mnli"], sorted_route, sorted_route]
+    mask = masks()["batch"]
+    thread_masks = [None, None, None, mask]
+    ctx = torch.inference_mode if grad == "inference_mode" else torch.enable_grad
+    with ctx():
+        want = [m(a, res, route=r, adapter_mask=k) for r, k in zip(routes, thread_masks)]
+    assert not torch.equal(want[2], want[3])  # the mask acts
+    barrier = threading.Barrier(len(routes))
+    got, errors = [[] for _ in routes], []
 
     def worker(t):
         try:
             barrier.wait()
-            with fusion_route(routes[t]):
+            with ctx(), fusion_route(routes[t]), fa.adapter_mask(thread_masks[t]):
                 for _ in range(20):
                     got[t].append(m(a, res))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(routes))]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     assert not errors, errors
-    for t in range(2):
-        assert all(torch.equal(o, want[t]) for o in got[t])
+    for t in range(len(routes)):
+        assert len(got[t]) == 20 and all(torch.equal(o, want[t]) for o in got[t]), f"thread {t}"
+    assert fa.multitask.current_fusion_route() is None  # the threads' blocks did not leak here
 
 
 def test_multi_head():
@@ -367,6 +426,23 @@ def test_multi_head():
     with fusion_route([1, 0, 1]):
         y = same(x[:3])
     assert y.shape == (3, 2) and torch.allclose(y[0], same.heads["qqp"](x[0]), atol=1e-6)
+    assert torch.equal(same(x[:3], route=torch.tensor([1, 0, 1])), y)
+    assert torch.equal(same(x[:3], route="qqp"), same.heads["qqp"](x[:3]))
+    # bad routes raise as the sites do, naming what was expected
+    with pytest.raises(ValueError, match="no route.*heads are \\['sst', 'mnli', 'qqp'\\]"):
+        heads(x)
+    with pytest.raises(ValueError, match="MultiHead: unknown fusion 'cola'; the heads are \\['sst', 'mnli', 'qqp'\\]"):
+        heads(x, route=["sst", "cola", "sst", "sst", "sst"])
+    with pytest.raises(ValueError, match="MultiHead: route ids must be in \\[0, 3\\)"):
+        heads(x, route=[0, 1, 3, 0, 0])
+    with pytest.raises(ValueError, match="MultiHead: route ids must be in \\[0, 3\\)"):
+        heads(x, route=torch.tensor([0, 1, -1, 0, 0]))
+    with pytest.raises(ValueError, match="MultiHead: the route has 3 rows but the batch here has 5"):
+        heads(x, route=["sst", "sst", "mnli"])
+    with pytest.raises(ValueError, match="MultiHead: the route has 2 rows but the batch here has 4"):
+        heads(x[:4], route=["sst", "mnli"])  # no generate() expansion at the heads: one task per row
+    with pytest.raises(TypeError, match="names or int ids"):
+        heads(x, route=["sst", 1, 0, 0, 0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +545,74 @@ def test_patched_adapter_drop_skip_layers_and_pruning_error():
         fa.adapter_drop(model, [inputs], keep=2)
         with pytest.raises(ValueError, match="fusion '(sst|mnli)' fuses .* pruning"):
             model(**inputs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_patched_adapter_drop_training_rows_and_grads(backend, ran):
+    """AdapterDrop's layer skipping and routing in training, on every fast backend: a mixed batch
+    through a tiny BERT whose block 0 is skipped; each row's output and the fusion gradients equal
+    the per-fusion patched runs (skipped the same way) on their rows, summed (docs/algorithm.md §4
+    oracle: fp32 backend vs the fp32 reference, truth float64); the skipped block is frozen."""
+    from fusedadapter.patching import fusion_sites, set_backend
+    from tiny_models import last_hidden, tiny_inputs, tiny_model
+
+    _backend_or_skip(backend)
+    bare = tiny_model("bert", dropout=False).double()
+    multi = fa.patch(copy.deepcopy(bare), PATCH_POOL, fusions=PATCH_FUSIONS, backend="reference")
+    g = torch.Generator().manual_seed(5)
+    for _, _, site in fusion_sites(multi):
+        perturb_(site, g)
+    inputs = tiny_inputs("bert", batch=4, seq=6)
+    route = ["mnli", "sst", "sst", "mnli"]
+    w = torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rounded = copy.deepcopy(multi).float().double()  # §4: truth on the fp32-rounded weights
+
+    def grads_of(model, loss, rename):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {rename(n): p.grad.double() for n, p in model.named_parameters()
+                if "adapter" in n and p.grad is not None}
+
+    def per_fusion(source, dtype):
+        out, grads = torch.zeros(4, 6, 32, dtype=torch.float64), {}
+        for name in PATCH_FUSIONS:
+            single = _single_fusion_copy(bare, source, name, "seq_bn").to(dtype)
+            set_backend(single, "reference")
+            fa.adapter_drop(single, skip_layers=1)
+            single.train()
+            idx = torch.tensor(_rows(route, name))
+            y = last_hidden(single(**{k: v[idx] for k, v in inputs.items()}))
+            out[idx] = y.detach().double()
+            rename = (lambda n, name=name: n.replace("fusedadapter_output.", f"fusedadapter_output.adapter_fusion_layer.{name}.")
+                      if ".adapters." not in n else n)
+            for k, v in grads_of(single, (y * w[idx].to(dtype)).sum(), rename).items():
+                grads[k] = grads[k] + v if k in grads else v
+        return out, grads
+
+    truth_out, truth = per_fusion(rounded, torch.float64)
+    ref_out, ref = per_fusion(multi, torch.float32)
+    model = copy.deepcopy(multi).float()
+    set_backend(model, backend)
+    assert fa.adapter_drop(model, skip_layers=1).skipped_layers == [0]
+    model.train()
+    with fa.fusion_route(route):
+        out = last_hidden(model(**inputs))
+    got = grads_of(model, (out * w.float()).sum(), lambda n: n)
+    assert_oracle(out.detach().double(), ref_out, truth_out, torch.float32, what=f"{backend} rows")
+    for n, p in model.named_parameters():  # block 0 is skipped: frozen; block 1 trains
+        if ".fusedadapter_" in n:
+            assert p.requires_grad == (".layer.1." in n), n
+    fusion_keys = [k for k in truth if ".adapter_fusion_layer." in k]
+    assert fusion_keys and all(".layer.1." in k for k in fusion_keys)
+    assert set(got) == set(truth) | {k for k in got if k.endswith("key.bias")}
+    scale = max(t.abs().max().item() for t in truth.values())
+    for k in fusion_keys:
+        if k.endswith("key.bias") and not got[k].any():  # cancels in softmax: exact zero vs rounding noise
+            assert truth[k].abs().max().item() <= 1e-9 * scale, k
+            continue
+        assert_oracle(got[k], ref[k], truth[k], torch.float32, what=f"{backend} {k}")
+    if backend != "reference":
+        assert backend in ran["resolved"]
 
 
 def test_bench_multitask_cli_smoke(tmp_path):

@@ -236,9 +236,18 @@ def test_accelerated_adapterhub_model_with_two_fuse_setups_serves_a_mixed_batch(
                     torch.testing.assert_close(got, torch.from_numpy(p)[idx], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="no route"):
         model(**x)
-    with pytest.raises(ValueError, match="unknown fusion 'nope'"):
+    with pytest.raises(ValueError, match="unknown fusion 'nope'; its Fuse setups are \\['a,b,c', 'pair'\\]"):
         with fa.fusion_route(["nope"] * 3):
             model(**x)
+    # ids out of range and a route of another batch: AdapterHub passes task_ids through; the sites refuse
+    with pytest.raises(ValueError, match="MultiTask\\(a,b,c, pair\\): route ids must be in \\[0, 2\\)"):
+        model(**x, task_ids=torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="route ids must be in \\[0, 2\\)"):
+        model(**x, task_ids=torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError, match="the route has 2 rows but the batch here has 3"):
+        model(**x, task_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="the route has 2 rows but the batch here has 3"), fa.fusion_route(["pair"] * 2):
+        model(**x)
     fa.unpatch(model)  # undone: AdapterHub's own compose_multi_task again (which cannot run Fuse children)
     with pytest.raises(ValueError, match="Cannot nest Fuse inside BatchSplit"):
         model(**x, task_ids=torch.tensor([0, 1, 0]))
@@ -405,3 +414,23 @@ def test_accelerated_setups_that_do_not_share_their_sites_raise():
     model.active_adapters = MultiTask(fuses[0], fuses[1])  # 'late' ends with a: at every site
     with torch.no_grad():
         model(**tiny_inputs("bert"), task_ids=torch.tensor([0, 1]))
+
+
+@requires_adapterhub
+@pytest.mark.adapterhub
+def test_adapter_drop_of_an_accelerated_multitask_model_refuses():
+    """docs/multitask.md, Not done: fa.adapter_drop takes an accelerated model's one active Fuse; a
+    MultiTask of Fuse setups is refused (skipping and pruning alike), the model unchanged."""
+    from adapters.composition import MultiTask
+
+    model, fuses = _ah_model(seed=7)
+    model.active_adapters = MultiTask(*fuses)
+    fa.accelerate(model, backend="torch")
+    x = tiny_inputs("bert", batch=2, seq=5)
+    with torch.no_grad():
+        before = last_hidden(model(**x, task_ids=torch.tensor([1, 0])))
+    for kwargs in ({"skip_layers": 1}, {"keep": 2}):
+        with pytest.raises(ValueError, match="must be one Fuse of adapters"):
+            fa.adapter_drop(model, [x], **kwargs)
+    with torch.no_grad():
+        assert torch.equal(last_hidden(model(**x, task_ids=torch.tensor([1, 0]))), before)

@@ -69,7 +69,7 @@ def fused_compose_multi_task(self, adapter_setup, state, lvl: int = 0):
         raise ValueError(f"{where}: no route: pass task_ids= (one setup id or name per batch row) to the model's "
                          f"forward, or call it inside `with fusedadapter.fusion_route(...)`")
     batch = state.hidden_states.shape[0]
-    ids = route_ids(route, names, batch, where=where)
+    ids = route_ids(route, names, batch, where=where, owner="its Fuse setups")
 
     # The enclosing mask block's rows go to each setup (named columns: the pool's when unnamed).
     block = getattr(masking._state, "value", None)
