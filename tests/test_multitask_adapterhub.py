@@ -434,3 +434,53 @@ def test_adapter_drop_of_an_accelerated_multitask_model_refuses():
             fa.adapter_drop(model, [x], **kwargs)
     with torch.no_grad():
         assert torch.equal(last_hidden(model(**x, task_ids=torch.tensor([1, 0]))), before)
+
+
+@requires_adapterhub
+@pytest.mark.adapterhub
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_accelerated_multitask_threads_with_their_own_routes(backend):
+    """Four threads on one accelerated MultiTask model, each with its own route (task_ids, or a
+    fusion_route block, with and without an adapter_mask block): every call returns its own rows, bit
+    for bit the single-threaded result."""
+    import threading
+
+    from adapters.composition import MultiTask
+
+    model, fuses = _ah_model(seed=8)
+    model.active_adapters = MultiTask(*fuses)
+    fa.accelerate(model, backend=backend)
+    x = tiny_inputs("bert", batch=4, seq=6)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    plans = [([0, 1, 1, 0], "task_ids", None), ([1, 1, 0, 0], "route", None), ([0, 0, 1, 1], "route", mask),
+             (["pair", "a,b,c", "pair", "pair"], "task_ids", mask)]
+
+    def call(route, how, m):
+        with torch.no_grad(), fa.adapter_mask(m, adapter_names=["a", "b", "c"]):
+            if how == "task_ids":
+                ids = route if isinstance(route[0], int) else [FUSES.index(r) for r in route]
+                return last_hidden(model(**x, task_ids=torch.tensor(ids)))
+            with fa.fusion_route(route):
+                return last_hidden(model(**x))
+
+    want = [call(*p) for p in plans]
+    assert len({tuple(w.flatten()[:8].tolist()) for w in want}) == len(plans)  # four different results
+    barrier = threading.Barrier(len(plans))
+    got, errors = [[] for _ in plans], []
+
+    def worker(t):
+        try:
+            barrier.wait()
+            for _ in range(10):
+                got[t].append(call(*plans[t]))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(plans))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t in range(len(plans)):
+        assert len(got[t]) == 10 and all(torch.equal(o, want[t]) for o in got[t]), f"thread {t}"

@@ -7,8 +7,9 @@
   ``saved/`` is tests/fixtures/adapterhub_bert_multi (files AdapterHub wrote), ``AutoModel.from_pretrained``
   its tiny base model; each row matches AdapterHub's own output for its fusion (docs/algorithm.md
   §4 oracle, the fixture's float32 and float64 outputs), and ``out/`` holds what the text says.
-* The accelerated ``MultiTask`` snippet (AdapterHub environment only): each row matches AdapterHub
-  run once per setup (§4 oracle).
+* The accelerated ``MultiTask`` snippet and the AdapterHub heads recipe (AdapterHub environment
+  only): each row's hidden states, and each row's logits through its own task's AdapterHub head,
+  match AdapterHub run once per setup (§4 oracle).
 
 The export snippet is a sketch (``Hidden`` comes from docs/export.md, ``...`` stands for inputs);
 tests/test_export_multitask.py runs that path.
@@ -56,7 +57,7 @@ def test_recipe_runs_and_each_row_gets_its_task_output():
                                      intermediate_size=64, vocab_size=100, max_position_embeddings=16)
     bert = transformers.BertModel(config).eval()
     batch = tiny_inputs("bert", batch=4, seq=5)
-    ns = run(snippet("fa.MultiHead("), bert=bert, batch=batch)
+    ns = run(snippet("fa.patch(bert,"), bert=bert, batch=batch)
     model, heads, route, logits = ns["model"], ns["heads"], ns["route"], ns["logits"]
     assert route == ["sst", "mnli", "sst", "mnli"]
     assert isinstance(logits, list) and [t.shape for t in logits] == [(2,), (3,), (2,), (3,)]
@@ -108,7 +109,7 @@ def test_accelerated_multitask_snippet_matches_adapterhub_per_setup():
         model.add_adapter(name, config=adapters.SeqBnConfig(reduction_factor=rf))
     model.eval()
     batch = tiny_inputs("bert", batch=3, seq=6)
-    ns = run(snippet("MultiTask("), model=model, batch=batch)
+    ns = run(snippet("model.add_adapter_fusion("), model=model, batch=batch)
     by_names = last_hidden(ns["out"])  # the snippet's last call (fusion_route)
     with torch.no_grad():
         by_ids = last_hidden(model(**batch, task_ids=torch.tensor([1, 0, 1])))
@@ -121,3 +122,43 @@ def test_accelerated_multitask_snippet_matches_adapterhub_per_setup():
         idx = [i for i, t in enumerate([1, 0, 1]) if t == k]
         for y in (by_ids, by_names):
             assert_oracle(y[idx], ref[idx], truth[idx], F32, what=f"docs MultiTask rows of {fuse.name}")
+
+
+@requires_adapterhub
+@pytest.mark.adapterhub
+def test_adapterhub_heads_recipe_gives_each_row_its_task_head():
+    """The AdapterHub heads recipe: each row's logits equal AdapterHub run once per setup with that
+    setup's own head (§4 oracle); AdapterHub's own forward of the MultiTask batch applies one head."""
+    import adapters
+    from adapters import BertAdapterModel
+    from adapters.composition import Fuse, MultiTask
+
+    from tiny_models import tiny_config
+
+    torch.manual_seed(3)
+    model = BertAdapterModel(tiny_config("bert", dropout=False)).eval()
+    for name, rf in (("a", 4), ("b", 8), ("c", 16)):
+        model.add_adapter(name, config=adapters.SeqBnConfig(reduction_factor=rf))
+    fuses = (Fuse("a", "b", "c"), Fuse("c", "a", name="pair"))
+    for f in fuses:
+        model.add_adapter_fusion(f)
+    model.add_classification_head("a,b,c", num_labels=2)
+    model.add_classification_head("pair", num_labels=3)
+    model.eval()
+    batch = tiny_inputs("bert", batch=3, seq=6)
+    per_setup = {}
+    m64 = copy.deepcopy(model).double()
+    for f in fuses:
+        model.active_adapters = m64.active_adapters = f
+        with torch.no_grad():
+            per_setup[f.name] = (model(**batch, head=f.name).logits, m64(**batch, head=f.name).logits)
+    model.active_adapters = MultiTask(*fuses)
+    fa.accelerate(model)
+    with torch.no_grad():  # AdapterHub's head selection: one head for every row
+        assert model(**batch, task_ids=torch.tensor([1, 0, 1])).logits.shape == (3, 3)
+    ns = run(snippet("model.heads["), model=model, batch=batch)
+    logits = ns["logits"]
+    assert [t.shape for t in logits] == [(3,), (2,), (3,)]
+    for i, name in enumerate(["pair", "a,b,c", "pair"]):
+        ref, truth = per_setup[name]
+        assert_oracle(logits[i], ref[i], truth[i], F32, what=f"docs heads row {i} ({name})")
