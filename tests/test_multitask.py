@@ -97,8 +97,10 @@ def _separate(multi, backend, dtype, inputs, route, train, adapter_mask, grads, 
     m.backend = backend
     m.train(train)
     pool = m.adapter_names
-    a, res, keep = inputs
+    a, res, keep = inputs[:3]
+    q = inputs[3] if len(inputs) > 3 else None  # a separate query input (query_before_ln's)
     a, res = a.to(dtype).requires_grad_(grads), res.to(dtype).requires_grad_(grads)
+    q = None if q is None else q.to(dtype).requires_grad_(grads)
     out = torch.zeros(a.shape, dtype=torch.float64)
     probs = torch.zeros(*a.shape[:-1], len(pool), dtype=torch.float64)
     loss = 0
@@ -109,18 +111,18 @@ def _separate(multi, backend, dtype, inputs, route, train, adapter_mask, grads, 
         cols = [pool.index(n) for n in site.adapters]
         idx = torch.tensor(rows)
         sub_mask = None if adapter_mask is None else adapter_mask[idx][..., cols]
-        o, p = site(a[idx], res[idx], return_probs=True, dropout_mask=keep[idx][..., cols] if train else None,
-                    adapter_mask=sub_mask)
+        o, p = site(a[idx], res[idx], None if q is None else q[idx], return_probs=True,
+                    dropout_mask=keep[idx][..., cols] if train else None, adapter_mask=sub_mask)
         loss = loss + (o * w_out[idx].to(dtype)).sum() + (p * w_p[idx][..., cols].to(dtype)).sum()
         for j, i in enumerate(rows):  # the row alone
-            oi, pi = site(a[i:i + 1], res[i:i + 1], return_probs=True,
+            oi, pi = site(a[i:i + 1], res[i:i + 1], None if q is None else q[i:i + 1], return_probs=True,
                           dropout_mask=keep[i:i + 1][..., cols] if train else None,
                           adapter_mask=None if sub_mask is None else sub_mask[j:j + 1])
             out[i] = oi[0].detach().double()
             probs[i][..., cols] = pi[0].detach().double()
     result = {"out": out, "probs": probs}
     if grads:
-        _grads(result, loss, a, res, m)
+        _grads(result, loss, a, res, m, q)
     return result
 
 
@@ -128,29 +130,35 @@ def _routed(multi, backend, dtype, inputs, route, train, adapter_mask, grads, w_
     m = copy.deepcopy(multi).to(dtype)
     m.backend = backend
     m.train(train)
-    a, res, keep = inputs
+    a, res, keep = inputs[:3]
+    q = inputs[3] if len(inputs) > 3 else None
     a, res = a.to(dtype).requires_grad_(grads), res.to(dtype).requires_grad_(grads)
-    out, probs = m(a, res, route=route, return_probs=True, dropout_mask=keep if train else None,
+    q = None if q is None else q.to(dtype).requires_grad_(grads)
+    out, probs = m(a, res, q, route=route, return_probs=True, dropout_mask=keep if train else None,
                    adapter_mask=adapter_mask)
     result = {"out": out.detach().double(), "probs": probs.detach().double()}
     if grads:
-        _grads(result, (out * w_out.to(dtype)).sum() + (probs * w_p.to(dtype)).sum(), a, res, m)
+        _grads(result, (out * w_out.to(dtype)).sum() + (probs * w_p.to(dtype)).sum(), a, res, m, q)
     return result
 
 
-def _grads(result, loss, a, res, m):
+def _grads(result, loss, a, res, m, q=None):
     names = [n for n, _ in m.named_parameters()]
-    got = torch.autograd.grad(loss, [a, res] + list(m.parameters()), allow_unused=True)
-    for name, t in zip(["d_adapter_input", "d_residual"] + [f"d_{n}" for n in names], got):
+    leaves, leaf_names = [a, res] + ([] if q is None else [q]), ["d_adapter_input", "d_residual", "d_query"]
+    got = torch.autograd.grad(loss, leaves + list(m.parameters()), allow_unused=True)
+    for name, t in zip(leaf_names[:len(leaves)] + [f"d_{n}" for n in names], got):
         result[name] = None if t is None else t.detach().double()
 
 
-def check_routed(backend, *, train, mask="none", route=ROUTE, grads=True, dtype=torch.float32, seed=0):
+def check_routed(backend, *, train, mask="none", route=ROUTE, grads=True, dtype=torch.float32, seed=0, query=False):
     multi = make_multi(seed)
     inputs = make_inputs(seed + 1)
     # truth on the values the dtype run sees (docs/algorithm.md §4: weights and inputs rounded to dtype)
     rounded = copy.deepcopy(multi).to(dtype).double()
     inputs = (inputs[0].to(dtype).double(), inputs[1].to(dtype).double(), inputs[2])
+    if query:  # a separate query input, gathered per fusion as the other inputs
+        q = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed + 11), dtype=torch.float64)
+        inputs = inputs + (q.to(dtype).double(),)
     adapter_mask = masks()[mask]
     g = torch.Generator().manual_seed(7)
     w_out = torch.randn(inputs[0].shape, generator=g, dtype=torch.float64)
@@ -239,6 +247,18 @@ def test_routed_rows_equal_their_fusion_alone(backend, train, ran):
 def test_routed_with_masks(backend, mask, train, ran):
     _backend_or_skip(backend)
     check_routed(backend, train=train, mask=mask)
+    _assert_ran(ran, backend, ROUTE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mask", ["none", "token"])
+def test_routed_with_a_separate_query(backend, train, mask, ran):
+    """A separate query input (what a query_before_ln site gets): each fusion's rows of it are
+    gathered with the others, and its gradient (d_query) equals the separate forwards'."""
+    _backend_or_skip(backend)
+    got = check_routed(backend, train=train, mask=mask, query=True)
+    assert got["d_query"] is not None and got["d_query"].any()
     _assert_ran(ran, backend, ROUTE)
 
 

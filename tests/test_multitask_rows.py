@@ -42,7 +42,7 @@ def taken(monkeypatch):
     return seen, multi_sites
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("mask", ["none", "batch", "token"])
 @pytest.mark.parametrize("route", [SORTED, NO_MNLI], ids=["all", "mnli-no-rows"])
 @pytest.mark.parametrize("grad_off", ["inference_mode", "no_grad"])
@@ -69,7 +69,7 @@ def test_inference_rows_written_in_place(backend, mask, route, grad_off, taken):
     assert torch.equal(out, out_only)
     assert_oracle(out.double(), ref["out"], truth["out"], F32, what=f"{backend} in-place routed output")
     assert_oracle(probs.double(), ref["probs"], truth["probs"], F32, what=f"{backend} in-place routed probs")
-    # qqp (residual_before) and the torch backend take the usual forward, copied in
+    # qqp (residual_before) and the torch / triton backends take the usual forward, copied in
     want = sorted({r for r in route if r != "qqp"}) if backend == "cpu" else []
     assert sorted(set(seen)) == want
     pool = m.adapter_names
