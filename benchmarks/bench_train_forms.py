@@ -33,13 +33,19 @@ from benchmarks.providers import SiteShape, Step, setup_site  # noqa: E402
 from benchmarks.timing import quantiles, time_interleaved  # noqa: E402
 from benchmarks.train_fold_precision import set_variant  # noqa: E402
 
-# name -> (form, forward products' precision, backward products' precision) of fusedadapter.fold;
+# name -> (form, forward, backward, key-rows and w_out products' precisions[, backward GEMM]) of
+# fusedadapter.fold;
 # "auto": the switches as committed (the cost model and the committed precisions).
-VARIANTS = {"folded-fp64": ("folded", torch.float64, torch.float64),
-            "folded-fp64-bwd32": ("folded", torch.float64, torch.float32),
-            "folded-fp32": ("folded", torch.float32, torch.float32),
-            "per_token": ("per_token", torch.float64, torch.float64),
-            "auto": ("auto", fold_mod.TRAIN_FOLD_PRECISION, fold_mod.TRAIN_FOLD_BACKWARD_PRECISION)}
+_F32, _F64 = torch.float32, torch.float64
+VARIANTS = {"folded-fp64": ("folded", _F64, _F64, _F64, _F64),
+            "folded-fp64-bwd32": ("folded", _F64, _F32, _F64, _F64),
+            "folded-fp64-bwd32-k32-o32": ("folded", _F64, _F32, _F32, _F32),
+            "folded-fp64-bwd32-onednn": ("folded", _F64, _F32, _F64, _F64, "onednn"),
+            "folded-fp32": ("folded", _F32, _F32, _F32, _F32),
+            "per_token": ("per_token", _F64, _F64, _F64, _F64),
+            "auto": ("auto", fold_mod.TRAIN_FOLD_PRECISION, fold_mod.TRAIN_FOLD_BACKWARD_PRECISION,
+                     fold_mod.TRAIN_FOLD_KEY_PRECISION, fold_mod.TRAIN_FOLD_OUT_PRECISION,
+                     fold_mod.TRAIN_FOLD_BACKWARD_GEMM)}
 
 
 def saved_bytes_excl_cache(case, name) -> int:

@@ -24,17 +24,26 @@ import fusedadapter as fa
 import fusedadapter.fold as fold_mod
 from fusedadapter.testing import FLOORS, rel_err, perturb_
 
-# name -> (form, forward products' precision, backward products' precision) of fusedadapter.fold
-VARIANTS = {"folded-fp64": ("folded", torch.float64, torch.float64),
-            "folded-fp64-bwd32": ("folded", torch.float64, torch.float32),
-            "folded-fp32": ("folded", torch.float32, torch.float32),
-            "per_token": ("per_token", torch.float32, torch.float32)}
+_F32, _F64 = torch.float32, torch.float64
+# name -> (form, forward products' precision, backward products' precision, precision of the key
+# rows rows @ W_K^T, precision of w_out = W_V @ rows^T) of fusedadapter.fold (the last two apply
+# when the forward's precision is float64; a float32 forward runs every product in float32)
+VARIANTS = {"folded-fp64": ("folded", _F64, _F64, _F64, _F64),
+            "folded-fp64-bwd32": ("folded", _F64, _F32, _F64, _F64),
+            "folded-fp64-bwd32-o32": ("folded", _F64, _F32, _F64, _F32),
+            "folded-fp64-bwd32-k32": ("folded", _F64, _F32, _F32, _F64),
+            "folded-fp64-bwd32-k32-o32": ("folded", _F64, _F32, _F32, _F32),
+            "folded-fp32": ("folded", _F32, _F32, _F32, _F32),
+            "folded-fp64-bwd32-onednn": ("folded", _F64, _F32, _F64, _F64, "onednn"),
+            "per_token": ("per_token", _F32, _F32, _F32, _F32)}
 HIDDEN = [8, 17, 32, 64, 96]
-_KNOBS = ("TRAIN_FORM", "TRAIN_FOLD_PRECISION", "TRAIN_FOLD_BACKWARD_PRECISION")
+_KNOBS = ("TRAIN_FORM", "TRAIN_FOLD_PRECISION", "TRAIN_FOLD_BACKWARD_PRECISION", "TRAIN_FOLD_KEY_PRECISION",
+          "TRAIN_FOLD_OUT_PRECISION", "TRAIN_FOLD_BACKWARD_GEMM")
 
 
 def set_variant(values):
     """Set fusedadapter.fold's form/precision switches to ``values``; returns the previous values."""
+    values = tuple(values) + ("aten",) * (len(_KNOBS) - len(values))  # the last knob: aten unless named
     saved = tuple(getattr(fold_mod, k) for k in _KNOBS)
     for k, v in zip(_KNOBS, values):
         setattr(fold_mod, k, v)

@@ -17,6 +17,7 @@ alone: :func:`call_form`, :func:`training_fold_form` and the constants next to t
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence
 
@@ -222,57 +223,98 @@ class _KeyBiasShift64(torch.autograd.Function):
         wq, bq, bk = ctx.saved_tensors
         gw64, gb64, bk64 = gw.to(_F64), gb.to(_F64), bk.to(_F64)
         d_bk = (_f64(wq) @ gw64 if wq is not None else gw64) + (_f64(bq) * gb64 if bq is not None else 0.0)
-        d_wq = torch.outer(bk64, gw64).to(wq.dtype) if wq is not None and ctx.needs_input_grad[0] else None
-        d_bq = (bk64 * gb64).to(bq.dtype) if bq is not None and ctx.needs_input_grad[1] else None
+        # One product per element: in float64 then rounded, or rounded once in the common dtype of
+        # float32 / bfloat16 inputs (their exact product fits a float32 significand), the same bits.
+        same = (gw.dtype == gb.dtype == bk.dtype and gw.dtype in (torch.float32, torch.bfloat16)
+                and (wq is None or wq.dtype == gw.dtype) and (bq is None or bq.dtype == gw.dtype))
+        d_wq = d_bq = None
+        if wq is not None and ctx.needs_input_grad[0]:
+            d_wq = torch.outer(bk, gw) if same else torch.outer(bk64, gw64).to(wq.dtype)
+        if bq is not None and ctx.needs_input_grad[1]:
+            d_bq = bk * gb if same else (bk64 * gb64).to(bq.dtype)
         return d_wq, d_bq, d_bk.to(bk.dtype), None
 
 
 class _FoldFusion64(torch.autograd.Function):
-    """The trained products of the fold in float64, cast to ``dtype``:
-    ``w_query = rows @ W_K^T @ W_Q``, ``b_query = rows @ W_K^T @ b_Q``, ``w_out = W_V @ rows^T``.
+    """The trained products of the fold, float64 where measured to need it, cast to ``dtype``:
+    ``w_query = (rows @ W_K^T) @ W_Q``, ``b_query = (rows @ W_K^T) @ b_Q``, ``w_out = W_V @ rows^T``.
 
-    ``rows`` is the cached float64 adapter half. Autograd saves only ``rows`` (alive in the cache
-    anyway) and the parameters: ``rows @ W_K^T`` and the float64 copies of the parameters are
-    recomputed in backward, so no float64 intermediate is kept between forward and backward. The
-    backward's products run at ``backward_precision`` (TRAIN_FOLD_BACKWARD_PRECISION)."""
+    ``rows64``/``rows`` are the cached adapter half in float64 and in the weight dtype. The product
+    with ``W_Q`` runs in float64; ``rows @ W_K^T`` at ``key_precision`` and ``W_V @ rows^T`` at
+    ``out_precision`` (TRAIN_FOLD_KEY_PRECISION / TRAIN_FOLD_OUT_PRECISION). Autograd saves only
+    the cached rows at the backward's precision (``rows`` when that is its dtype, so no float64
+    copy is kept) and the parameters: ``rows @ W_K^T`` and the float64 copies of the parameters
+    are recomputed in backward. The backward's products run at ``backward_precision``
+    (TRAIN_FOLD_BACKWARD_PRECISION)."""
 
     @staticmethod
-    def forward(ctx, rows64, wq, bq, wk, wv, dtype, backward_precision=_F64, memo=None):
-        ctx.save_for_backward(rows64, wq, bq, wk, wv)
+    def forward(ctx, rows64, rows, wq, bq, wk, wv, dtype, backward_precision=_F64, key_precision=_F64,
+                out_precision=_F64, memo=None):
+        rows_b = rows if rows.dtype == backward_precision else rows64
+        ctx.save_for_backward(rows_b, wq, bq, wk, wv)
         ctx.bp = backward_precision
         if memo is not None:  # the same weights folded earlier (gradient checkpointing, accumulation)
             return tuple(t.clone() for t in memo)
-        rk = rows64 @ wk.to(_F64).t() if wk is not None else rows64
-        w_query = (rk @ wq.to(_F64) if wq is not None else rk).to(dtype)
-        b_query = (rk @ bq.to(_F64)).to(dtype) if (bq is not None and wq is not None) else rows64.new_empty(0, dtype=dtype)
-        w_out = (wv.to(_F64) @ rows64.t() if wv is not None else rows64.t()).to(dtype)
+
+        def at(p):
+            return rows64 if p == _F64 else (rows if rows.dtype == p else rows64.to(p))
+
+        rk = at(key_precision) @ wk.to(key_precision).t() if wk is not None else rows64
+        if wq is not None:
+            rk = rk.to(_F64)
+            w_query = (rk @ wq.to(_F64)).to(dtype)
+            b_query = (rk @ bq.to(_F64)).to(dtype) if bq is not None else rows64.new_empty(0, dtype=dtype)
+        else:
+            w_query, b_query = rk.to(dtype), rows64.new_empty(0, dtype=dtype)
+        # w_out = W_V @ rows^T as (rows @ W_V^T)^T: the same float64 product, in the layout MKL's
+        # dgemm runs faster (8.6 vs 10.0 ms at R+N = 392, H = 768, 1 thread), cast to a contiguous w_out
+        w_out = ((at(out_precision) @ wv.to(out_precision).t()).to(dtype).t().contiguous() if wv is not None
+                 else rows64.t().to(dtype))
         return w_query, b_query, w_out
 
     @staticmethod
     def backward(ctx, g_wq, g_bq, g_wo):
-        rows64, wq, bq, wk, wv = ctx.saved_tensors
+        rows_b, wq, bq, wk, wv = ctx.saved_tensors
         need = ctx.needs_input_grad
         bp = ctx.bp  # the backward products' precision (TRAIN_FOLD_BACKWARD_PRECISION)
         d_wq = d_bq = d_wk = d_wv = None
-        rows = rows64.to(bp)
+        rows = rows_b.to(bp)
         wq64 = wq.to(bp) if wq is not None else None
         g_wq64 = g_wq.to(bp)
         has_bq = bq is not None and wq is not None
         g_bq64 = g_bq.to(bp) if has_bq else None
-        if wq is not None and (need[1] or need[2]):
-            rk = rows @ wk.to(bp).t() if wk is not None else rows
-            if need[1]:
-                d_wq = (rk.t() @ g_wq64).to(wq.dtype)
-            if need[2] and has_bq:
+        mm = _backward_mm(rows)
+        if wq is not None and (need[2] or need[3]):
+            rk = mm(rows, wk.to(bp).t()) if wk is not None else rows
+            if need[2]:
+                d_wq = mm(rk.t(), g_wq64).to(wq.dtype)
+            if need[3] and has_bq:
                 d_bq = (rk.t() @ g_bq64).to(bq.dtype)
-        if wk is not None and need[3]:
-            g_rk = g_wq64 @ wq64.t() if wq is not None else g_wq64
+        if wk is not None and need[4]:
+            g_rk = mm(g_wq64, wq64.t()) if wq is not None else g_wq64
             if has_bq:
                 g_rk = g_rk + torch.outer(g_bq64, bq.to(bp))
-            d_wk = (g_rk.t() @ rows).to(wk.dtype)
-        if wv is not None and need[4]:
-            d_wv = (g_wo.to(bp) @ rows).to(wv.dtype)
-        return None, d_wq, d_bq, d_wk, d_wv, None, None, None
+            d_wk = mm(g_rk.t(), rows).to(wk.dtype)
+        if wv is not None and need[5]:
+            d_wv = mm(g_wo.to(bp), rows).to(wv.dtype)
+        return None, None, d_wq, d_bq, d_wk, d_wv, None, None, None, None, None
+
+
+def _onednn_mm(a, b):
+    """``a @ b`` by oneDNN's matmul (``a @ b.t().t()`` as its inner product on a (N, K) weight)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
+def _backward_mm(like):
+    """The GEMM of the training fold's backward products (TRAIN_FOLD_BACKWARD_GEMM)."""
+    if TRAIN_FOLD_BACKWARD_GEMM == "onednn" and like.device.type == "cpu" and like.dtype == torch.float32 \
+            and _HAS_ONEDNN and not torch.is_grad_enabled():  # create_graph (double backward): aten's, differentiable
+        return _onednn_mm
+    return torch.mm
+
+
+_HAS_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def key_bias_shift_f64(wq, bq, bk, dtype):
@@ -306,6 +348,22 @@ TRAIN_FOLD_PRECISION = torch.float64
 # it, per-site ratio at worst 1.32x float64's), where float32 *forward* products do not (7 of the
 # 40 large sites over the bound where float64 holds it). So: float64 forward, float32 backward.
 TRAIN_FOLD_BACKWARD_PRECISION = torch.float32
+# Precision of the forward's two single products when TRAIN_FOLD_PRECISION is float64: the key
+# rows ``rows @ W_K^T`` and ``w_out = W_V @ rows^T``. Measured (train_fold_precision, variants
+# folded-fp64-bwd32-{k32,o32,k32-o32}; AVX-512 machine, train_fold/README.md): float32 key rows put
+# 3 of 40 large sites (H 256/768) and 5 of 120 small ones over the bound where the float64 fold
+# holds it, float32 w_out 1 of 120 small ones (d_key.bias under dropout, 5.8x the bound): both stay
+# float64 (the switches are kept for that measurement).
+TRAIN_FOLD_KEY_PRECISION = torch.float64
+TRAIN_FOLD_OUT_PRECISION = torch.float64
+# The float32 GEMMs of the fold's backward on x86 CPUs: "onednn" (oneDNN's matmul, the
+# mkldnn._linear_pointwise op) or "aten" (torch.mm, MKL). MKL's sgemm runs its AVX2 code on AMD
+# CPUs (~95 GFLOP/s a core here); oneDNN's picks AVX-512 by the CPU's features: 2.1x faster on the
+# five (R+N) x H x H products at H=768, N=8, r=48 (4.7 -> 2.2 ms each, 1 thread, AMD EPYC Zen 5),
+# 108 -> 94 ms a full training step of the site at 1024 tokens. Same float32 precision class
+# (train_fold_precision: 0 sites over the bound where the float64 fold holds it, 40 large + 120
+# small sites, fp32 and bf16). A double backward (create_graph) keeps aten's, differentiable.
+TRAIN_FOLD_BACKWARD_GEMM = "onednn"
 
 # The cost model: the folded form pays ~3·(R+N)·H² multiply-adds per call for the trained products
 # in float64 (forward) and ~5·(R+N)·H² in float32 (backward); the per-token form pays ~3·M·H² (q,
@@ -365,7 +423,7 @@ def training_fold_form(n_tokens: Optional[int], hidden: int, rows: int) -> str:
 
 def _fusion_stamp(fusion: FusionWeights, half: AdapterHalf, dtype):
     ts = (fusion.query_weight, fusion.query_bias, fusion.key_weight, fusion.value_weight)
-    return (id(half.rows64), dtype) + tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in ts)
+    return (id(half.rows64), dtype, TRAIN_FOLD_KEY_PRECISION, TRAIN_FOLD_OUT_PRECISION) + tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in ts)
 
 
 def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dtype, n_tokens: Optional[int],
@@ -383,9 +441,10 @@ def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dty
         stamp = _fusion_stamp(fusion, half, dtype) if memo is not None else None
         hit = memo.get("train64") if memo is not None else None
         vals = hit[1] if hit is not None and hit[0] == stamp else None
-        w_query, b_query, w_out = _FoldFusion64.apply(half.rows64, fusion.query_weight, fusion.query_bias,
+        w_query, b_query, w_out = _FoldFusion64.apply(half.rows64, half.rows, fusion.query_weight, fusion.query_bias,
                                                       fusion.key_weight, fusion.value_weight, dtype,
-                                                      TRAIN_FOLD_BACKWARD_PRECISION, vals)
+                                                      TRAIN_FOLD_BACKWARD_PRECISION, TRAIN_FOLD_KEY_PRECISION,
+                                                      TRAIN_FOLD_OUT_PRECISION, vals)
         if memo is not None and vals is None:
             memo["train64"] = (stamp, (w_query.detach(), b_query.detach(), w_out.detach()),
                                [half.rows64] + [t for t in (fusion.query_weight, fusion.query_bias, fusion.key_weight,

@@ -297,16 +297,71 @@ def _fusion_torch_body(xd, xq, residual, w_down, b_down, w_query, b_query, w_out
         probs = torch.softmax(logits, dim=-1)
     else:
         probs = masked_softmax(logits, adapter_mask)
-    if equal_widths:
-        pz = (probs.unsqueeze(-1) * z.view(m, n, r // n)).view(m, r)
+    seg_ids = None if equal_widths else _segment_ids(segments, xd.device)
+    res_c = None if residual is None else (residual if same else residual.to(acc))
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and (
+            z.requires_grad or probs.requires_grad or w_out.requires_grad):
+        out = _MixOut.apply(res_c, probs, z, w_out, seg_ids)  # training: the mixed rows are not saved
     else:
-        pz = probs.index_select(1, _segment_ids(segments, xd.device)) * z
-    wmix = torch.cat([pz, probs], dim=1)
-    if residual is None:
-        out = F.linear(wmix, w_out)
-    else:
-        out = torch.addmm(residual if same else residual.to(acc), wmix, w_out.t())
+        out = _mix_out(res_c, probs, z, w_out, seg_ids)
     return (out if same else out.to(act)), probs
+
+
+def _mix(probs, z, seg_ids):
+    """[p[seg(j)] * z[j] for j < R] ++ p: GEMM2's input (M, R+N)."""
+    m, n = probs.shape
+    if seg_ids is None:  # equal widths
+        pz = (probs.unsqueeze(-1) * z.view(m, n, z.shape[1] // n)).view(m, z.shape[1])
+    else:
+        pz = probs.index_select(1, seg_ids) * z
+    return torch.cat([pz, probs], dim=1)
+
+
+def _mix_out(residual, probs, z, w_out, seg_ids):
+    wmix = _mix(probs, z, seg_ids)
+    return F.linear(wmix, w_out) if residual is None else torch.addmm(residual, wmix, w_out.t())
+
+
+class _MixOut(torch.autograd.Function):
+    """GEMM2, ``out = [p * z | p] @ w_out^T + residual``, for the training path: the same ops as
+    :func:`_mix_out`, but autograd keeps only ``p``, ``z`` and ``w_out`` (``z`` is saved for the
+    logits' backward anyway) and the (M, R+N) mixed rows are rebuilt in backward for ``w_out``'s
+    gradient, instead of being saved (issue 11: bytes saved for backward). The backward is the
+    same aten ops autograd would run, differentiable (double backward)."""
+
+    @staticmethod
+    def forward(ctx, residual, probs, z, w_out, seg_ids):
+        ctx.save_for_backward(probs, z, w_out)
+        ctx.seg_ids = seg_ids
+        ctx.has_res = residual is not None
+        return _mix_out(residual, probs, z, w_out, seg_ids)
+
+    @staticmethod
+    def backward(ctx, g):
+        probs, z, w_out = ctx.saved_tensors
+        seg_ids = ctx.seg_ids
+        need = ctx.needs_input_grad
+        m, n = probs.shape
+        r = z.shape[1]
+        d_res = g if (ctx.has_res and need[0]) else None
+        d_probs = d_z = d_wo = None
+        if need[1] or need[2]:
+            d_pz, d_p = g.mm(w_out).split_with_sizes([r, n], 1)
+            if seg_ids is None:
+                d_pz3, z3 = d_pz.reshape(m, n, r // n), z.view(m, n, r // n)
+                if need[1]:
+                    d_probs = (d_pz3 * z3).sum(-1) + d_p
+                if need[2]:
+                    d_z = (d_pz3 * probs.unsqueeze(-1)).view(m, r)
+            else:
+                if need[1]:
+                    d_probs = torch.zeros_like(probs).index_add(1, seg_ids, d_pz * z) + d_p
+                if need[2]:
+                    d_z = d_pz * probs.index_select(1, seg_ids)
+        if need[3]:
+            wmix = _mix(probs, z, seg_ids)
+            d_wo = g.t().mm(wmix) if not ctx.has_res else wmix.t().mm(g).t()  # as F.linear's / addmm's backward
+        return d_res, d_probs, d_z, d_wo, None
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
