@@ -123,11 +123,11 @@ def measure(tokens, backends, repeats, hidden=768, n=8, reduction=16, min_sample
 
 
 def crossover(rows, backend, rows_count):
-    """M* where per_token and the folded form at the committed precisions (folded-fp64-bwd32, else
-    folded-fp64, if measured) cost the same (log-linear interpolation), or None."""
+    """M* where per_token and the folded form as committed (folded-fp64-bwd32-onednn, else
+    folded-fp64-bwd32, else folded-fp64, if measured) cost the same (log-linear interpolation), or None."""
     t = {(r["tokens"], r["provider"]): r["ms_median"] for r in rows}
     have = {p for _, p in t}
-    folded = next((f"{backend}:{v}" for v in ("folded-fp64-bwd32", "folded-fp64") if f"{backend}:{v}" in have), None)
+    folded = next((f"{backend}:{v}" for v in ("folded-fp64-bwd32-onednn", "folded-fp64-bwd32", "folded-fp64") if f"{backend}:{v}" in have), None)
     if f"{backend}:per_token" not in have or folded is None:
         return None  # not measured in this run (--variants)
     ms = sorted({r["tokens"] for r in rows})

@@ -41,6 +41,7 @@ with a fake implementation and a backward op (:func:`register_kernel_op`).
 
 from __future__ import annotations
 
+import platform
 from typing import List, Sequence, Tuple
 
 import torch
@@ -322,6 +323,25 @@ def _mix_out(residual, probs, z, w_out, seg_ids):
     return F.linear(wmix, w_out) if residual is None else torch.addmm(residual, wmix, w_out.t())
 
 
+_HAS_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# Training GEMM2 (forward and backward, _MixOut) on oneDNN from this many rows: on x86 CPUs MKL's
+# sgemm may run AVX2 code (AMD: ~95 GFLOP/s a core) where oneDNN picks AVX-512 by the CPU's
+# features: 2.0-2.2x faster at H=768, R+N=392 from 16 rows up, slower below (a primitive's
+# set-up; 1 thread, AMD EPYC Zen 5). 0 turns it off.
+TRAIN_ONEDNN_MIN_ROWS = 16
+
+
+def _onednn(t: torch.Tensor, rows: int) -> bool:
+    return (TRAIN_ONEDNN_MIN_ROWS > 0 and rows >= TRAIN_ONEDNN_MIN_ROWS and _HAS_ONEDNN
+            and t.dtype == torch.float32 and t.device.type == "cpu")
+
+
+def _onednn_linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w.t()`` (w: (N, K)) by oneDNN's matmul."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+
+
 class _MixOut(torch.autograd.Function):
     """GEMM2, ``out = [p * z | p] @ w_out^T + residual``, for the training path: the same ops as
     :func:`_mix_out`, but autograd keeps only ``p``, ``z`` and ``w_out`` (``z`` is saved for the
@@ -334,6 +354,9 @@ class _MixOut(torch.autograd.Function):
         ctx.save_for_backward(probs, z, w_out)
         ctx.seg_ids = seg_ids
         ctx.has_res = residual is not None
+        if _onednn(w_out, probs.shape[0]):
+            out = _onednn_linear(_mix(probs, z, seg_ids), w_out)
+            return out if residual is None else out.add_(residual)
         return _mix_out(residual, probs, z, w_out, seg_ids)
 
     @staticmethod
@@ -345,8 +368,11 @@ class _MixOut(torch.autograd.Function):
         r = z.shape[1]
         d_res = g if (ctx.has_res and need[0]) else None
         d_probs = d_z = d_wo = None
+        dnnl = _onednn(w_out, m) and not torch.is_grad_enabled()  # create_graph: aten's, differentiable
+        if dnnl:
+            g = g.contiguous()
         if need[1] or need[2]:
-            d_pz, d_p = g.mm(w_out).split_with_sizes([r, n], 1)
+            d_pz, d_p = (_onednn_linear(g, w_out.t()) if dnnl else g.mm(w_out)).split_with_sizes([r, n], 1)
             if seg_ids is None:
                 d_pz3, z3 = d_pz.reshape(m, n, r // n), z.view(m, n, r // n)
                 if need[1]:
@@ -360,7 +386,10 @@ class _MixOut(torch.autograd.Function):
                     d_z = d_pz * probs.index_select(1, seg_ids)
         if need[3]:
             wmix = _mix(probs, z, seg_ids)
-            d_wo = g.t().mm(wmix) if not ctx.has_res else wmix.t().mm(g).t()  # as F.linear's / addmm's backward
+            if dnnl:
+                d_wo = _onednn_linear(g.t(), wmix.t())
+            else:
+                d_wo = g.t().mm(wmix) if not ctx.has_res else wmix.t().mm(g).t()  # as F.linear's / addmm's backward
         return d_res, d_probs, d_z, d_wo, None
 
 

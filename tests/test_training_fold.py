@@ -296,3 +296,30 @@ def test_cpu_wide_adapters_in_training_take_the_measured_form(dtype, tokens, mon
         assert ratio <= 1.0, f"{where} at {ratio:.2f}x the oracle bound"
     want_plain = tokens >= fold_mod.TRAIN_WIDE_PLAIN_RATIO * h
     assert bool(plain_calls) == want_plain
+
+
+@pytest.mark.skipif(not fold_mod._HAS_ONEDNN, reason="oneDNN matmul: x86 CPUs with mkldnn")
+def test_onednn_training_gemms_match_aten_and_keep_double_backward(form, monkeypatch):
+    """The fold's backward GEMMs and the torch op's training GEMM2 on oneDNN (float32, CPU) give
+    what torch.mm gives within float32 rounding, and a create_graph backward (double backward)
+    still works: it takes aten's differentiable GEMMs."""
+    import fusedadapter.ops as ops
+
+    m = stage2().float()
+    a, res, _, mask = make_inputs(m, lead=(2, 32))  # 64 tokens: oneDNN from 16 rows
+    a, res = a.float(), res.float()
+
+    def grads(onednn):
+        monkeypatch.setattr(fold_mod, "TRAIN_FOLD_BACKWARD_GEMM", "onednn" if onednn else "aten")
+        monkeypatch.setattr(ops, "TRAIN_ONEDNN_MIN_ROWS", 16 if onednn else 0)
+        return run(m, a, res, mask)
+
+    for g, w in zip(grads(True), grads(False)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(fold_mod, "TRAIN_FOLD_BACKWARD_GEMM", "onednn")
+    monkeypatch.setattr(ops, "TRAIN_ONEDNN_MIN_ROWS", 16)
+    x = a.clone().requires_grad_(True)
+    params = [q for q in m.parameters() if q.requires_grad]
+    (gx,) = torch.autograd.grad(m(x, res).pow(2).sum(), [x], create_graph=True)
+    second = torch.autograd.grad(gx.pow(2).sum(), params, allow_unused=True)
+    assert any(s is not None and s.abs().sum() > 0 for s in second)
