@@ -373,11 +373,11 @@ TRAIN_FOLD_BACKWARD_GEMM = "onednn"
 # weights changing every step, H=768, N=8, r=48, 1 thread: crossover at M* = 1.59 (R+N) for the
 # torch backend, 1.50 (R+N) for cpu; 2.1 before the backward ran in float32).
 TRAIN_PER_TOKEN_RATIO = 1.55
-# The same with the fold's backward GEMMs on oneDNN (TRAIN_FOLD_BACKWARD_GEMM, x86 CPUs): the folded
-# form is cheaper, M* = 1.06 (R+N) torch, 1.03 (R+N) cpu (bench_train_forms --tokens 256 384 512
-# 768 --variants folded-fp64-bwd32-onednn per_token, AMD EPYC Zen 5 with AVX-512, 1 thread;
-# benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/forms_onednn.json).
-TRAIN_PER_TOKEN_RATIO_ONEDNN = 1.05
+# The same with the fold's backward GEMMs on oneDNN (TRAIN_FOLD_BACKWARD_GEMM, x86 CPUs; the torch
+# op's training GEMM2 too): the folded form is cheaper, M* = 1.00 (R+N) torch, 1.04 (R+N) cpu
+# (bench_train_forms --tokens 256 384 512 768 --variants folded-fp64-bwd32-onednn per_token, AMD
+# EPYC Zen 5 with AVX-512, 1 thread; benchmarks/results/cpu-amd-epyc-2core-1thread/train_fold/forms_onednn.json).
+TRAIN_PER_TOKEN_RATIO_ONEDNN = 1.02
 # Wide adapters (R > PLAIN_FORM_RATIO·H) on the cpu backend in training: the plain form from
 # TRAIN_WIDE_PLAIN_RATIO·H tokens (call_form). Measured: benchmarks/bench_train_forms.py --width 384
 # (train_fold/forms_wide.json, H=768, N=8, r=384, 1 thread: the cpu backend's per-token form and

@@ -327,9 +327,10 @@ _HAS_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backe
                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 # Training GEMM2 (forward and backward, _MixOut) on oneDNN from this many rows: on x86 CPUs MKL's
 # sgemm may run AVX2 code (AMD: ~95 GFLOP/s a core) where oneDNN picks AVX-512 by the CPU's
-# features: 2.0-2.2x faster at H=768, R+N=392 from 16 rows up, slower below (a primitive's
-# set-up; 1 thread, AMD EPYC Zen 5). 0 turns it off.
-TRAIN_ONEDNN_MIN_ROWS = 16
+# features: 2.0-2.2x faster per GEMM at H=768, R+N=392. In one site's training step (interleaved,
+# 9 repeats, 1 thread, AMD EPYC Zen 5) 2.5% slower at 16 tokens, equal at 64, 3% faster at 128 and
+# 256, 83 vs 94 ms at 1024. 0 turns it off.
+TRAIN_ONEDNN_MIN_ROWS = 64
 
 
 def _onednn(t: torch.Tensor, rows: int) -> bool:

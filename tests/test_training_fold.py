@@ -311,7 +311,7 @@ def test_onednn_training_gemms_match_aten_and_keep_double_backward(form, monkeyp
 
     def grads(onednn):
         monkeypatch.setattr(fold_mod, "TRAIN_FOLD_BACKWARD_GEMM", "onednn" if onednn else "aten")
-        monkeypatch.setattr(ops, "TRAIN_ONEDNN_MIN_ROWS", 16 if onednn else 0)
+        monkeypatch.setattr(ops, "TRAIN_ONEDNN_MIN_ROWS", 16 if onednn else 0)  # 64 tokens here
         return run(m, a, res, mask)
 
     for g, w in zip(grads(True), grads(False)):
