@@ -4,7 +4,7 @@
 :data:`fusedadapter.ops.FUSION_SCHEMA`), compiling the extension with ninja through
 ``torch.utils.cpp_extension.load`` the first time (a message is printed while it compiles; later
 processes reuse the cached build) and registering the ops' fake implementations and autograd
-(:func:`fusedadapter.ops.register_kernel_op`). It raises
+(:func:`fusedadapter.kernel_ops.register_kernel_op`). It raises
 :class:`fusedadapter.errors.BackendUnavailable` with the reason when the backend cannot run here
 (no C++ compiler, no ninja, no CUDA, a failed build); ``backend="auto"`` then falls back to
 ``torch`` with one warning.
@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .errors import BackendUnavailable
-from .ops import register_kernel_op
+from .kernel_ops import register_kernel_op
 
 __all__ = ["load_native_op", "build_settings", "cuda_arch_flags"]
 

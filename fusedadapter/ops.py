@@ -36,18 +36,19 @@ their logit gradients are 0); a backward that recomputes the softmax applies it 
 Backends register ``fusedadapter::fusion_<backend>`` with :data:`FUSION_SCHEMA`. The ``torch``
 backend is ``CompositeImplicitAutograd`` (plain aten ops: autograd, double backward,
 ``torch.compile`` and ``torch.export`` see through it); kernel backends register an opaque op
-with a fake implementation and a backward op (:func:`register_kernel_op`).
+with a fake implementation and a backward op (:func:`fusedadapter.kernel_ops.register_kernel_op`).
 """
 
 from __future__ import annotations
 
-import platform
 from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
+from .cpu_gemm import HAS_ONEDNN, onednn_linear
+from .logit_dropout import hash_keep_mask, hash_uniform  # noqa: F401  (the op's dropout; re-exported)
 
 __all__ = [
     "FUSION_SCHEMA",
@@ -58,7 +59,6 @@ __all__ = [
     "fusion_torch_packed",
     "hash_keep_mask",
     "check_fusion_args",
-    "register_kernel_op",
     "fusion_torch_backward",
     "masked_softmax",
 ]
@@ -100,38 +100,6 @@ FUSION_GRADS: Tuple[str, ...] = tuple(name for typ, name in _schema_args(FUSION_
                                       if typ.startswith("Tensor") and name not in _NO_GRAD_TENSORS)
 GRAD_INDEX = {name: i for i, name in enumerate(FUSION_GRADS)}
 assert FUSION_BACKWARD_SCHEMA.split("-> ")[1].count("Tensor") == len(FUSION_GRADS)
-
-# ---------------------------------------------------------------------------------------------
-# Dropout mask from (seed, row, adapter): a counter-based hash every backend can compute, so a
-# training step is replayable (forward and backward see the same mask) and comparable across
-# backends. lowbias32 (Chris Wellons' 32-bit integer hash), applied twice.
-# ---------------------------------------------------------------------------------------------
-_M32 = 0xFFFFFFFF
-
-
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    # int64 arithmetic masked to 32 bits; products wrap in int64 but the low 32 bits are exact.
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    x = x ^ (x >> 16)
-    return x
-
-
-def hash_uniform(seed: int, idx: torch.Tensor) -> torch.Tensor:
-    """uniform in [0, 1) from ``lowbias32(idx ^ lowbias32(seed))`` (24 random bits), float32."""
-    s = _lowbias32(torch.tensor(int(seed) & _M32, dtype=torch.int64, device=idx.device))
-    x = _lowbias32(idx.to(torch.int64) ^ s)
-    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
-
-
-def hash_keep_mask(seed: int, m: int, n: int, dropout_p: float, device=None) -> torch.Tensor:
-    """Boolean (m, n) keep-mask of the op's dropout: ``keep[r, k] = u(seed, r*n + k) >= p``."""
-    idx = torch.arange(m * n, dtype=torch.int64, device=device).view(m, n)
-    return hash_uniform(seed, idx) >= dropout_p
-
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks shared by every backend (cheap: shapes and dtypes only, no data access).
@@ -323,8 +291,6 @@ def _mix_out(residual, probs, z, w_out, seg_ids):
     return F.linear(wmix, w_out) if residual is None else torch.addmm(residual, wmix, w_out.t())
 
 
-_HAS_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 # Training GEMM2 (forward and backward, _MixOut) on oneDNN from this many rows: on x86 CPUs MKL's
 # sgemm may run AVX2 code (AMD: ~95 GFLOP/s a core) where oneDNN picks AVX-512 by the CPU's
 # features: 2.0-2.2x faster per GEMM at H=768, R+N=392. In one site's training step (interleaved,
@@ -334,13 +300,8 @@ TRAIN_ONEDNN_MIN_ROWS = 64
 
 
 def _onednn(t: torch.Tensor, rows: int) -> bool:
-    return (TRAIN_ONEDNN_MIN_ROWS > 0 and rows >= TRAIN_ONEDNN_MIN_ROWS and _HAS_ONEDNN
+    return (TRAIN_ONEDNN_MIN_ROWS > 0 and rows >= TRAIN_ONEDNN_MIN_ROWS and HAS_ONEDNN
             and t.dtype == torch.float32 and t.device.type == "cpu")
-
-
-def _onednn_linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a @ w.t()`` (w: (N, K)) by oneDNN's matmul."""
-    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
 
 
 class _MixOut(torch.autograd.Function):
@@ -356,7 +317,7 @@ class _MixOut(torch.autograd.Function):
         ctx.seg_ids = seg_ids
         ctx.has_res = residual is not None
         if _onednn(w_out, probs.shape[0]):
-            out = _onednn_linear(_mix(probs, z, seg_ids), w_out)
+            out = onednn_linear(_mix(probs, z, seg_ids), w_out)
             return out if residual is None else out.add_(residual)
         return _mix_out(residual, probs, z, w_out, seg_ids)
 
@@ -373,7 +334,7 @@ class _MixOut(torch.autograd.Function):
         if dnnl:
             g = g.contiguous()
         if need[1] or need[2]:
-            d_pz, d_p = (_onednn_linear(g, w_out.t()) if dnnl else g.mm(w_out)).split_with_sizes([r, n], 1)
+            d_pz, d_p = (onednn_linear(g, w_out.t()) if dnnl else g.mm(w_out)).split_with_sizes([r, n], 1)
             if seg_ids is None:
                 d_pz3, z3 = d_pz.reshape(m, n, r // n), z.view(m, n, r // n)
                 if need[1]:
@@ -388,7 +349,7 @@ class _MixOut(torch.autograd.Function):
         if need[3]:
             wmix = _mix(probs, z, seg_ids)
             if dnnl:
-                d_wo = _onednn_linear(g.t(), wmix.t())
+                d_wo = onednn_linear(g.t(), wmix.t())
             else:
                 d_wo = g.t().mm(wmix) if not ctx.has_res else wmix.t().mm(g).t()  # as F.linear's / addmm's backward
         return d_res, d_probs, d_z, d_wo, None
@@ -437,72 +398,3 @@ def fusion_torch_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w
 
 _LIB.define("fusion_torch" + FUSION_SCHEMA)
 _LIB.impl("fusion_torch", fusion_torch, "CompositeImplicitAutograd")
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernel backends: an opaque forward op, a backward op, a fake (meta) implementation of each, and
-# the autograd formula tying them together. One helper, so every backend gets the same plumbing.
-# ---------------------------------------------------------------------------------------------
-def _fusion_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-                 temperature=1.0, dropout_p=0.0, seed=0, keep_mask=None, logit_shift=None, adapter_mask=None):
-    return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], len(activations)), dtype=acc_dtype(xd.dtype))
-
-
-def _fusion_backward_fake(grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
-                          segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs,
-                          adapter_mask=None):
-    like = dict(xd=xd, xq=xq, residual=grad_out, w_down=w_down, b_down=b_down, w_query=w_query, b_query=b_query,
-                w_out=w_out, logit_shift=logit_shift)
-    return tuple(like[n].new_empty(like[n].shape) if (like[n] is not None and needs[i]) else xd.new_empty((0,))
-                 for i, n in enumerate(FUSION_GRADS))
-
-
-def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib=None, define: bool = True):
-    """Register ``fusedadapter::<name>`` (+ ``<name>_backward``) with the shared schema.
-
-    ``forward_impls``/``backward_impls`` map a dispatch key ("CPU", "CUDA") to a function with the
-    schema's signature. ``define=False`` when C++ already defined the ops (then ``lib`` is the
-    namespace's "FRAGMENT" library and only fakes and autograd are added here).
-    Returns the forward OpOverloadPacket.
-    """
-    ns = "fusedadapter"
-    lib = lib or _LIB
-    if define:
-        lib.define(name + FUSION_SCHEMA)
-        lib.define(name + "_backward" + FUSION_BACKWARD_SCHEMA)
-    for key, fn in forward_impls.items():
-        lib.impl(name, fn, key)
-    for key, fn in backward_impls.items():
-        lib.impl(name + "_backward", fn, key)
-    qual = f"{ns}::{name}"
-    torch.library.register_fake(qual, _fusion_fake, lib=lib)
-    torch.library.register_fake(qual + "_backward", _fusion_backward_fake, lib=lib)
-    fwd = getattr(torch.ops.fusedadapter, name)
-    bwd = getattr(torch.ops.fusedadapter, name + "_backward")
-
-    def setup_context(ctx, inputs, output):
-        (xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-         temperature, dropout_p, seed, keep_mask, logit_shift, adapter_mask) = inputs  # defaults filled in
-        ctx.save_for_backward(xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask,
-                              output[1])
-        ctx.static = (list(segments), list(activations), float(temperature), float(dropout_p), int(seed))
-        ctx.has_res = residual is not None
-
-    def backward(ctx, grad_out, grad_probs):
-        xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask, probs = ctx.saved_tensors
-        segments, activations, temperature, dropout_p, seed = ctx.static
-        # The dispatcher drops trailing arguments equal to their defaults (keep_mask, logit_shift,
-        # adapter_mask left None), so needs_input_grad can be shorter than the schema.
-        wanted = dict(zip(FUSION_ARGS, ctx.needs_input_grad))
-        given = dict(xq=xq is not None, residual=ctx.has_res, b_down=b_down is not None, b_query=b_query is not None,
-                     logit_shift=logit_shift is not None)
-        needs = [bool(wanted.get(n, False)) and given.get(n, True) for n in FUSION_GRADS]
-        if grad_out is None:
-            grad_out = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device)
-        grads = bwd(grad_out.contiguous(), grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
-                    segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs, adapter_mask)
-        g = {n: (gi if need else None) for n, gi, need in zip(FUSION_GRADS, grads, needs)}
-        return tuple(g.get(n) for n in FUSION_ARGS)  # None for the arguments without a gradient slot
-
-    torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
-    return fwd

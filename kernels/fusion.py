@@ -24,7 +24,7 @@ weights are rounded to fp16/bf16 tile by tile, as the op schema allows; fp32 and
 axis are dots with a 0/1 segment matrix in fp32/fp64 ("ieee"), which are exact. fp64 activations
 are supported (the interpreter tests them; on a GPU Triton's fp64 dots are slow, but correct).
 
-Dropout replays ``fusedadapter.ops.hash_keep_mask`` bit for bit: ``lowbias32`` on uint32 of
+Dropout replays ``fusedadapter.logit_dropout.hash_keep_mask`` bit for bit: ``lowbias32`` on uint32 of
 ``(row * N + n) ^ lowbias32(seed)``, keep when ``(h >> 8) >= ceil-threshold(p)`` (the threshold is
 found with the same float32 comparison the torch code makes, so the masks are identical).
 """
@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from ..errors import BackendUnavailable
-from ..ops import FUSION_GRADS, acc_dtype, check_fusion_args, register_kernel_op
+from ..kernel_ops import register_kernel_op
+from ..ops import FUSION_GRADS, acc_dtype, check_fusion_args
 from . import configs as _configs
 
 __all__ = ["fusion_triton", "fusion_triton_backward", "hash_keep_mask_triton", "keep_threshold",
@@ -242,7 +243,7 @@ def _activation(x, code, ACT_MASK: tl.constexpr, UNIFORM_ACT: tl.constexpr, GRAD
 
 @triton.jit
 def _lowbias32(x):
-    """Chris Wellons' lowbias32 on uint32 (wrapping multiplies), as fusedadapter.ops._lowbias32."""
+    """Chris Wellons' lowbias32 on uint32 (wrapping multiplies), as fusedadapter.logit_dropout._lowbias32."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)
