@@ -284,13 +284,15 @@ def call_form(backend: str, hidden: int, bottleneck: int, training=False, n_toke
     return "folded"
 
 
-def training_fold_form(n_tokens: Optional[int], hidden: int, rows: int) -> str:
-    """``"per_token"`` or ``"folded"`` for a training call of ``n_tokens`` rows (``rows`` = R+N)."""
+def training_fold_form(n_tokens: Optional[int], hidden: int, rows: int, device_type: str = "cpu") -> str:
+    """``"per_token"`` or ``"folded"`` for a training call of ``n_tokens`` rows (``rows`` = R+N) on
+    ``device_type``. Both crossovers were measured on CPUs; the oneDNN one applies only where the
+    fold's backward runs on oneDNN (CPU tensors on an x86 host), not to CUDA training on such a host."""
     if TRAIN_FORM != "auto":
         return TRAIN_FORM
     if n_tokens is None:
         return "folded"
-    onednn = TRAIN_FOLD_BACKWARD_GEMM == "onednn" and _HAS_ONEDNN
+    onednn = device_type == "cpu" and TRAIN_FOLD_BACKWARD_GEMM == "onednn" and _HAS_ONEDNN
     return "per_token" if n_tokens < (TRAIN_PER_TOKEN_RATIO_ONEDNN if onednn else TRAIN_PER_TOKEN_RATIO) * rows \
         else "folded"
 
@@ -308,7 +310,7 @@ def fold_fusion_train(half: AdapterHalf, fusion: FusionWeights, dtype: torch.dty
     fusion weights, so a forward rerun with unchanged weights (gradient checkpointing's recompute,
     gradient accumulation) does not pay them again; the backward is always computed."""
     hidden = half.rows.shape[1]
-    form = training_fold_form(n_tokens, hidden, half.rows.shape[0])
+    form = training_fold_form(n_tokens, hidden, half.rows.shape[0], half.rows.device.type)
     if form == "folded":
         if dtype == torch.float64 or TRAIN_FOLD_PRECISION != torch.float64 or half.rows64 is None:
             return fold_fusion(half, fusion, dtype, precision=torch.float64 if dtype == torch.float64 else TRAIN_FOLD_PRECISION)

@@ -323,3 +323,13 @@ def test_onednn_training_gemms_match_aten_and_keep_double_backward(form, monkeyp
     (gx,) = torch.autograd.grad(m(x, res).pow(2).sum(), [x], create_graph=True)
     second = torch.autograd.grad(gx.pow(2).sum(), params, allow_unused=True)
     assert any(s is not None and s.abs().sum() > 0 for s in second)
+
+
+def test_the_onednn_crossover_applies_only_to_cpu_tensors():
+    """TRAIN_PER_TOKEN_RATIO_ONEDNN was measured with the fold's backward on oneDNN, which runs only for CPU
+    tensors: a CUDA training call on an x86 host keeps the other crossover."""
+    rows = 392
+    between = int((fold_mod.TRAIN_PER_TOKEN_RATIO_ONEDNN + fold_mod.TRAIN_PER_TOKEN_RATIO) / 2 * rows)
+    assert fold_mod.training_fold_form(between, 768, rows, "cuda") == "per_token"
+    want_cpu = "folded" if fold_mod._HAS_ONEDNN and fold_mod.TRAIN_FOLD_BACKWARD_GEMM == "onednn" else "per_token"
+    assert fold_mod.training_fold_form(between, 768, rows, "cpu") == want_cpu
