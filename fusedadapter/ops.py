@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
-from .cpu_gemm import HAS_ONEDNN, onednn_linear
+from .cpu_gemm import HAS_ONEDNN, onednn_linear, onednn_train_linear, use_onednn_train
 from .logit_dropout import hash_keep_mask, hash_uniform  # noqa: F401  (the op's dropout; re-exported)
 
 __all__ = [
@@ -243,8 +243,15 @@ def _fusion_torch_body(xd, xq, residual, w_down, b_down, w_query, b_query, w_out
     if gemm1 is not None:  # [zp | t] = xd @ [w_down; w_query]^T + [b_down; b_query], one GEMM
         zp, y, e = F.linear(xd_c, gemm1[0], gemm1[1]).split_with_sizes([r, r, n], 1)
     else:
-        zp = F.linear(xd_c, w_down, b_down)
-        t = F.linear(xd_c if xq is None else (xq if same else xq.to(acc)), w_query, b_query)
+        xq_c = xd_c if xq is None else (xq if same else xq.to(acc))
+        if torch.is_grad_enabled() and (use_onednn_train(xq_c, w_query, TRAIN_GEMM1_ONEDNN_MIN_ROWS)
+                                        or use_onednn_train(xd_c, w_down, TRAIN_GEMM1_ONEDNN_MIN_ROWS)):
+            # training GEMM1's backward on oneDNN (see TRAIN_GEMM1_ONEDNN_MIN_ROWS)
+            zp = onednn_train_linear(xd_c, w_down, b_down)
+            t = onednn_train_linear(xq_c, w_query, b_query)
+        else:
+            zp = F.linear(xd_c, w_down, b_down)
+            t = F.linear(xq_c, w_query, b_query)
         y, e = t.split_with_sizes([r, n], 1)  # the C method (Tensor.split is a Python wrapper)
     z = _segment_activation(zp, segments, activations)
     yz = y * z
@@ -297,6 +304,13 @@ def _mix_out(residual, probs, z, w_out, seg_ids):
 # 9 repeats, 1 thread, AMD EPYC Zen 5) 2.5% slower at 16 tokens, equal at 64, 3% faster at 128 and
 # 256, 83 vs 94 ms at 1024. 0 turns it off.
 TRAIN_ONEDNN_MIN_ROWS = 64
+
+
+# Training GEMM1's backward products (d_x, d_w of xd @ w_down^T + b_down and xq @ w_query^T + b_query;
+# the forward stays aten's: see cpu_gemm._OnednnLinear) on oneDNN from this many rows (CPU float32,
+# autograd on, outside torch.compile). One site's step (H=768, N=8, r=48, 1 thread, interleaved):
+# 0.97x at 64 tokens, 0.96x at 128 / 256, 0.87x at 1024; 1.00-1.04x below 64. 0 turns it off.
+TRAIN_GEMM1_ONEDNN_MIN_ROWS = 64
 
 
 def _onednn(t: torch.Tensor, rows: int) -> bool:

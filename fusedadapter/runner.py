@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
+from . import cpu_gemm as _cpu_gemm
+from .cpu_gemm import onednn_train_linear, use_onednn_train
 from .dispatch import resolve_backend
 from .fold import PLAIN_FORM_RATIO, AdapterWeights, Folded, FusionWeights, call_form
 from .ops import acc_dtype, fusion_torch, fusion_torch_packed, hash_keep_mask, masked_softmax
@@ -223,8 +225,12 @@ def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temp
     if a.dtype != wd:
         a, res, c = a.to(wd), res.to(wd), (a.to(wd) if c is a else c.to(wd))
     xd = _down_input(a, folded.ln_mode)
-    q = F.linear(c, fw.query_weight, fw.query_bias) if fw.query_weight is not None else c
-    xq = q @ fw.key_weight if fw.key_weight is not None else q          # W_K^T q, row form
+    wq, wk, wv = fw.query_weight, fw.key_weight, fw.value_weight
+    # W_Q, W_K, W_V (M x H x H): backward products on oneDNN from PER_TOKEN_ONEDNN_MIN_ROWS rows (cpu_gemm)
+    anyw = wq if wq is not None else (wk if wk is not None else wv)
+    dnnl = anyw is not None and use_onednn_train(c, anyw, _cpu_gemm.PER_TOKEN_ONEDNN_MIN_ROWS)
+    q = c if wq is None else (onednn_train_linear(c, wq, fw.query_bias) if dnnl else F.linear(c, wq, fw.query_bias))
+    xq = q if wk is None else (onednn_train_linear(q, wk, None, True) if dnnl else q @ wk)  # W_K^T q, row form
     shift = None
     if dropout_p > 0:
         if fw.key_bias is not None:
@@ -250,7 +256,9 @@ def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temp
     mix, probs = _call_op(op, xd, xq, op_res, folded.w_down, folded.b_down, w_query, None, folded.w_out,
                           folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed),
                           keep_mask, shift, adapter_mask)
-    return _value_after_sum(mix, fw.value_weight, res, residual_before, adapter_mask).to(out_dtype), probs
+    if dnnl and wv is not None:
+        mix, wv = onednn_train_linear(mix, wv), None
+    return _value_after_sum(mix, wv, res, residual_before, adapter_mask).to(out_dtype), probs
 
 
 def _trains(site) -> bool:

@@ -333,3 +333,49 @@ def test_the_onednn_crossover_applies_only_to_cpu_tensors():
     assert fold_mod.training_fold_form(between, 768, rows, "cuda") == "per_token"
     want_cpu = "folded" if fold_mod._HAS_ONEDNN and fold_mod.TRAIN_FOLD_BACKWARD_GEMM == "onednn" else "per_token"
     assert fold_mod.training_fold_form(between, 768, rows, "cpu") == want_cpu
+
+
+@pytest.mark.skipif(not fold_mod._HAS_ONEDNN, reason="oneDNN matmul: x86 CPUs with mkldnn")
+def test_onednn_gemm1_and_per_token_products_match_aten_and_keep_double_backward(form, monkeypatch):
+    """The torch op's training GEMM1 (forward, d_x, d_w, d_b) and the per-token form's W_Q / W_K / W_V
+    products on oneDNN (cpu_gemm.onednn_train_linear) give what aten's GEMMs give within float32
+    rounding, outputs and every gradient, and a create_graph backward (double backward) still works."""
+    import fusedadapter.cpu_gemm as cpu_gemm
+    import fusedadapter.ops as ops
+    import fusedadapter.runner as runner
+
+    calls = []
+
+    def spy(mod):
+        real = mod.onednn_train_linear
+        monkeypatch.setattr(mod, "onednn_train_linear", lambda *x: calls.append(mod.__name__) or real(*x))
+
+    spy(ops)
+    spy(runner)
+    m = stage2().float()
+    a, res, _, mask = make_inputs(m, lead=(2, 32))
+    a, res = a.float(), res.float()
+
+    def grads(rows):
+        monkeypatch.setattr(ops, "TRAIN_GEMM1_ONEDNN_MIN_ROWS", rows)
+        monkeypatch.setattr(cpu_gemm, "PER_TOKEN_ONEDNN_MIN_ROWS", rows)
+        return run(m, a, res, mask)
+
+    aten = grads(0)
+    assert not calls
+    for g, w in zip(grads(1), aten):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert "fusedadapter.ops" in calls and ("fusedadapter.runner" in calls) == (form == "per_token")
+    x = a.clone().requires_grad_(True)
+    params = [q for q in m.parameters() if q.requires_grad]
+    (gx,) = torch.autograd.grad(m(x, res, dropout_mask=mask).pow(2).sum(), [x], create_graph=True)
+    second = torch.autograd.grad(gx.pow(2).sum(), params, allow_unused=True)
+    monkeypatch.setattr(ops, "TRAIN_GEMM1_ONEDNN_MIN_ROWS", 0)
+    monkeypatch.setattr(cpu_gemm, "PER_TOKEN_ONEDNN_MIN_ROWS", 0)
+    (gx,) = torch.autograd.grad(m(x, res, dropout_mask=mask).pow(2).sum(), [x], create_graph=True)
+    want = torch.autograd.grad(gx.pow(2).sum(), params, allow_unused=True)
+    assert any(s is not None and s.abs().sum() > 0 for s in second)
+    for s, w in zip(second, want):
+        assert (s is None) == (w is None)
+        if s is not None:
+            torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-5)
