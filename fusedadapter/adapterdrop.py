@@ -237,7 +237,21 @@ def _unfreeze(holder, modules: Iterable[nn.Module]) -> None:
 def _prune_fusion(fusion: nn.Module, keep: Sequence[str]) -> None:
     for name in [n for n in fusion.adapter_names if n not in keep]:
         del fusion.adapters[name]
+    # a MultiFusion site: each fusion over the pool loses the pruned adapters too
+    for site in getattr(fusion, "fusions_by_name", {}).values():
+        for name in [n for n in site.adapter_names if n not in keep]:
+            del site.adapters[name]
     fusion.invalidate_fold_cache()
+
+
+def _check_multi_fusions(record, sites, plan) -> None:
+    """Before any change: every fusion of every MultiFusion site keeps at least one adapter."""
+    for key, s in sites.items():
+        for fname, site in getattr(s.module, "fusions_by_name", {}).items():
+            if not [n for n in site.adapter_names if n in plan[key]]:
+                raise ValueError(f"fusedadapter.adapter_drop: fusion {fname!r} fuses {site.adapter_names} at block "
+                                 f"{key[0]} {key[1]}, all pruned (kept {plan[key]}); keep more adapters or remove "
+                                 f"the fusion")
 
 
 def _layer_set(skip_layers, n_layers: int) -> List[int]:
@@ -316,6 +330,9 @@ def _drop_patched(model, record, batches, keep, skip_layers, per_site) -> Adapte
     else:
         plan = {key: list(s.module.adapter_names) for key, s in sites.items()}
 
+    if keep is not None:
+        _check_multi_fusions(record, sites, plan)
+
     # --- apply (nothing above changed the model)
     with torch.no_grad():
         for key, s in sites.items():
@@ -329,6 +346,8 @@ def _drop_patched(model, record, batches, keep, skip_layers, per_site) -> Adapte
     if keep is not None:
         # save_adapterhub writes record.adapter_names (and the fusion's adapter_names): the kept set.
         record.adapter_names = [n for n in record.adapter_names if n in report.kept]
+        if getattr(record, "fusions", None):
+            record.fusions = [(f, cfg, [n for n in names if n in report.kept]) for f, cfg, names in record.fusions]
     return report
 
 
