@@ -308,9 +308,10 @@ TRAIN_ONEDNN_MIN_ROWS = 64
 
 # Training GEMM1's backward products (d_x, d_w of xd @ w_down^T + b_down and xq @ w_query^T + b_query;
 # the forward stays aten's: see cpu_gemm._OnednnLinear) on oneDNN from this many rows (CPU float32,
-# autograd on, outside torch.compile). One site's step (H=768, N=8, r=48, 1 thread, interleaved):
-# 0.97x at 64 tokens, 0.96x at 128 / 256, 0.87x at 1024; 1.00-1.04x below 64. 0 turns it off.
-TRAIN_GEMM1_ONEDNN_MIN_ROWS = 64
+# autograd on, outside torch.compile). One site's step (H=768, N=8, r=48, 1 thread, interleaved, the
+# per-token products on oneDNN in both): 0.94x at 16 tokens, 0.96x at 24, 0.95x at 32, 0.94x at 48;
+# 0.96x at 128 / 256, 0.87x at 1024; at 4-8 within the noise. 0 turns it off.
+TRAIN_GEMM1_ONEDNN_MIN_ROWS = 16
 
 
 def _onednn(t: torch.Tensor, rows: int) -> bool:
