@@ -70,8 +70,20 @@ int active_isa() {
 
 void set_isa_cap(int cap) { g_isa_cap.store(cap < 0 ? env_isa_cap() : cap, std::memory_order_relaxed); }
 
+int env_f32_gemm() {
+  const char* s = std::getenv("FUSEDADAPTER_CPU_ONEDNN");
+  if (s == nullptr || *s == '\0') return kF32Onednn;
+  std::string v(s);
+  for (auto& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return (v == "0" || v == "off" || v == "no" || v == "false") ? kF32Packed : kF32Onednn;
+}
+
 Tuning& tuning() {
-  static Tuning t;
+  static Tuning t = [] {
+    Tuning v;
+    v.f32_gemm = env_f32_gemm();
+    return v;
+  }();
   return t;
 }
 

@@ -6,8 +6,10 @@
 // residual.
 // GEMMs, by dtype and row count M:
 //   fp64                      ATen BLAS (at::addmm)
-//   fp32, M <= small_m_max    AVX-512 weight-streaming kernel (cpu_kernels.cpp), else the AVX-512
-//                             packed kernel (measured faster than ATen's BLAS here), else at::addmm
+//   fp32, M <= small_m_max    AVX-512 weight-streaming kernel (cpu_kernels.cpp), else (fp32
+//                             activations, M >= onednn_fwd_min_m: off by default) oneDNN's matmul,
+//                             else the AVX-512 packed kernel (measured faster than ATen's BLAS
+//                             here, as fast as oneDNN), else at::addmm
 //   bf16, M >= bf16_min_m     AVX512-BF16 kernels: weights rounded to bf16 (RNE), fp32 accumulation
 //                             and fp32 GEMM1 outputs (never rounded before the epilogue), the
 //                             GEMM2 input p*z rounded to bf16; else the fp32 path on upcast rows
@@ -15,9 +17,17 @@
 // Backward: fp32/fp64 from scratch (GEMM1 and softmax recomputed, the saved probs not reused), GEMM1
 // on the weights as the forward's GEMM1 saw them (bf16-rounded where the forward took the bf16
 // GEMMs, so the backward differentiates the forward's p, as the CUDA backend does), the rest with
-// the exact weights; epilogue backward fused in one pass, the rest ATen GEMMs.
+// the exact weights; epilogue backward fused in one pass, the rest ATen GEMMs (oneDNN's matmul in
+// float32 from onednn_min_m rows; cpu_kernels.h Tuning has the measurements).
+// oneDNN (mkldnn::_linear_pointwise, looked up once through the dispatcher; x86 torch builds with
+// mkldnn, AVX-512 active, tuning().f32_gemm == kF32Onednn): on x86 torch's float32 mm goes to MKL's
+// sgemm, which runs its AVX2 code on AMD CPUs, where oneDNN picks AVX-512 (1.5-2.2x per GEMM at
+// H=768, R+N=392 from 16 rows, 1 thread, AMD EPYC Zen 5). Same products, float32 accumulation, a
+// different summation order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -196,6 +206,65 @@ void addmm_into(const at::Tensor& out_view, const at::Tensor& x, const at::Tenso
   }
 }
 
+// ------------------------------------------------------------------------------------ oneDNN GEMMs
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>);
+using LinearAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, c10::string_view);
+struct OneDnn {
+  c10::TypedOperatorHandle<LinearFn> linear;
+  c10::TypedOperatorHandle<LinearAddFn> linear_add;
+};
+
+// The op handles, or null: not x86, torch without mkldnn, or the private op missing / changed.
+const OneDnn* onednn_ops() {
+  static const std::optional<OneDnn> ops = []() -> std::optional<OneDnn> {
+#if defined(__x86_64__) || defined(_M_X64)
+    try {
+      if (!at::hasMKLDNN()) return std::nullopt;
+      auto& disp = c10::Dispatcher::singleton();
+      auto a = disp.findOp({"mkldnn::_linear_pointwise", ""});
+      auto b = disp.findOp({"mkldnn::_linear_pointwise", "binary"});
+      if (!a || !b || !a->hasKernelForDispatchKey(c10::DispatchKey::CPU) ||
+          !b->hasKernelForDispatchKey(c10::DispatchKey::CPU))
+        return std::nullopt;
+      return OneDnn{a->typed<LinearFn>(), b->typed<LinearAddFn>()};
+    } catch (const std::exception&) {  // a schema that no longer matches the signatures above
+      return std::nullopt;
+    }
+#else
+    return std::nullopt;
+#endif
+  }();
+  return ops ? &*ops : nullptr;
+}
+
+// float32 GEMMs of M rows on oneDNN (min_m: tuning's onednn_min_m or onednn_fwd_min_m)?
+bool uses_onednn(int64_t M, int64_t min_m) {
+  const auto& tune = cpu::tuning();
+  return tune.f32_gemm == cpu::kF32Onednn && M >= min_m && cpu::active_isa() >= cpu::kAvx512 &&
+         onednn_ops() != nullptr;
+}
+
+// a @ w.T (+ b), w (Nout, K); a and w may be transposed views.
+at::Tensor dnn_linear(const at::Tensor& a, const at::Tensor& w, const OptTensor& b = std::nullopt) {
+  at::AutoDispatchBelowADInplaceOrView guard;  // plain products (the op has no autograd formula)
+  const OptTensor bc = b.has_value() ? OptTensor(b->contiguous()) : OptTensor();
+  return onednn_ops()->linear.call(a, w, bc, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt).contiguous();
+}
+
+// a @ w.T + other (oneDNN's sum post-op), other (M, Nout) contiguous.
+at::Tensor dnn_linear_add(const at::Tensor& a, const at::Tensor& other, const at::Tensor& w) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return onednn_ops()->linear_add.call(a, other.contiguous(), w, std::nullopt, "add").contiguous();
+}
+
+// assemble_grads' products on oneDNN.
+struct OnednnGemm {
+  at::Tensor mm(const at::Tensor& a, const at::Tensor& b) const { return dnn_linear(a, b.t()); }
+  void addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b) const { c = dnn_linear_add(a, c, b.t()); }
+};
+
 // The dropout scale stays the exact double 1 / (1 - p): the forward rounds it to float (as the
 // kernels always did), the backward's double row math uses it as the float64 reference has it.
 template <typename T>
@@ -245,6 +314,9 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
   const int64_t M = d.M, R = d.R, N = d.N, H = d.H, RN = R + N;
   const auto adt = xd.scalar_type();
   const auto acc = acc_type_of(adt);
+  // oneDNN: fp32 activations past the small-M kernel (GEMM2 then returns its own output tensor)
+  const bool dnn = adt == at::kFloat && M > cpu::tuning().small_m_max && uses_onednn(M, cpu::tuning().onednn_fwd_min_m);
+  if (!out.defined() && !dnn) out = at::empty({M, H}, xd.options());  // fusion_cpu: no buffer given
   auto probs = at::empty({M, N}, xd.options().dtype(acc));
   if (M == 0) return {out, probs};
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
@@ -308,15 +380,29 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
   }
 
   // fp32 compute (fp32 activations, or half activations upcast).
-  enum class Gemm { kSmall, kPacked, kBlas };
+  enum class Gemm { kSmall, kPacked, kBlas, kOnednn };
   const Gemm kind = isa < cpu::kAvx512 ? Gemm::kBlas
                     : M <= tune.small_m_max ? Gemm::kSmall
-                    : tune.f32_use_blas ? Gemm::kBlas
-                                        : Gemm::kPacked;
+                    : dnn ? Gemm::kOnednn
+                    : tune.f32_gemm == cpu::kF32Blas ? Gemm::kBlas
+                                                     : Gemm::kPacked;
   const at::Tensor xd32 = xd.to(at::kFloat).contiguous();
   const at::Tensor xq32 = xq.has_value() ? xq->to(at::kFloat).contiguous() : xd32;
   const float* bdp = bd ? bd->data_ptr<float>() : nullptr;
   const float* bqp = bq ? bq->data_ptr<float>() : nullptr;
+  if (kind == Gemm::kOnednn) {
+    const at::Tensor zp = dnn_linear(xd32, wd, bd), t = dnn_linear(xq32, wq, bq);
+    auto w = at::empty({M, RN}, xd.options());
+    epilogue_forward<float, float>(seg, M, zp.data_ptr<float>(), R, t.data_ptr<float>(), RN, probs.data_ptr<float>(),
+                                   w.data_ptr<float>(), RN, static_cast<float>(temperature), dr, ops);
+    at::Tensor o = residual.has_value() ? dnn_linear_add(w, *residual, wo) : dnn_linear(w, wo);
+    if (out.defined()) {
+      out.copy_(o);
+    } else {
+      out = o;
+    }
+    return {out, probs};
+  }
   auto buf = at::empty({M, ldb1}, xd.options().dtype(at::kFloat));
   float* b = buf.data_ptr<float>();
   at::Tensor wo_p;
@@ -382,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu(const at::Tensor& xd, const OptTen
   const FusionDims d = check_fusion_args("fusion_cpu", c10::DeviceType::CPU, xd, xq, residual, w_down, b_down, w_query,
                                          b_query, w_out, segments, activations, temperature, dropout_p, keep_mask,
                                          logit_shift, adapter_mask);
-  return fusion_cpu_into(at::empty({d.M, d.H}, xd.options()), d, xd, xq, residual, w_down, b_down, w_query, b_query,
+  return fusion_cpu_into(at::Tensor(), d, xd, xq, residual, w_down, b_down, w_query, b_query,
                          w_out, segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift,
                          adapter_mask);
 }
@@ -418,18 +504,19 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
   const auto needs = check_backward_args("fusion_cpu_backward", d, grad_out, grad_probs, needs_list);
   const int64_t M = d.M, R = d.R, N = d.N, RN = R + N;
   const auto acc = acc_type_of(xd.scalar_type());
+  const bool dnn = acc == at::kFloat && uses_onednn(M, cpu::tuning().onednn_min_m);
   (void)probs;  // recomputed (exact weights), see the file comment
   const SegmentInfo seg(segments, activations);
   const auto opts = xd.options().dtype(acc);
   const at::Tensor xdc = xd.to(acc).contiguous();
   const at::Tensor xqc = xq.has_value() ? xq->to(acc).contiguous() : xdc;
   const at::Tensor wd = w_down.contiguous(), wq = w_query.contiguous(), wo = w_out.contiguous();
-  auto zp = at::empty({M, R}, opts);
-  auto t = at::empty({M, RN}, opts);
+  auto zp = dnn && M > 0 ? at::Tensor() : at::empty({M, R}, opts);
+  auto t = dnn && M > 0 ? at::Tensor() : at::empty({M, RN}, opts);
   auto dzp = at::empty({M, R}, opts);
   auto dt = at::empty({M, RN}, opts);
   at::Tensor go = grad_out.to(acc).contiguous();
-  at::Tensor dw = at::empty({M, RN}, opts);
+  at::Tensor dw = dnn && M > 0 ? at::Tensor() : at::empty({M, RN}, opts);
   at::Tensor wmix = needs[kGradWOut] ? at::empty({M, RN}, opts) : at::Tensor();
   at::Tensor dshift = (needs[kGradLogitShift] && logit_shift.has_value()) ? at::empty({M}, opts) : at::Tensor();
   const at::Tensor gp = grad_probs.has_value() ? grad_probs->to(acc).contiguous() : at::Tensor();
@@ -440,9 +527,17 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
     // GEMM1 on the weights the forward's GEMM1 used: rounded to bf16 (RNE, as pack_b_bf16) on the
     // bf16 path, so the recomputed p is the forward's; the gradients' own products use the exact ones.
     const bool rounded = uses_bf16_gemms(xd.scalar_type(), M);
-    addmm_into(zp, xdc, rounded ? wd.to(at::kBFloat16).to(acc) : wd, b_down);
-    addmm_into(t, xqc, rounded ? wq.to(at::kBFloat16).to(acc) : wq, b_query);
-    at::mm_out(dw, go, wo);
+    const at::Tensor wd1 = rounded ? wd.to(at::kBFloat16).to(acc) : wd;
+    const at::Tensor wq1 = rounded ? wq.to(at::kBFloat16).to(acc) : wq;
+    if (dnn) {
+      zp = dnn_linear(xdc, wd1, b_down);
+      t = dnn_linear(xqc, wq1, b_query);
+      dw = dnn_linear(go, wo.t());
+    } else {
+      addmm_into(zp, xdc, wd1, b_down);
+      addmm_into(t, xqc, wq1, b_query);
+      at::mm_out(dw, go, wo);
+    }
     AT_DISPATCH_FLOATING_TYPES(acc, "fusion_cpu_backward", [&] {
       const auto dr = make_dropout<scalar_t>(dropout_p, seed, keep, shift, allow);
       epilogue_backward<scalar_t>(seg, M, zp.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
@@ -455,21 +550,33 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
     zp.zero_(), t.zero_(), dzp.zero_(), dt.zero_();
     if (wmix.defined()) wmix.zero_();
   }
+  if (dnn) {
+    return assemble_grads(needs, grad_out, go, xd, xq, xdc, xqc, wd, b_down, wq, b_query, logit_shift, dzp, dt, wmix,
+                          dshift, OnednnGemm());
+  }
   return assemble_grads(needs, grad_out, go, xd, xq, xdc, xqc, wd, b_down, wq, b_query, logit_shift, dzp, dt, wmix,
                         dshift);
 }
 
 // Test and tuning hook: cap the instruction set (0 generic, 1 AVX-512, 2 AVX512-BF16; -1: back to
-// FUSEDADAPTER_CPU_ISA; -2: unchanged), the GEMM row thresholds and the fp32 BLAS switch (-1:
-// unchanged). Returns [detected isa, active isa, small_m_max, bf16_min_m, SLEEF vector math
-// available, f32_use_blas].
-std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_min_m, int64_t f32_blas) {
+// FUSEDADAPTER_CPU_ISA; -2: unchanged), the GEMM row thresholds and the fp32 GEMM switch f32_gemm
+// (0 packed kernel, 1 ATen BLAS, 2 oneDNN from onednn_min_m rows backward, onednn_fwd_min_m rows
+// forward; -1: unchanged; -3: back to FUSEDADAPTER_CPU_ONEDNN's default). Returns [detected isa,
+// active isa, small_m_max, bf16_min_m, SLEEF vector math available, f32_gemm, onednn_min_m, oneDNN
+// op available, onednn_fwd_min_m].
+std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_min_m, int64_t f32_gemm,
+                                int64_t onednn_min_m, int64_t onednn_fwd_min_m) {
+  auto& tune = cpu::tuning();
   if (isa != -2) cpu::set_isa_cap(static_cast<int>(isa));
-  if (small_m_max >= 0) cpu::tuning().small_m_max = small_m_max;
-  if (bf16_min_m >= 0) cpu::tuning().bf16_min_m = bf16_min_m;
-  if (f32_blas >= 0) cpu::tuning().f32_use_blas = f32_blas != 0;
-  return {cpu::detected_isa(), cpu::active_isa(), cpu::tuning().small_m_max, cpu::tuning().bf16_min_m,
-          cpu::f32_ops() != nullptr ? 1 : 0, cpu::tuning().f32_use_blas ? 1 : 0};
+  if (small_m_max >= 0) tune.small_m_max = small_m_max;
+  if (bf16_min_m >= 0) tune.bf16_min_m = bf16_min_m;
+  if (f32_gemm >= 0) tune.f32_gemm = static_cast<int>(std::min<int64_t>(f32_gemm, cpu::kF32Onednn));
+  if (f32_gemm == -3) tune.f32_gemm = cpu::env_f32_gemm();
+  if (onednn_min_m >= 0) tune.onednn_min_m = onednn_min_m;
+  if (onednn_fwd_min_m >= 0) tune.onednn_fwd_min_m = onednn_fwd_min_m;
+  return {cpu::detected_isa(), cpu::active_isa(), tune.small_m_max, tune.bf16_min_m,
+          cpu::f32_ops() != nullptr ? 1 : 0, tune.f32_gemm, tune.onednn_min_m, onednn_ops() != nullptr ? 1 : 0,
+          tune.onednn_fwd_min_m};
 }
 
 }  // namespace
@@ -482,7 +589,8 @@ TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
         "Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, int[] activations, float temperature=1.0, "
         "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None, "
         "Tensor? adapter_mask=None) -> Tensor");
-  m.def("_cpu_config(int isa=-2, int small_m_max=-1, int bf16_min_m=-1, int f32_blas=-1) -> int[]",
+  m.def("_cpu_config(int isa=-2, int small_m_max=-1, int bf16_min_m=-1, int f32_gemm=-1, int onednn_min_m=-1, "
+        "int onednn_fwd_min_m=-1) -> int[]",
         &fusedadapter::cpu_config);
 }
 

@@ -205,25 +205,33 @@ inline Needs check_backward_args(const char* op, const FusionDims& d, const Tens
 // The gradients from the epilogue's outputs (accumulation dtype): dzp = dL/d(xd W_d^T + b_d) (M, R),
 // dt = dL/d(xq W_q^T + b_q) (M, R+N), wmix = [p*z | p] (M, R+N), dshift (M,). xdc/xqc are the
 // activations in the accumulation dtype, go = grad_out in it. A gradient not needed is empty.
+// `gemm` runs the products: mm(a, b) = a @ b, addmm_(c, a, b): c += a @ b (ATen by default; the
+// cpu backend passes oneDNN's matmul for float32 from a row threshold).
+struct AtenGemm {
+  Tensor mm(const Tensor& a, const Tensor& b) const { return at::mm(a, b); }
+  void addmm_(Tensor& c, const Tensor& a, const Tensor& b) const { c.addmm_(a, b); }
+};
+
+template <typename Gemm = AtenGemm>
 inline Grads assemble_grads(const Needs& needs, const Tensor& grad_out, const Tensor& go, const Tensor& xd,
                             const OptTensor& xq, const Tensor& xdc, const Tensor& xqc, const Tensor& w_down,
                             const OptTensor& b_down, const Tensor& w_query, const OptTensor& b_query,
                             const OptTensor& logit_shift, const Tensor& dzp, const Tensor& dt, const Tensor& wmix,
-                            const Tensor& dshift) {
+                            const Tensor& dshift, const Gemm& gemm = Gemm()) {
   std::array<Tensor, kNumGrads> g;
   for (auto& t : g) t = at::empty({0}, xd.options());  // not needed: empty (distinct, outputs must not alias)
   if (needs[kGradXd]) {
-    Tensor gx = at::mm(dzp, w_down);
-    if (!xq.has_value()) gx.addmm_(dt, w_query);
+    Tensor gx = gemm.mm(dzp, w_down);
+    if (!xq.has_value()) gemm.addmm_(gx, dt, w_query);
     g[kGradXd] = gx.to(xd.scalar_type());
   }
-  if (needs[kGradXq] && xq.has_value()) g[kGradXq] = at::mm(dt, w_query).to(xq->scalar_type());
+  if (needs[kGradXq] && xq.has_value()) g[kGradXq] = gemm.mm(dt, w_query).to(xq->scalar_type());
   if (needs[kGradResidual]) g[kGradResidual] = grad_out.clone(at::MemoryFormat::Contiguous);
-  if (needs[kGradWDown]) g[kGradWDown] = at::mm(dzp.t(), xdc);
+  if (needs[kGradWDown]) g[kGradWDown] = gemm.mm(dzp.t(), xdc);
   if (needs[kGradBDown] && b_down.has_value()) g[kGradBDown] = dzp.sum(0);
-  if (needs[kGradWQuery]) g[kGradWQuery] = at::mm(dt.t(), xqc);
+  if (needs[kGradWQuery]) g[kGradWQuery] = gemm.mm(dt.t(), xqc);
   if (needs[kGradBQuery] && b_query.has_value()) g[kGradBQuery] = dt.sum(0);
-  if (needs[kGradWOut]) g[kGradWOut] = at::mm(go.t(), wmix);
+  if (needs[kGradWOut]) g[kGradWOut] = gemm.mm(go.t(), wmix);
   if (needs[kGradLogitShift] && logit_shift.has_value()) g[kGradLogitShift] = dshift;
   return {g[kGradXd],    g[kGradXq],      g[kGradResidual], g[kGradWDown],     g[kGradBDown],
           g[kGradWQuery], g[kGradBQuery], g[kGradWOut],     g[kGradLogitShift]};

@@ -18,6 +18,10 @@ fusedadapter.extension`` builds ahead of time and prints them):
 ``FUSEDADAPTER_SKIP_CUDA``       ``1``: never build the CUDA extension (backend ``cuda`` unavailable)
 ``FUSEDADAPTER_CPU_ISA``         run-time cap on the CPU kernels: ``avx512bf16`` (default),
                                  ``avx512`` or ``generic`` (ATen BLAS + scalar epilogue only)
+``FUSEDADAPTER_CPU_ONEDNN``      run-time: ``0`` / ``off`` keeps the cpu backend's float32 GEMMs off
+                                 oneDNN's matmul (default on where torch has it, on x86 with AVX-512:
+                                 the backward's products from 16 rows; MKL's sgemm runs AVX2 code on
+                                 AMD CPUs); read when the extension loads, like ``FUSEDADAPTER_CPU_ISA``
 ``FUSEDADAPTER_VERBOSE_BUILD``   ``1``: show the compiler output
 ``MAX_JOBS``                     parallel compile jobs (read by torch; default: all cores)
 ``CXX``                          the C++ compiler (default ``c++``)
@@ -69,6 +73,7 @@ def build_settings() -> Dict[str, object]:
         "cuda_arch_list": os.environ.get("FUSEDADAPTER_CUDA_ARCH_LIST", "8.0;9.0"),
         "skip_cuda": _env_flag("FUSEDADAPTER_SKIP_CUDA"),
         "cpu_isa": os.environ.get("FUSEDADAPTER_CPU_ISA", "avx512bf16"),
+        "cpu_onednn": os.environ.get("FUSEDADAPTER_CPU_ONEDNN", "1"),
         "verbose": _env_flag("FUSEDADAPTER_VERBOSE_BUILD"),
         "max_jobs": os.environ.get("MAX_JOBS", f"(unset: {os.cpu_count()})"),
         "cxx": os.environ.get("CXX", "c++"),
@@ -102,7 +107,8 @@ def _source_dir() -> Path:
 
 
 def _describe(settings: Dict[str, object], kind: str) -> str:
-    knobs = [f"MAX_JOBS={settings['max_jobs']}", f"CXX={settings['cxx']}", f"FUSEDADAPTER_CPU_ISA={settings['cpu_isa']}"]
+    knobs = [f"MAX_JOBS={settings['max_jobs']}", f"CXX={settings['cxx']}", f"FUSEDADAPTER_CPU_ISA={settings['cpu_isa']}",
+             f"FUSEDADAPTER_CPU_ONEDNN={settings['cpu_onednn']}"]
     if kind == "cuda":
         knobs += [f"FUSEDADAPTER_CUDA_ARCH_LIST={settings['cuda_arch_list']}",
                   f"FUSEDADAPTER_SKIP_CUDA={int(bool(settings['skip_cuda']))}"]
@@ -220,7 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if kind == "cpu":
                 isa = torch.ops.fusedadapter._cpu_config()
                 print(f"cpu kernels: detected isa {isa[0]}, active {isa[1]} (0 generic, 1 avx512, 2 avx512bf16), "
-                      f"small_m_max {isa[2]}, bf16_min_m {isa[3]}, vector math {'yes' if isa[4] else 'no'}")
+                      f"small_m_max {isa[2]}, bf16_min_m {isa[3]}, vector math {'yes' if isa[4] else 'no'}, "
+                      f"fp32 gemm {isa[5]} (0 packed, 1 blas, 2 onednn), onednn backward from {isa[6]} rows "
+                      f"(op {'found' if isa[7] else 'missing'})")
         except BackendUnavailable as exc:
             print(f"{kind}: unavailable: {exc}")
             status = 1

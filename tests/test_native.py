@@ -741,3 +741,42 @@ def test_cuda_gradcheck_opcheck_and_dropout_replay():
     want = _call(torch.ops.fusedadapter.fusion_torch, a, [1, 4, 5], 1.7, 0.4, 123, None, shift)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("xq", [True, False], ids=["query", "no-query"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+def test_onednn_gemms_agree_with_aten(cpu_op, xq, residual):
+    # f32_gemm 2 (the default on x86 with mkldnn, FUSEDADAPTER_CPU_ONEDNN): the backward's float32
+    # products from onednn_min_m rows on oneDNN's matmul (and the forward's GEMMs from
+    # onednn_fwd_min_m rows, off by default: lowered here); the same products as the ATen BLAS path
+    # (f32_gemm 1) within float32 rounding
+    before = _cfg()
+    if before[1] < 1 or before[7] != 1:
+        pytest.skip("oneDNN GEMMs need AVX-512 and a torch built with mkldnn on x86")
+    m = max(64, before[6], before[2] + 1)
+    a = _op_args(m, 80, [24, 40, 1, 31], 96, dtype=torch.float32, xq=xq, residual=residual, seed=9)
+    acts = [1, 2, 4, 5]
+    shift = torch.randn(m, generator=torch.Generator().manual_seed(3))
+    results = {}
+    try:
+        for mode in (1, 2):
+            _cfg(-2, -1, -1, mode, -1, 0)
+            b = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+            s = shift.clone().requires_grad_(True)
+            out, probs = _call(torch.ops.fusedadapter.fusion_cpu, b, acts, 1.3, 0.25, 5, None, s)
+            g = torch.Generator().manual_seed(0)
+            loss = (out.double() * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum() + \
+                (probs.double() * torch.randn(probs.shape, generator=g, dtype=torch.float64)).sum()
+            leaves = [v for v in b.values() if isinstance(v, torch.Tensor)] + [s]
+            results[mode] = [out.detach(), probs.detach()] + list(torch.autograd.grad(loss, leaves))
+            buf = torch.empty_like(out)  # the caller's-buffer variant writes the same rows
+            with torch.no_grad():
+                torch.ops.fusedadapter.fusion_cpu_out(buf, b["xd"], b["xq"], b["residual"], b["w_down"], b["b_down"],
+                                                      b["w_query"], b["b_query"], b["w_out"], b["segments"], acts,
+                                                      1.3, 0.25, 5, None, s)
+            assert torch.equal(buf, out.detach())
+    finally:
+        _cfg(-1, before[2], before[3], before[5], before[6], before[8])
+    for want, got in zip(results[1], results[2]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * want.abs().max().item())
