@@ -23,8 +23,11 @@ void set_isa_cap(int cap);
 // fp32 GEMMs beyond small_m_max (forward) and the backward's fp32 products: `f32_gemm` picks the
 // packed kernel, ATen BLAS, or oneDNN's matmul (mkldnn::_linear_pointwise, x86 torch builds with
 // mkldnn only): the backward's products from `onednn_min_m` rows (fewer: ATen), the forward's GEMMs
-// (fp32 activations) from `onednn_fwd_min_m` rows (fewer: the packed kernel). Default kF32Onednn;
-// FUSEDADAPTER_CPU_ONEDNN=0 at load time makes it kF32Packed (the GEMMs as before).
+// (fp32 activations) from `onednn_fwd_min_m` rows (fewer: the packed kernel). Default kF32Packed
+// (the GEMMs as before); FUSEDADAPTER_CPU_ONEDNN=1 at load time makes it kF32Onednn. Off by default
+// because of precision: oneDNN's K=768 products carry ~1.45x MKL's rounding error, and in
+// train_fold_precision (40 sites, H 256/768, seed 5, --backend cpu) they put 3 cells over the §4 bound
+// where ATen's hold it (d_key.weight 0.51 -> 1.39 of the bound); precision wins over speed.
 // Measured on an AMD EPYC Zen 5 (1 thread, H=768, R+N=392, one op call forward + backward, oneDNN
 // vs ATen): 0.59x at 8 rows, 1.22x at 16, 1.4-1.55x from 17 to 1024. The forward's packed kernel
 // is as fast as oneDNN there (0.88-1.06x at 32-4096 rows, GEMM1, GEMM2 or both on oneDNN), so the
@@ -33,11 +36,11 @@ enum F32Gemm : int { kF32Packed = 0, kF32Blas = 1, kF32Onednn = 2 };
 struct Tuning {
   int64_t small_m_max = 16;
   int64_t bf16_min_m = 16;
-  int f32_gemm = kF32Onednn;
+  int f32_gemm = kF32Packed;
   int64_t onednn_min_m = 16;
   int64_t onednn_fwd_min_m = int64_t(1) << 62;
 };
-// The default f32_gemm: FUSEDADAPTER_CPU_ONEDNN ("0", "off", "no", "false": kF32Packed).
+// The default f32_gemm: FUSEDADAPTER_CPU_ONEDNN ("1", "on", "yes", "true": kF32Onednn; else kF32Packed).
 int env_f32_gemm();
 Tuning& tuning();
 

@@ -547,9 +547,10 @@ def test_patched_multi_head_recipe():
     torch.testing.assert_close(logits[1], alone[0], rtol=1e-5, atol=1e-6)
 
 
-def test_patched_adapter_drop_skip_layers_and_pruning_error():
-    """AdapterDrop's layer skipping composes (skipped blocks are the bare model's); its pruning edits
-    the pool under the fusions, which a routed call then refuses, naming the fusion."""
+def test_patched_adapter_drop_skip_layers_and_pruning():
+    """AdapterDrop's layer skipping composes (skipped blocks are the bare model's); its pruning removes
+    the pruned adapters from every fusion too, so a routed call still runs (row-level parity after
+    pruning: tests/test_adapterdrop_multitask.py)."""
     from tiny_models import tiny_inputs, tiny_model
 
     bare = tiny_model("bert")
@@ -563,8 +564,8 @@ def test_patched_adapter_drop_skip_layers_and_pruning_error():
         fa.adapter_drop(model, [inputs], skip_layers=0)
         assert torch.equal(model(**inputs).last_hidden_state, routed)
         fa.adapter_drop(model, [inputs], keep=2)
-        with pytest.raises(ValueError, match="fusion '(sst|mnli)' fuses .* pruning"):
-            model(**inputs)
+        out = model(**inputs).last_hidden_state
+        assert out.shape == routed.shape and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
