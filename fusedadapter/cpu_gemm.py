@@ -43,9 +43,11 @@ def use_onednn_train(x: torch.Tensor, w: torch.Tensor, min_rows: int) -> bool:
     """Whether a training product ``x @ w^T`` (``x``: (M, K)) takes :func:`onednn_train_linear`: x86 CPU
     float32, ``M >= min_rows`` (0: never), autograd on and outside torch.compile / export (which trace
     the aten ops), and some operand requires grad."""
-    return (0 < min_rows <= x.shape[0] and HAS_ONEDNN and torch.is_grad_enabled() and x.dtype == torch.float32
-            and w.dtype == torch.float32 and x.device.type == "cpu" and (x.requires_grad or w.requires_grad)
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+    # The row count last: under torch.compile / export it is symbolic, and comparing it would add a guard
+    # on the token count to the traced graph (an exported model then refused other sequence lengths).
+    return (min_rows > 0 and HAS_ONEDNN and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting() and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.device.type == "cpu" and (x.requires_grad or w.requires_grad) and min_rows <= x.shape[0])
 
 
 class _OnednnLinear(torch.autograd.Function):
