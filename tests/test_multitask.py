@@ -12,7 +12,6 @@ interpreter without a GPU), fp32, eval and training (logit dropout replayed thro
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import torch
 import fusedadapter as fa
 from fusedadapter.multitask import MultiFusion, MultiHead, fusion_route
 from fusedadapter.testing import assert_oracle, perturb_
+from threads_helper import run_together
 from tiny_models import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -412,24 +412,11 @@ def test_threads_with_different_routes_and_masks(backend, grad):
     with ctx():
         want = [m(a, res, route=r, adapter_mask=k) for r, k in zip(routes, thread_masks)]
     assert not torch.equal(want[2], want[3])  # the mask acts
-    barrier = threading.Barrier(len(routes))
-    got, errors = [[] for _ in routes], []
+    def body(t):
+        with ctx(), fusion_route(routes[t]), fa.adapter_mask(thread_masks[t]):
+            return [m(a, res) for _ in range(20)]
 
-    def worker(t):
-        try:
-            barrier.wait()
-            with ctx(), fusion_route(routes[t]), fa.adapter_mask(thread_masks[t]):
-                for _ in range(20):
-                    got[t].append(m(a, res))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(routes))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    got = run_together(len(routes), body)
     for t in range(len(routes)):
         assert len(got[t]) == 20 and all(torch.equal(o, want[t]) for o in got[t]), f"thread {t}"
     assert fa.multitask.current_fusion_route() is None  # the threads' blocks did not leak here

@@ -27,6 +27,7 @@ from conftest import requires_adapterhub
 from fusedadapter.multitask import MultiFusion
 from fusedadapter.patching import fusion_sites
 from fusedadapter.testing import FLOORS, assert_oracle, perturb_, rel_err
+from threads_helper import run_together
 from tiny_models import last_hidden, one_thread, tiny_inputs, tiny_model  # noqa: F401 (autouse fixture)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
@@ -443,7 +444,6 @@ def test_accelerated_multitask_threads_with_their_own_routes(backend):
     """Four threads on one accelerated MultiTask model, each with its own route (task_ids, or a
     fusion_route block, with and without an adapter_mask block): every call returns its own rows, bit
     for bit the single-threaded result."""
-    import threading
 
     from adapters.composition import MultiTask
 
@@ -465,22 +465,6 @@ def test_accelerated_multitask_threads_with_their_own_routes(backend):
 
     want = [call(*p) for p in plans]
     assert len({tuple(w.flatten()[:8].tolist()) for w in want}) == len(plans)  # four different results
-    barrier = threading.Barrier(len(plans))
-    got, errors = [[] for _ in plans], []
-
-    def worker(t):
-        try:
-            barrier.wait()
-            for _ in range(10):
-                got[t].append(call(*plans[t]))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(plans))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    got = run_together(len(plans), lambda t: [call(*plans[t]) for _ in range(10)])
     for t in range(len(plans)):
         assert len(got[t]) == 10 and all(torch.equal(o, want[t]) for o in got[t]), f"thread {t}"
