@@ -161,7 +161,10 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "python -m benchmarks.train_fold_precision " + " ".join(argv or sys.argv[1:]),
-                       "torch": torch.__version__, "rows": table}, f, indent=1)
+                       "torch": torch.__version__, "rows": table,
+                       # per variant, each site's worst err / bound in site order: two trees' runs with the
+                       # same --sites / --seed / --hidden compare site by site (new sites over the bound)
+                       "site_ratios": ratios}, f, indent=1)
 
 
 if __name__ == "__main__":
