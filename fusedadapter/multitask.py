@@ -329,10 +329,11 @@ class MultiFusion(nn.Module):
         order = None
         if any(x > y for x, y in zip(id_list, id_list[1:])):  # rows not grouped by fusion: gather / scatter
             order = torch.argsort(ids, stable=True)
-        # inference, rows grouped by fusion: each group's op writes its rows of one batch output (no concatenation)
-        into = (adapter_input.new_empty(adapter_input.shape) if order is None and not exporting
+        # inference: each group's op writes its rows of one batch output (no concatenation), in the batch's
+        # order where rows come grouped by fusion, else in fusion order (then one gather puts them back)
+        into = (adapter_input.new_empty(adapter_input.shape) if not exporting
                 and not torch.is_grad_enabled() and sum(c > 0 for c in counts) > 1 else None)
-        outs, probs_parts, row_index, start = [], [], [], 0
+        outs, probs_parts, start = [], [], 0
         for k, site in enumerate(sites):
             n = counts[k]
             if n == 0:
@@ -342,7 +343,6 @@ class MultiFusion(nn.Module):
             else:
                 idx = order[start:start + n].to(adapter_input.device)
                 take = (lambda t, idx=idx: t.index_select(0, idx))
-                row_index.append(idx)
             start += n
             whole = n == batch
             cols = [pool_index.get(a, -1) for a in site.adapters]
@@ -375,8 +375,9 @@ class MultiFusion(nn.Module):
                     probs = full
                 probs_parts.append(probs)
         if into is not None:
-            out = into
+            out = into if order is None else rows.unsort_rows(into, order)
             probs = torch.cat(probs_parts, 0) if return_probs else None
+            probs = probs if probs is None or order is None else rows.unsort_rows(probs, order)
         elif exporting:
             out = rows.select_rows(outs, ids)
             probs = rows.select_rows(probs_parts, ids) if return_probs else None
@@ -386,9 +387,9 @@ class MultiFusion(nn.Module):
         elif order is None:  # rows grouped by fusion, in the fusions' order
             out = torch.cat(outs, 0)
             probs = torch.cat(probs_parts, 0) if return_probs else None
-        else:  # scatter each group's rows back (into a fresh tensor: autograd flows to the groups)
-            out = rows.scatter_rows(outs, row_index, batch)
-            probs = rows.scatter_rows(probs_parts, row_index, batch) if return_probs else None
+        else:  # the groups' rows back in the batch's order (autograd flows to the groups)
+            out = rows.unsort_rows(torch.cat(outs, 0), order)
+            probs = rows.unsort_rows(torch.cat(probs_parts, 0), order) if return_probs else None
         if torch.is_grad_enabled():
             unused = self._unused_params(counts)
             if unused:

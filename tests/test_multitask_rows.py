@@ -1,9 +1,9 @@
 """The routed inference path that writes each row group's output into its rows of one batch
 output (fusedadapter/multitask_rows.py: run_group_into, the cpu backend's fusion_cpu_out).
 
-Inference (``torch.inference_mode`` / ``no_grad``), a fusion's rows adjacent: every fusion the
-path takes (folded form on ``cpu``) writes straight into the output, the others (``residual_before``,
-other backends) run as usual and are copied in. Every row equals that row run alone through its
+Inference (``torch.inference_mode`` / ``no_grad``): every fusion the path takes (folded form on
+``cpu``) writes straight into the output (rows not adjacent per fusion: into a fusion-ordered buffer,
+gathered back once), the others (``residual_before``, other backends) run as usual and are copied in. Every row equals that row run alone through its
 own fusion (docs/algorithm.md §4 oracle) and, bitwise, its group's own forward (the same op on the
 same rows); with and without masks, with a fusion without rows.
 """
@@ -23,6 +23,7 @@ from tiny_models import one_thread  # noqa: F401 (autouse: one intra-op thread)
 F32, F64 = torch.float32, torch.float64
 SORTED = ["sst", "sst", "mnli", "qqp", "qqp"]      # each fusion's rows adjacent (the slice path)
 NO_MNLI = ["sst", "sst", "sst", "qqp", "qqp"]
+INTERLEAVED = ["qqp", "sst", "mnli", "sst", "qqp"]  # groups run in fusion order, then one gather
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def taken(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("mask", ["none", "batch", "token"])
-@pytest.mark.parametrize("route", [SORTED, NO_MNLI], ids=["all", "mnli-no-rows"])
+@pytest.mark.parametrize("route", [SORTED, NO_MNLI, INTERLEAVED], ids=["all", "mnli-no-rows", "interleaved"])
 @pytest.mark.parametrize("grad_off", ["inference_mode", "no_grad"])
 def test_inference_rows_written_in_place(backend, mask, route, grad_off, taken):
     _backend_or_skip(backend)
@@ -75,12 +76,12 @@ def test_inference_rows_written_in_place(backend, mask, route, grad_off, taken):
     pool = m.adapter_names
     with torch.no_grad():  # bitwise: each group's own forward on its rows (the separate forwards)
         for name in dict.fromkeys(route):
-            idx = [i for i, r in enumerate(route) if r == name]
-            s, e = idx[0], idx[-1] + 1
+            idx = torch.tensor([i for i, r in enumerate(route) if r == name])
             cols = [pool.index(n) for n in FUSIONS[name][1]]
-            sub_mask = None if adapter_mask is None else adapter_mask[s:e][..., cols]
-            o = m.fusions_by_name[name](a[s:e], res[s:e], adapter_mask=sub_mask)
-            assert torch.equal(out[s:e], o), name
+            sub_mask = None if adapter_mask is None else adapter_mask[idx][..., cols]
+            o, p = m.fusions_by_name[name](a[idx], res[idx], adapter_mask=sub_mask, return_probs=True)
+            assert torch.equal(out[idx], o), name
+            assert torch.equal(probs[idx][..., cols], p), name
 
 
 def test_autograd_keeps_the_general_path(taken):
