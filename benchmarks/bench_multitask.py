@@ -20,7 +20,12 @@ fusion per target task over the same adapters), :class:`fusedadapter.MultiFusion
 
 Timed under ``torch.inference_mode`` (serving), interleaved (``benchmarks.timing.time_interleaved``:
 each round runs every variant once, the first rotating), so load on a shared machine falls on all
-alike. Reported: median / p20 / p80 ms per forward, tokens/s, and the speed-up of each routed
+alike. Each timed call follows an untimed call of the same variant (``--no-warm-call``: not): a
+call right after another variant pays for that variant's allocations, not its own. glibc hands
+freed blocks of many MB back to the kernel, so the next call's large tensors page-fault again
+(K=4, B=32 S=128, 1 thread, AMD EPYC: the routed call alone 36.4 ms with 0 minor faults, right
+after an interleaved-rows call 40.0 ms with 3,040 faults = its 12 MB output; in rounds of all three
+variants routed measured 0.90x separate, of the minimums 1.006x). Reported: median / p20 / p80 ms per forward, tokens/s, and the speed-up of each routed
 variant over ``separate`` as the median (p20, p80) of per-round ratios ``t_separate / t_routed``.
 A benchmark script, not a timed test.
 """
@@ -98,14 +103,19 @@ def run_point(k, args, device, dtype):
         with torch.inference_mode():
             return site(a_i, res_i, route=interleaved)
 
-    steps = {"separate": Step(run=separate)}
+    steps = {"separate": _step(separate, args)}
     if "contiguous" in args.rows:
-        steps["routed"] = Step(run=routed)
+        steps["routed"] = _step(routed, args)
     if "interleaved" in args.rows:
-        steps["routed-interleaved"] = Step(run=routed_interleaved)
+        steps["routed-interleaved"] = _step(routed_interleaved, args)
     sync(device)
     ms = time_interleaved(steps, device, repeats=args.repeats, min_sample_s=args.min_sample_s, warmup=args.warmup)
     return _rows(ms, args), err
+
+
+def _step(run, args) -> Step:
+    """A timed call of ``run``, after an untimed one (the module docstring: allocator state)."""
+    return Step(run=run, prep=None if args.no_warm_call else run)
 
 
 def _commit() -> str:
@@ -167,7 +177,7 @@ def run_model_point(k, args):
 
     want, got = torch.cat(separate()), routed()
     err = (got - want).abs().max().item() / want.abs().max().item()
-    ms = time_interleaved({"model separate": Step(run=separate), "model routed": Step(run=routed)}, "cpu",
+    ms = time_interleaved({"model separate": _step(separate, args), "model routed": _step(routed, args)}, "cpu",
                           repeats=args.repeats, min_sample_s=0.0, warmup=1)
     return _rows(ms, args, baseline="model separate"), err
 
@@ -200,6 +210,8 @@ def main(argv=None):
                     help="routed variants: tasks' rows adjacent and/or round-robin (default both)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7; >= 5 for committed rows)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-warm-call", action="store_true",
+                    help="time each call right after the previous variant's, without an untimed call of its own first")
     ap.add_argument("--min-sample-s", type=float, default=0.0, help="minimum seconds per sample (default 0: one call)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: steadier on a shared machine; 0 = torch's default)")
