@@ -23,6 +23,7 @@ import fusedadapter as fa
 from conftest import requires_adapterhub
 from fusedadapter.patching import collect_fusion_probs, fusion_sites
 from fusedadapter.testing import perturb_
+from threads_helper import run_together
 from tiny_models import last_hidden, one_thread, tiny_inputs, tiny_model  # noqa: F401 (autouse fixture)
 
 N_THREADS = 2
@@ -79,32 +80,20 @@ def run_threads(call, inputs, masks):
     want = {(t, mode): call(inputs[t], masks[t], mode) for t in range(N_THREADS) for mode in MODES}
     assert not torch.equal(want[0, "plain"][0], want[0, "mask"][0])  # the mask matters
     assert want[0, "collect"][1] and want[0, "collect"][1].keys() == want[1, "collect+mask"][1].keys()
-    barrier = threading.Barrier(N_THREADS)
-    bad, errors = [], []
+    bad = []
 
-    def worker(t):
-        try:
-            barrier.wait(60)
-            for i in range(N_CALLS):
-                mode = MODES[(i + t) % len(MODES)]
-                out, probs = call(inputs[t], masks[t], mode)
-                w_out, w_probs = want[t, mode]
-                if not torch.equal(out, w_out):
-                    bad.append(f"thread {t} call {i} ({mode}): output off by {(out - w_out).abs().max().item():.3g}")
-                if (probs is None) != (w_probs is None) or (probs is not None and (
-                        probs.keys() != w_probs.keys() or not all(torch.equal(probs[k], w_probs[k]) for k in probs))):
-                    bad.append(f"thread {t} call {i} ({mode}): collected probabilities differ")
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
-            barrier.abort()
+    def body(t):
+        for i in range(N_CALLS):
+            mode = MODES[(i + t) % len(MODES)]
+            out, probs = call(inputs[t], masks[t], mode)
+            w_out, w_probs = want[t, mode]
+            if not torch.equal(out, w_out):
+                bad.append(f"thread {t} call {i} ({mode}): output off by {(out - w_out).abs().max().item():.3g}")
+            if (probs is None) != (w_probs is None) or (probs is not None and (
+                    probs.keys() != w_probs.keys() or not all(torch.equal(probs[k], w_probs[k]) for k in probs))):
+                bad.append(f"thread {t} call {i} ({mode}): collected probabilities differ")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(300)
-    if errors:
-        raise errors[0]
+    run_together(N_THREADS, body)
     return bad
 
 
