@@ -25,8 +25,9 @@ call right after another variant pays for that variant's allocations, not its ow
 freed blocks of many MB back to the kernel, so the next call's large tensors page-fault again
 (K=4, B=32 S=128, 1 thread, AMD EPYC: the routed call alone 36.4 ms with 0 minor faults, right
 after an interleaved-rows call 40.0 ms with 3,040 faults = its 12 MB output; in rounds of all three
-variants routed measured 0.90x separate, of the minimums 1.006x). Reported: median / p20 / p80 ms per forward, tokens/s, and the speed-up of each routed
-variant over ``separate`` as the median (p20, p80) of per-round ratios ``t_separate / t_routed``.
+variants routed measured 0.90x separate, of the minimums 1.006x). Reported: median / p20 / p80 ms
+per forward, tokens/s, and the speed-up of each routed variant over ``separate`` as the median
+(p20, p80) of per-round ratios ``t_separate / t_routed``.
 A benchmark script, not a timed test.
 """
 

@@ -327,7 +327,7 @@ class MultiFusion(nn.Module):
         for i in id_list:
             counts[i] += 1
         order = None
-        if any(x > y for x, y in zip(id_list, id_list[1:])):  # rows not grouped by fusion: gather / scatter
+        if any(x > y for x, y in zip(id_list, id_list[1:])):  # rows not grouped by fusion: gathered per group, gathered back
             order = torch.argsort(ids, stable=True)
         # inference: each group's op writes its rows of one batch output (no concatenation), in the batch's
         # order where rows come grouped by fusion, else in fusion order (then one gather puts them back)
@@ -375,21 +375,21 @@ class MultiFusion(nn.Module):
                     probs = full
                 probs_parts.append(probs)
         if into is not None:
-            out = into if order is None else rows.unsort_rows(into, order)
+            out = into
             probs = torch.cat(probs_parts, 0) if return_probs else None
-            probs = probs if probs is None or order is None else rows.unsort_rows(probs, order)
         elif exporting:
             out = rows.select_rows(outs, ids)
             probs = rows.select_rows(probs_parts, ids) if return_probs else None
         elif len(outs) == 1:
             out = outs[0]
             probs = probs_parts[0] if return_probs else None
-        elif order is None:  # rows grouped by fusion, in the fusions' order
+        else:  # the groups' rows in the fusions' order
             out = torch.cat(outs, 0)
             probs = torch.cat(probs_parts, 0) if return_probs else None
-        else:  # the groups' rows back in the batch's order (autograd flows to the groups)
-            out = rows.unsort_rows(torch.cat(outs, 0), order)
-            probs = rows.unsort_rows(torch.cat(probs_parts, 0), order) if return_probs else None
+        if order is not None:  # the groups ran in fusion order: the batch's order back by one gather
+            back = rows.inverse_permutation(order, out.device)
+            out = out.index_select(0, back)  # differentiable: autograd flows to the groups
+            probs = None if probs is None else probs.index_select(0, back)
         if torch.is_grad_enabled():
             unused = self._unused_params(counts)
             if unused:
