@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["FLOORS", "rel_err", "oracle_check", "assert_oracle", "perturb_"]
+__all__ = ["FLOORS", "rel_err", "oracle_check", "assert_oracle", "perturb_", "softmax_saturated"]
 
 FLOORS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -30,6 +30,18 @@ def rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
     if math.isnan(diff):
         return math.inf
     return diff / denom if denom > 0 else diff
+
+
+def softmax_saturated(truth_probs: torch.Tensor) -> bool:
+    """Whether some row of the float64 truth's fusion probabilities (..., N) saturates: the probabilities
+    other than the largest sum to < 1e-12. There the float64 reference's own softmax backward
+    (``p (g - sum p g)``) cannot resolve the logit gradients (``1 - p_max`` is lost next to 1), so the
+    oracle's truth for the gradients behind the softmax is not accurate (their size can be ~1e-25):
+    precision surveys report such sites apart."""
+    p = truth_probs.reshape(-1, truth_probs.shape[-1])
+    if p.shape[-1] < 2 or p.numel() == 0:
+        return False
+    return bool(((p.sum(-1) - p.max(-1).values) < 1e-12).any())
 
 
 def oracle_check(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype):

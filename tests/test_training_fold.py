@@ -11,8 +11,8 @@ import torch.utils.checkpoint
 
 import fusedadapter as fa
 import fusedadapter.fold as fold_mod
-from benchmarks.train_fold_precision import random_site, worst_ratio
-from fusedadapter.testing import perturb_
+from benchmarks.train_fold_precision import random_site, site_ratio, worst_ratio
+from fusedadapter.testing import perturb_, softmax_saturated
 from backends import skip_unless_runnable
 from parity import make_inputs, make_site
 
@@ -138,6 +138,43 @@ def test_stage2_oracle_outputs_and_gradients(backend, dtype, form):
         site, m, dropout = random_site(rng, 100 + i)
         ratio, where = worst_ratio(site, m, dropout, dtype, None, seed=i + 1, backend=backend)
         assert ratio <= 1.0, f"site {i}: {where} at {ratio:.2f}x the oracle bound"
+
+
+def test_softmax_saturated_flags_rows_the_float64_truth_cannot_resolve():
+    p = torch.softmax(torch.randn(6, 5, dtype=torch.float64), -1)
+    assert not softmax_saturated(p)
+    assert not softmax_saturated(torch.ones(3, 1, dtype=torch.float64))  # N = 1: nothing to resolve
+    assert not softmax_saturated(torch.empty(0, 4, dtype=torch.float64))
+    q = p.clone()
+    q[4] = torch.tensor([1.0, 7e-28, 1e-39, 9e-31, 5e-68], dtype=torch.float64)  # one such row is enough
+    assert softmax_saturated(q) and softmax_saturated(q.view(2, 3, 5))
+    q[4] = torch.tensor([1.0 - 1e-11, 1e-11, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert not softmax_saturated(q)
+
+
+def test_precision_survey_keeps_the_forward_of_saturated_sites_and_the_tests_keep_everything():
+    """The survey (``saturated_apart``) checks only outputs and probabilities at a site whose truth
+    saturates; the tests' worst_ratio checks every tensor. H=768, N=5, 1 token (the survey's site
+    22 at seed 5): p = [1, 7e-28, ...], the float64 truth's d_query.bias ~2e-25."""
+    import random
+
+    import benchmarks.train_fold_precision as survey
+
+    rng = random.Random(5)
+    hidden = survey.HIDDEN[:]
+    survey.HIDDEN[:] = [256, 768]
+    try:
+        for i in range(23):
+            site, m, dropout = random_site(rng, 5 * 1000 + i)
+    finally:
+        survey.HIDDEN[:] = hidden
+    assert (site.hidden_size, site.num_adapters, m) == (768, 5, 1)
+    full, where, sat = site_ratio(site, m, dropout, torch.float32, "default", seed=23)
+    fwd, where_fwd, sat2 = site_ratio(site, m, dropout, torch.float32, "default", seed=23, saturated_apart=True)
+    assert sat and sat2
+    assert full > 1e3 and where == "d_query.bias"  # the gradient behind a saturated softmax: no accurate truth
+    assert fwd <= 1.0 and where_fwd in ("out", "probs")
+    assert worst_ratio(site, m, dropout, torch.float32, "default", seed=23) == (full, where)
 
 
 @pytest.mark.parametrize("flags", [{}, {"query": False}, {"key": False}, {"value": False},
