@@ -40,6 +40,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def cpu_op():
+    """The cpu backend's op (fusedadapter::fusion_cpu), built here; a build failure fails the test."""
+    import fusedadapter as fa
+    from fusedadapter import extension
+
+    try:
+        return extension.load_native_op("cpu", "cpu")
+    except fa.BackendUnavailable as exc:  # pragma: no cover - CI has a compiler
+        pytest.fail(f"the cpu extension must build here: {exc}")
+
+
 def adapters_available() -> bool:
     try:
         import adapters  # noqa: F401

@@ -47,14 +47,6 @@ def site4(seed=0, **flags):
     return make_site(24, [3, 5, 4, 6], ["relu", "gelu", "swish", "tanh"], ln_before=(1,), seed=seed, **flags)
 
 
-@pytest.fixture(scope="module")
-def cpu_op():
-    try:
-        return extension.load_native_op("cpu", "cpu")
-    except fa.BackendUnavailable as exc:  # pragma: no cover - CI has a compiler
-        pytest.fail(f"the cpu extension must build here: {exc}")
-
-
 def _triton():
     fusion = pytest.importorskip("fusedadapter.kernels.fusion", reason="needs the `triton` package")
     if fusion.unsupported_reason("cpu") is not None:

@@ -25,14 +25,6 @@ from parity import check_parity, make_inputs, make_site
 ACTS = ACTIVATIONS
 
 
-@pytest.fixture(scope="module")
-def cpu_op():
-    try:
-        return extension.load_native_op("cpu", "cpu")
-    except fa.BackendUnavailable as exc:  # pragma: no cover - CI has a compiler
-        pytest.fail(f"the cpu extension must build here: {exc}")
-
-
 def _cfg(*args):
     return list(torch.ops.fusedadapter._cpu_config(*args))
 
