@@ -18,11 +18,11 @@
 namespace fusedadapter {
 
 // Op schema strings. tests/test_native.py checks them against fusedadapter.ops.
-#define FA_FUSION_SCHEMA_ARGS                                                                            \
+#define FA_FUSION_ARGS                                                                                   \
   "(Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, Tensor w_query, "           \
   "Tensor? b_query, Tensor w_out, int[] segments, int[] activations, float temperature=1.0, "            \
-  "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None, Tensor? adapter_mask=None) " \
-  "-> (Tensor, Tensor)"
+  "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None, Tensor? adapter_mask=None)"
+#define FA_FUSION_SCHEMA_ARGS FA_FUSION_ARGS " -> (Tensor, Tensor)"
 #define FA_FUSION_BACKWARD_SCHEMA_ARGS                                                                   \
   "(Tensor grad_out, Tensor? grad_probs, Tensor probs, Tensor xd, Tensor? xq, Tensor w_down, "            \
   "Tensor? b_down, Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, int[] activations, "  \

@@ -14,11 +14,13 @@
 //                             and fp32 GEMM1 outputs (never rounded before the epilogue), the
 //                             GEMM2 input p*z rounded to bf16; else the fp32 path on upcast rows
 //   fp16 (and no AVX-512)     the fp32 path through at::addmm on upcast rows
-// Backward: fp32/fp64 from scratch (GEMM1 and softmax recomputed, the saved probs not reused), GEMM1
-// on the weights as the forward's GEMM1 saw them (bf16-rounded where the forward took the bf16
-// GEMMs, so the backward differentiates the forward's p, as the CUDA backend does), the rest with
-// the exact weights; epilogue backward fused in one pass, the rest ATen GEMMs (oneDNN's matmul in
-// float32 from onednn_min_m rows; cpu_kernels.h Tuning has the measurements).
+// Backward: fp32/fp64, the softmax recomputed in double from GEMM1's output (the saved probs not
+// reused). fusion_cpu_backward recomputes GEMM1 on the weights as the forward's GEMM1 saw them
+// (bf16-rounded where the forward took the bf16 GEMMs, so the backward differentiates the forward's
+// p, as the CUDA backend does); the training pair fusion_cpu_train / fusion_cpu_train_backward
+// (fusedadapter/cpu_train.py: what a training call runs) keeps the forward's GEMM1 output instead.
+// The gradients' products use the exact weights; epilogue backward fused in one pass, the rest ATen
+// GEMMs (oneDNN's matmul in float32 from onednn_min_m rows; cpu_kernels.h Tuning has the measurements).
 // oneDNN (mkldnn::_linear_pointwise, looked up once through the dispatcher; x86 torch builds with
 // mkldnn, AVX-512 active, tuning().f32_gemm == kF32Onednn): on x86 torch's float32 mm goes to MKL's
 // sgemm, which runs its AVX2 code on AMD CPUs, where oneDNN picks AVX-512 (1.5-2.2x per GEMM at
@@ -302,6 +304,9 @@ bool uses_bf16_gemms(at::ScalarType adt, int64_t M) {
 // The forward into `out` (M, H), contiguous rows: fusion_cpu allocates it, fusion_cpu_out (below)
 // takes the caller's buffer (a MultiFusion writes each row group's output into its rows of one
 // batch output, with no concatenation afterwards).
+// gemm1_out (training, fusion_cpu_train): when given, receives GEMM1's output [zp | t] (M, 2R+N) in the
+// accumulation dtype, for the backward to differentiate instead of recomputing it (as the epilogue read
+// it; on the small-M kernel's rows as ATen's GEMM computes it, see there).
 std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionDims& d, const at::Tensor& xd,
                                                    const OptTensor& xq, const OptTensor& residual,
                                                    const at::Tensor& w_down, const OptTensor& b_down,
@@ -309,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
                                                    const at::Tensor& w_out, c10::IntArrayRef segments,
                                                    c10::IntArrayRef activations, double temperature, double dropout_p,
                                                    int64_t seed, const OptTensor& keep_mask,
-                                                   const OptTensor& logit_shift, const OptTensor& adapter_mask) {
+                                                   const OptTensor& logit_shift, const OptTensor& adapter_mask,
+                                                   at::Tensor* gemm1_out = nullptr) {
   const SegmentInfo seg(segments, activations);
   const int64_t M = d.M, R = d.R, N = d.N, H = d.H, RN = R + N;
   const auto adt = xd.scalar_type();
@@ -318,6 +324,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
   const bool dnn = adt == at::kFloat && M > cpu::tuning().small_m_max && uses_onednn(M, cpu::tuning().onednn_fwd_min_m);
   if (!out.defined() && !dnn) out = at::empty({M, H}, xd.options());  // fusion_cpu: no buffer given
   auto probs = at::empty({M, N}, xd.options().dtype(acc));
+  if (gemm1_out != nullptr) *gemm1_out = at::empty({0, 2 * R + N}, xd.options().dtype(acc));
   if (M == 0) return {out, probs};
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
@@ -337,6 +344,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
     double* b = buf.data_ptr<double>();
     epilogue_forward<double, double>(seg, M, b, 2 * R + N, b + R, 2 * R + N, probs.data_ptr<double>(),
                                      w.data_ptr<double>(), RN, temperature, dr, nullptr);
+    if (gemm1_out != nullptr) *gemm1_out = buf;
     if (residual.has_value()) {
       at::addmm_out(out, *residual, w, wo.t());
     } else {
@@ -373,6 +381,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
     if (ldw != RN) w.narrow(1, RN, 1).zero_();
     epilogue_forward<float, uint16_t>(seg, M, b, ldb1, b + R, ldb1, probs.data_ptr<float>(), u16(w), ldw,
                                       static_cast<float>(temperature), dr, ops);
+    if (gemm1_out != nullptr) *gemm1_out = buf;
     const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
     cpu::gemm_bf16_packed(M, H, RN, bf16_ptr(w), ldw, u16(wo_p), nullptr, res.defined() ? bf16_ptr(res) : nullptr,
                           res.defined() ? Elem::kBF16 : Elem::kNone, H, u16(out), Elem::kBF16, H);
@@ -395,6 +404,7 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
     auto w = at::empty({M, RN}, xd.options());
     epilogue_forward<float, float>(seg, M, zp.data_ptr<float>(), R, t.data_ptr<float>(), RN, probs.data_ptr<float>(),
                                    w.data_ptr<float>(), RN, static_cast<float>(temperature), dr, ops);
+    if (gemm1_out != nullptr) *gemm1_out = at::cat({zp, t}, 1);
     at::Tensor o = residual.has_value() ? dnn_linear_add(w, *residual, wo) : dnn_linear(w, wo);
     if (out.defined()) {
       out.copy_(o);
@@ -430,6 +440,18 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
   auto w = at::empty({M, RN}, xd.options().dtype(at::kFloat));
   epilogue_forward<float, float>(seg, M, b, ldb1, b + R, ldb1, probs.data_ptr<float>(), w.data_ptr<float>(), RN,
                                  static_cast<float>(temperature), dr, ops);
+  if (gemm1_out != nullptr && kind == Gemm::kSmall) {
+    // Past the small-M kernel's rows the backward gets GEMM1 as ATen's GEMM computes it, as the
+    // recomputing backward did (a few rows: cheap): the small kernel's own rounding put a site of
+    // tests/test_native.py's fp32 tail (H=17, N=20, one token) at 1.17x the §4 bound, where ATen's
+    // coincides with the reference's own F.linear.
+    auto g = at::empty({M, ldb1}, xd.options().dtype(at::kFloat));
+    addmm_into(g.narrow(1, 0, R), xd32, wd, bd);
+    addmm_into(g.narrow(1, R, RN), xq32, wq, bq);
+    *gemm1_out = g;
+  } else if (gemm1_out != nullptr) {
+    *gemm1_out = buf;
+  }
   const bool direct_out = adt == at::kFloat || adt == at::kBFloat16;  // the kernels store float or bf16
   if (kind != Gemm::kBlas && direct_out) {
     const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
@@ -492,27 +514,37 @@ at::Tensor fusion_cpu_out(const at::Tensor& out, const at::Tensor& xd, const Opt
 }
 
 // ------------------------------------------------------------------------------------ backward
-Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_probs, const at::Tensor& probs,
-                          const at::Tensor& xd, const OptTensor& xq, const at::Tensor& w_down, const OptTensor& b_down,
-                          const at::Tensor& w_query, const OptTensor& b_query, const at::Tensor& w_out,
-                          c10::IntArrayRef segments, c10::IntArrayRef activations, double temperature,
-                          double dropout_p, int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
-                          c10::List<bool> needs_list, const OptTensor& adapter_mask) {
-  const FusionDims d = check_fusion_args("fusion_cpu_backward", c10::DeviceType::CPU, xd, xq, std::nullopt, w_down,
-                                         b_down, w_query, b_query, w_out, segments, activations, temperature,
-                                         dropout_p, keep_mask, logit_shift, adapter_mask);
-  const auto needs = check_backward_args("fusion_cpu_backward", d, grad_out, grad_probs, needs_list);
+// The backward, from GEMM1's forward output `gemm1` ([zp | t], fusion_cpu_train) or, without it
+// (fusion_cpu_backward), from GEMM1 recomputed.
+Grads backward_impl(const char* op, const at::Tensor& grad_out, const OptTensor& grad_probs, const at::Tensor& probs,
+                    const at::Tensor& xd, const OptTensor& xq, const at::Tensor& w_down, const OptTensor& b_down,
+                    const at::Tensor& w_query, const OptTensor& b_query, const at::Tensor& w_out,
+                    c10::IntArrayRef segments, c10::IntArrayRef activations, double temperature, double dropout_p,
+                    int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
+                    const c10::List<bool>& needs_list, const OptTensor& adapter_mask, const OptTensor& gemm1) {
+  const FusionDims d = check_fusion_args(op, c10::DeviceType::CPU, xd, xq, std::nullopt, w_down, b_down, w_query,
+                                         b_query, w_out, segments, activations, temperature, dropout_p, keep_mask,
+                                         logit_shift, adapter_mask);
+  const auto needs = check_backward_args(op, d, grad_out, grad_probs, needs_list);
   const int64_t M = d.M, R = d.R, N = d.N, RN = R + N;
   const auto acc = acc_type_of(xd.scalar_type());
   const bool dnn = acc == at::kFloat && uses_onednn(M, cpu::tuning().onednn_min_m);
-  (void)probs;  // recomputed (exact weights), see the file comment
+  (void)probs;  // recomputed from GEMM1's output in double, see the file comment
+  const bool saved = gemm1.has_value();
+  if (saved) {
+    TORCH_CHECK_VALUE(gemm1->dim() == 2 && gemm1->size(0) == M && gemm1->size(1) == 2 * R + N &&
+                          gemm1->scalar_type() == acc && gemm1->device().is_cpu(),
+                      op, ": gemm1 must be the forward's (", M, ", ", 2 * R + N, ") ", acc, " GEMM1 output, got ",
+                      shape_str(*gemm1), " ", gemm1->scalar_type());
+  }
   const SegmentInfo seg(segments, activations);
   const auto opts = xd.options().dtype(acc);
   const at::Tensor xdc = xd.to(acc).contiguous();
   const at::Tensor xqc = xq.has_value() ? xq->to(acc).contiguous() : xdc;
   const at::Tensor wd = w_down.contiguous(), wq = w_query.contiguous(), wo = w_out.contiguous();
-  auto zp = dnn && M > 0 ? at::Tensor() : at::empty({M, R}, opts);
-  auto t = dnn && M > 0 ? at::Tensor() : at::empty({M, RN}, opts);
+  const bool fresh = dnn && M > 0 && !saved;  // dnn_linear returns its own tensors
+  auto zp = saved ? gemm1->narrow(1, 0, R).contiguous() : fresh ? at::Tensor() : at::empty({M, R}, opts);
+  auto t = saved ? gemm1->narrow(1, R, RN).contiguous() : fresh ? at::Tensor() : at::empty({M, RN}, opts);
   auto dzp = at::empty({M, R}, opts);
   auto dt = at::empty({M, RN}, opts);
   at::Tensor go = grad_out.to(acc).contiguous();
@@ -524,18 +556,23 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
   const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();
   if (M > 0) {
-    // GEMM1 on the weights the forward's GEMM1 used: rounded to bf16 (RNE, as pack_b_bf16) on the
-    // bf16 path, so the recomputed p is the forward's; the gradients' own products use the exact ones.
-    const bool rounded = uses_bf16_gemms(xd.scalar_type(), M);
-    const at::Tensor wd1 = rounded ? wd.to(at::kBFloat16).to(acc) : wd;
-    const at::Tensor wq1 = rounded ? wq.to(at::kBFloat16).to(acc) : wq;
+    if (!saved) {
+      // GEMM1 on the weights the forward's GEMM1 used: rounded to bf16 (RNE, as pack_b_bf16) on the
+      // bf16 path, so the recomputed p is the forward's; the gradients' own products use the exact ones.
+      const bool rounded = uses_bf16_gemms(xd.scalar_type(), M);
+      const at::Tensor wd1 = rounded ? wd.to(at::kBFloat16).to(acc) : wd;
+      const at::Tensor wq1 = rounded ? wq.to(at::kBFloat16).to(acc) : wq;
+      if (dnn) {
+        zp = dnn_linear(xdc, wd1, b_down);
+        t = dnn_linear(xqc, wq1, b_query);
+      } else {
+        addmm_into(zp, xdc, wd1, b_down);
+        addmm_into(t, xqc, wq1, b_query);
+      }
+    }
     if (dnn) {
-      zp = dnn_linear(xdc, wd1, b_down);
-      t = dnn_linear(xqc, wq1, b_query);
       dw = dnn_linear(go, wo.t());
     } else {
-      addmm_into(zp, xdc, wd1, b_down);
-      addmm_into(t, xqc, wq1, b_query);
       at::mm_out(dw, go, wo);
     }
     AT_DISPATCH_FLOATING_TYPES(acc, "fusion_cpu_backward", [&] {
@@ -556,6 +593,47 @@ Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_prob
   }
   return assemble_grads(needs, grad_out, go, xd, xq, xdc, xqc, wd, b_down, wq, b_query, logit_shift, dzp, dt, wmix,
                         dshift);
+}
+
+Grads fusion_cpu_backward(const at::Tensor& grad_out, const OptTensor& grad_probs, const at::Tensor& probs,
+                          const at::Tensor& xd, const OptTensor& xq, const at::Tensor& w_down, const OptTensor& b_down,
+                          const at::Tensor& w_query, const OptTensor& b_query, const at::Tensor& w_out,
+                          c10::IntArrayRef segments, c10::IntArrayRef activations, double temperature,
+                          double dropout_p, int64_t seed, const OptTensor& keep_mask, const OptTensor& logit_shift,
+                          c10::List<bool> needs_list, const OptTensor& adapter_mask) {
+  return backward_impl("fusion_cpu_backward", grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query,
+                       w_out, segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs_list,
+                       adapter_mask, std::nullopt);
+}
+
+// The training pair (fusedadapter/cpu_train.py): the forward also returns GEMM1's output, which the
+// backward differentiates instead of recomputing GEMM1 (M x H x (2R+N) multiply-adds, ~1/4 of the
+// backward's arithmetic), at M x (2R+N) accumulation-dtype elements saved.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fusion_cpu_train(
+    const at::Tensor& xd, const OptTensor& xq, const OptTensor& residual, const at::Tensor& w_down,
+    const OptTensor& b_down, const at::Tensor& w_query, const OptTensor& b_query, const at::Tensor& w_out,
+    c10::IntArrayRef segments, c10::IntArrayRef activations, double temperature, double dropout_p, int64_t seed,
+    const OptTensor& keep_mask, const OptTensor& logit_shift, const OptTensor& adapter_mask) {
+  const FusionDims d = check_fusion_args("fusion_cpu_train", c10::DeviceType::CPU, xd, xq, residual, w_down, b_down,
+                                         w_query, b_query, w_out, segments, activations, temperature, dropout_p,
+                                         keep_mask, logit_shift, adapter_mask);
+  at::Tensor gemm1;
+  auto [out, probs] = fusion_cpu_into(at::Tensor(), d, xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
+                                      segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift,
+                                      adapter_mask, &gemm1);
+  return {out, probs, gemm1};
+}
+
+Grads fusion_cpu_train_backward(const at::Tensor& grad_out, const OptTensor& grad_probs, const at::Tensor& probs,
+                                const at::Tensor& gemm1, const at::Tensor& xd, const OptTensor& xq,
+                                const at::Tensor& w_down, const OptTensor& b_down, const at::Tensor& w_query,
+                                const OptTensor& b_query, const at::Tensor& w_out, c10::IntArrayRef segments,
+                                c10::IntArrayRef activations, double temperature, double dropout_p, int64_t seed,
+                                const OptTensor& keep_mask, const OptTensor& logit_shift, c10::List<bool> needs_list,
+                                const OptTensor& adapter_mask) {
+  return backward_impl("fusion_cpu_train_backward", grad_out, grad_probs, probs, xd, xq, w_down, b_down, w_query,
+                       b_query, w_out, segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift,
+                       needs_list, adapter_mask, gemm1);
 }
 
 // Test and tuning hook: cap the instruction set (0 generic, 1 AVX-512, 2 AVX512-BF16; -1: back to
@@ -585,6 +663,14 @@ std::vector<int64_t> cpu_config(int64_t isa, int64_t small_m_max, int64_t bf16_m
 TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
   m.def("fusion_cpu" FA_FUSION_SCHEMA_ARGS);
   m.def("fusion_cpu_backward" FA_FUSION_BACKWARD_SCHEMA_ARGS);
+  // The training pair: the forward's schema returning GEMM1's output too; the backward's with it
+  // after probs (fakes and the autograd function: fusedadapter/cpu_train.py).
+  m.def("fusion_cpu_train" FA_FUSION_ARGS " -> (Tensor, Tensor, Tensor)");
+  m.def("fusion_cpu_train_backward(Tensor grad_out, Tensor? grad_probs, Tensor probs, Tensor gemm1, Tensor xd, "
+        "Tensor? xq, Tensor w_down, Tensor? b_down, Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, "
+        "int[] activations, float temperature, float dropout_p, int seed, Tensor? keep_mask, Tensor? logit_shift, "
+        "bool[] needs, Tensor? adapter_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("fusion_cpu_out(Tensor(a!) out, Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, "
         "Tensor w_query, Tensor? b_query, Tensor w_out, int[] segments, int[] activations, float temperature=1.0, "
         "float dropout_p=0.0, int seed=0, Tensor? keep_mask=None, Tensor? logit_shift=None, "
@@ -597,5 +683,7 @@ TORCH_LIBRARY_FRAGMENT(fusedadapter, m) {
 TORCH_LIBRARY_IMPL(fusedadapter, CPU, m) {
   m.impl("fusion_cpu", &fusedadapter::fusion_cpu);
   m.impl("fusion_cpu_backward", &fusedadapter::fusion_cpu_backward);
+  m.impl("fusion_cpu_train", &fusedadapter::fusion_cpu_train);
+  m.impl("fusion_cpu_train_backward", &fusedadapter::fusion_cpu_train_backward);
   m.impl("fusion_cpu_out", &fusedadapter::fusion_cpu_out);
 }

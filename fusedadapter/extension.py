@@ -182,6 +182,10 @@ def _build(kind: str) -> Callable:
     lib = torch.library.Library("fusedadapter", "FRAGMENT")
     _libs.append(lib)
     register_kernel_op(f"fusion_{kind}", {}, {}, lib=lib, define=False)
+    if kind == "cpu":
+        from . import cpu_train
+
+        cpu_train.register(lib)
     return getattr(torch.ops.fusedadapter, f"fusion_{kind}").default
 
 

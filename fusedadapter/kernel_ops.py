@@ -9,7 +9,12 @@ import torch
 
 from .ops import _LIB, FUSION_ARGS, FUSION_BACKWARD_SCHEMA, FUSION_GRADS, FUSION_SCHEMA, acc_dtype
 
-__all__ = ["register_kernel_op"]
+__all__ = ["register_kernel_op", "save_op_inputs", "op_backward", "TRAINING_PATHS"]
+
+# A kernel backend's op -> the callable a training call (autograd on, outside torch.compile / export)
+# runs instead, with the op's arguments and results (fusedadapter.runner._call_op; the cpu backend's
+# fusedadapter.cpu_train). Filled where a backend is built.
+TRAINING_PATHS: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,28 +56,42 @@ def register_kernel_op(name: str, forward_impls: dict, backward_impls: dict, lib
     bwd = getattr(torch.ops.fusedadapter, name + "_backward")
 
     def setup_context(ctx, inputs, output):
-        (xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
-         temperature, dropout_p, seed, keep_mask, logit_shift, adapter_mask) = inputs  # defaults filled in
-        ctx.save_for_backward(xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask,
-                              output[1])
-        ctx.static = (list(segments), list(activations), float(temperature), float(dropout_p), int(seed))
-        ctx.has_res = residual is not None
+        save_op_inputs(ctx, inputs, output[1])
 
     def backward(ctx, grad_out, grad_probs):
-        xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask, probs = ctx.saved_tensors
-        segments, activations, temperature, dropout_p, seed = ctx.static
-        # The dispatcher drops trailing arguments equal to their defaults (keep_mask, logit_shift,
-        # adapter_mask left None), so needs_input_grad can be shorter than the schema.
-        wanted = dict(zip(FUSION_ARGS, ctx.needs_input_grad))
-        given = dict(xq=xq is not None, residual=ctx.has_res, b_down=b_down is not None, b_query=b_query is not None,
-                     logit_shift=logit_shift is not None)
-        needs = [bool(wanted.get(n, False)) and given.get(n, True) for n in FUSION_GRADS]
-        if grad_out is None:
-            grad_out = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device)
-        grads = bwd(grad_out.contiguous(), grad_probs, probs, xd, xq, w_down, b_down, w_query, b_query, w_out,
-                    segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs, adapter_mask)
-        g = {n: (gi if need else None) for n, gi, need in zip(FUSION_GRADS, grads, needs)}
-        return tuple(g.get(n) for n in FUSION_ARGS)  # None for the arguments without a gradient slot
+        return op_backward(ctx, bwd, grad_out, grad_probs)
 
     torch.library.register_autograd(qual, backward, setup_context=setup_context, lib=lib)
     return fwd
+
+
+def save_op_inputs(ctx, inputs, probs, *extra) -> None:
+    """What the op's backward needs, saved on ``ctx`` (``inputs``: the op's 16 arguments, defaults
+    filled in; ``extra``: tensors a backend's backward op takes after ``probs``)."""
+    (xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
+     temperature, dropout_p, seed, keep_mask, logit_shift, adapter_mask) = inputs
+    ctx.save_for_backward(xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask,
+                          probs, *extra)
+    ctx.static = (list(segments), list(activations), float(temperature), float(dropout_p), int(seed))
+    ctx.has_res = residual is not None
+
+
+def op_backward(ctx, bwd, grad_out, grad_probs):
+    """The op's autograd formula: ``bwd`` (a backward op of FUSION_BACKWARD_SCHEMA, with the extra
+    saved tensors of :func:`save_op_inputs` after ``probs``) for the gradients autograd asks for, in
+    FUSION_ARGS order (None for arguments without a gradient slot)."""
+    xd, xq, w_down, b_down, w_query, b_query, w_out, keep_mask, logit_shift, adapter_mask, probs, *extra = \
+        ctx.saved_tensors
+    segments, activations, temperature, dropout_p, seed = ctx.static
+    # The dispatcher drops trailing arguments equal to their defaults (keep_mask, logit_shift,
+    # adapter_mask left None), so needs_input_grad can be shorter than the schema.
+    wanted = dict(zip(FUSION_ARGS, ctx.needs_input_grad))
+    given = dict(xq=xq is not None, residual=ctx.has_res, b_down=b_down is not None, b_query=b_query is not None,
+                 logit_shift=logit_shift is not None)
+    needs = [bool(wanted.get(n, False)) and given.get(n, True) for n in FUSION_GRADS]
+    if grad_out is None:
+        grad_out = torch.zeros(xd.shape[0], w_out.shape[0], dtype=xd.dtype, device=xd.device)
+    grads = bwd(grad_out.contiguous(), grad_probs, probs, *extra, xd, xq, w_down, b_down, w_query, b_query, w_out,
+                segments, activations, temperature, dropout_p, seed, keep_mask, logit_shift, needs, adapter_mask)
+    g = {n: (gi if need else None) for n, gi, need in zip(FUSION_GRADS, grads, needs)}
+    return tuple(g.get(n) for n in FUSION_ARGS)

@@ -18,6 +18,7 @@ from .activations import apply_activation
 from . import cpu_gemm as _cpu_gemm
 from .cpu_gemm import onednn_train_linear, use_onednn_train
 from .dispatch import resolve_backend
+from .kernel_ops import TRAINING_PATHS
 from .fold import PLAIN_FORM_RATIO, AdapterWeights, Folded, FusionWeights, call_form
 from .ops import acc_dtype, fusion_torch, fusion_torch_packed, hash_keep_mask, masked_softmax
 from .zero_grads import keep_unused_shift, site_key_bias
@@ -281,10 +282,18 @@ def _call_op(op, *args):
     """``op(*args)``; a kernel backend's registered op (an OpOverload, whose autograd formula is Python:
     ``torch.library.register_autograd``) is called below the Autograd key when grad mode is off, which is
     where that formula's no-grad branch sends it anyway, without the detour through Python (~30 us a
-    one-token call on a 2-core CPU). Not while compiling or exporting (dynamo and export see the op)."""
-    if not torch.is_grad_enabled() and isinstance(op, _OP_TYPES) and not torch.compiler.is_compiling():
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
+    one-token call on a 2-core CPU). Not while compiling or exporting (dynamo and export see the op).
+    A training call of an op with a training path (kernel_ops.TRAINING_PATHS: the cpu backend's, which
+    keeps GEMM1's output for the backward) runs that path, outside torch.compile and export."""
+    if not torch.is_grad_enabled():
+        if isinstance(op, _OP_TYPES) and not torch.compiler.is_compiling():
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
+        return op(*args)
+    train = TRAINING_PATHS.get(op) if isinstance(op, _OP_TYPES) else None
+    if (train is not None and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+        return train(*args)
     return op(*args)
 
 
