@@ -72,10 +72,10 @@ void set_isa_cap(int cap) { g_isa_cap.store(cap < 0 ? env_isa_cap() : cap, std::
 
 int env_f32_gemm() {
   const char* s = std::getenv("FUSEDADAPTER_CPU_ONEDNN");
-  if (s == nullptr || *s == '\0') return kF32Packed;  // off by default: see cpu_kernels.h
+  if (s == nullptr || *s == '\0') return kF32Onednn;  // on by default: see cpu_kernels.h
   std::string v(s);
   for (auto& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return (v == "1" || v == "on" || v == "yes" || v == "true") ? kF32Onednn : kF32Packed;
+  return (v == "0" || v == "off" || v == "no" || v == "false") ? kF32Packed : kF32Onednn;
 }
 
 Tuning& tuning() {

@@ -23,11 +23,15 @@ void set_isa_cap(int cap);
 // fp32 GEMMs beyond small_m_max (forward) and the backward's fp32 products: `f32_gemm` picks the
 // packed kernel, ATen BLAS, or oneDNN's matmul (mkldnn::_linear_pointwise, x86 torch builds with
 // mkldnn only): the backward's products from `onednn_min_m` rows (fewer: ATen), the forward's GEMMs
-// (fp32 activations) from `onednn_fwd_min_m` rows (fewer: the packed kernel). Default kF32Packed
-// (the GEMMs as before); FUSEDADAPTER_CPU_ONEDNN=1 at load time makes it kF32Onednn. Off by default
-// because of precision: oneDNN's K=768 products carry ~1.45x MKL's rounding error, and in
-// train_fold_precision (40 sites, H 256/768, seed 5, --backend cpu) they put 3 cells over the §4 bound
-// where ATen's hold it (d_key.weight 0.51 -> 1.39 of the bound); precision wins over speed.
+// (fp32 activations) from `onednn_fwd_min_m` rows (fewer: the packed kernel). Default kF32Onednn
+// (where the op and AVX-512 exist; else the packed kernel and ATen); FUSEDADAPTER_CPU_ONEDNN=0 at
+// load time makes it kF32Packed (ATen's products). Precision, train_fold_precision over 440 sites
+// (benchmarks/results/cpu-amd-epyc-avx512-2core/train-precision-default/; saturated sites apart):
+// with the training pair (GEMM1's output saved, fusion_cpu_train) oneDNN's products and ATen's put
+// the same sites over the §4 bound (8 of 275 fp32, 0 bf16, as shipped; the ratios differ on 45
+// sites, none crosses), and 1.03x-1.05x the torch backend's training speed where ATen's give
+// 0.85x-0.97x. (It was off by default while a count that included saturated sites, whose float64
+// truth is not accurate, had 3 cells more.)
 // Measured on an AMD EPYC Zen 5 (1 thread, H=768, R+N=392, one op call forward + backward, oneDNN
 // vs ATen): 0.59x at 8 rows, 1.22x at 16, 1.4-1.55x from 17 to 1024. The forward's packed kernel
 // is as fast as oneDNN there (0.88-1.06x at 32-4096 rows, GEMM1, GEMM2 or both on oneDNN), so the

@@ -441,10 +441,11 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
   epilogue_forward<float, float>(seg, M, b, ldb1, b + R, ldb1, probs.data_ptr<float>(), w.data_ptr<float>(), RN,
                                  static_cast<float>(temperature), dr, ops);
   if (gemm1_out != nullptr && kind == Gemm::kSmall) {
-    // Past the small-M kernel's rows the backward gets GEMM1 as ATen's GEMM computes it, as the
-    // recomputing backward did (a few rows: cheap): the small kernel's own rounding put a site of
+    // On the small-M kernel's rows the backward gets GEMM1 as ATen's GEMM computes it, as the
+    // recomputing backward had it: the small kernel's own rounding put a site of
     // tests/test_native.py's fp32 tail (H=17, N=20, one token) at 1.17x the §4 bound, where ATen's
-    // coincides with the reference's own F.linear.
+    // coincides with the reference's own F.linear; oneDNN's (at 16 rows ~100 us less per call at
+    // H=768, N=8, r=48) put one site of train_fold_precision's 275 over the bound that ATen's hold.
     auto g = at::empty({M, ldb1}, xd.options().dtype(at::kFloat));
     addmm_into(g.narrow(1, 0, R), xd32, wd, bd);
     addmm_into(g.narrow(1, R, RN), xq32, wq, bq);

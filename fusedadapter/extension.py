@@ -18,11 +18,10 @@ fusedadapter.extension`` builds ahead of time and prints them):
 ``FUSEDADAPTER_SKIP_CUDA``       ``1``: never build the CUDA extension (backend ``cuda`` unavailable)
 ``FUSEDADAPTER_CPU_ISA``         run-time cap on the CPU kernels: ``avx512bf16`` (default),
                                  ``avx512`` or ``generic`` (ATen BLAS + scalar epilogue only)
-``FUSEDADAPTER_CPU_ONEDNN``      run-time: ``1`` / ``on`` runs the cpu backend's float32 backward
-                                 products on oneDNN's matmul (x86 with AVX-512, where torch has it; from
-                                 16 rows; MKL's sgemm runs AVX2 code on AMD CPUs: 1.3-1.6x a training
-                                 call). Default ``0``: oneDNN's products put 3 precision cells over the
-                                 §4 bound that ATen's hold (csrc/cpu_kernels.h). Read when the
+``FUSEDADAPTER_CPU_ONEDNN``      run-time: the cpu backend's float32 backward products on oneDNN's
+                                 matmul (x86 with AVX-512, where torch has it; from 16 rows; MKL's
+                                 sgemm runs AVX2 code on AMD CPUs). Default ``1``; ``0`` / ``off``:
+                                 ATen's BLAS (csrc/cpu_kernels.h has the measurements). Read when the
                                  extension loads, like ``FUSEDADAPTER_CPU_ISA``
 ``FUSEDADAPTER_VERBOSE_BUILD``   ``1``: show the compiler output
 ``MAX_JOBS``                     parallel compile jobs (read by torch; default: all cores)
@@ -75,7 +74,7 @@ def build_settings() -> Dict[str, object]:
         "cuda_arch_list": os.environ.get("FUSEDADAPTER_CUDA_ARCH_LIST", "8.0;9.0"),
         "skip_cuda": _env_flag("FUSEDADAPTER_SKIP_CUDA"),
         "cpu_isa": os.environ.get("FUSEDADAPTER_CPU_ISA", "avx512bf16"),
-        "cpu_onednn": os.environ.get("FUSEDADAPTER_CPU_ONEDNN", "0"),
+        "cpu_onednn": os.environ.get("FUSEDADAPTER_CPU_ONEDNN", "(unset: 1)"),
         "verbose": _env_flag("FUSEDADAPTER_VERBOSE_BUILD"),
         "max_jobs": os.environ.get("MAX_JOBS", f"(unset: {os.cpu_count()})"),
         "cxx": os.environ.get("CXX", "c++"),
