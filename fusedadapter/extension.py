@@ -101,6 +101,11 @@ def cuda_arch_flags(arch_list: str) -> List[str]:
     return flags
 
 
+def _openmp_parallel() -> bool:
+    """Whether torch's ATen parallel backend is OpenMP (its parallel_for then inlines OpenMP)."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _source_dir() -> Path:
     from . import csrc  # the csrc/ folder, installed as fusedadapter.csrc
 
@@ -162,6 +167,13 @@ def _build(kind: str) -> Callable:
     if missing:
         raise BackendUnavailable(f"backend {kind!r}: extension sources missing: {missing}")
     cflags = ["-O3", "-fno-math-errno"]
+    ldflags: List[str] = []
+    if kind == "cpu" and _openmp_parallel():
+        # ATen's parallel_for is inline OpenMP in torch's OpenMP builds: without -fopenmp the kernels'
+        # parallel loops (the packed GEMMs, the epilogues) ran on one thread whatever
+        # torch.get_num_threads() said. Linked against libgomp.so.1, the runtime torch has loaded.
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
     cuda_cflags: List[str] = []
     if kind == "cuda":
         cuda_cflags = ["-O3", "-lineinfo"] + cuda_arch_flags(str(settings["cuda_arch_list"]))
@@ -170,6 +182,7 @@ def _build(kind: str) -> Callable:
               f"{_describe(settings, kind)}", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+                           extra_ldflags=ldflags or None,
                            extra_cuda_cflags=cuda_cflags or None, extra_include_paths=[str(src)],
                            build_directory=build_dir, verbose=bool(settings["verbose"]), with_cuda=kind == "cuda",
                            is_python_module=False)
