@@ -4,6 +4,7 @@
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -72,10 +73,16 @@ void set_isa_cap(int cap) { g_isa_cap.store(cap < 0 ? env_isa_cap() : cap, std::
 
 int env_f32_gemm() {
   const char* s = std::getenv("FUSEDADAPTER_CPU_ONEDNN");
-  if (s == nullptr || *s == '\0') return kF32Onednn;  // on by default: see cpu_kernels.h
-  std::string v(s);
+  std::string v(s == nullptr ? "" : s);
+  v.erase(0, v.find_first_not_of(" \t"));
+  v.erase(v.find_last_not_of(" \t") + 1);
   for (auto& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return (v == "0" || v == "off" || v == "no" || v == "false") ? kF32Packed : kF32Onednn;
+  if (v == "0" || v == "off" || v == "no" || v == "false") return kF32Packed;
+  if (!v.empty() && v != "1" && v != "on" && v != "yes" && v != "true") {
+    TORCH_WARN("fusedadapter: FUSEDADAPTER_CPU_ONEDNN=", s, " is not one of 1/on/yes/true or 0/off/no/false; ",
+               "using the default (1: the cpu backend's float32 backward products on oneDNN)");
+  }
+  return kF32Onednn;  // on by default: see cpu_kernels.h
 }
 
 Tuning& tuning() {

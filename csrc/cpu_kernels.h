@@ -44,7 +44,8 @@ struct Tuning {
   int64_t onednn_min_m = 16;
   int64_t onednn_fwd_min_m = int64_t(1) << 62;
 };
-// The default f32_gemm: FUSEDADAPTER_CPU_ONEDNN ("1", "on", "yes", "true": kF32Onednn; else kF32Packed).
+// The default f32_gemm: FUSEDADAPTER_CPU_ONEDNN ("0", "off", "no", "false": kF32Packed; unset, "1",
+// "on", "yes", "true": kF32Onednn; anything else warns and keeps kF32Onednn).
 int env_f32_gemm();
 Tuning& tuning();
 

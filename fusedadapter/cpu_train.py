@@ -25,7 +25,13 @@ import torch
 from .kernel_ops import TRAINING_PATHS, _fusion_backward_fake, _fusion_fake, op_backward, save_op_inputs
 from .ops import acc_dtype
 
-__all__ = ["register", "fusion_cpu_train"]
+__all__ = ["register", "fusion_cpu_train", "trains_as_measured"]
+
+# The extension's configuration when it loaded (register): does it train as the dispatch table's
+# training rows for the cpu backend were measured, its backward's float32 products on oneDNN
+# (AVX-512 active, torch's oneDNN matmul present, FUSEDADAPTER_CPU_ONEDNN not 0)? A plain bool, read
+# by dispatch per training call (also inside torch.compile: no op call there).
+_AS_MEASURED = False
 
 
 def _train_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, segments, activations,
@@ -61,3 +67,11 @@ def register(lib) -> None:
     torch.library.register_fake("fusedadapter::fusion_cpu_train_backward", _train_backward_fake, lib=lib)
     torch.library.register_autograd("fusedadapter::fusion_cpu_train", _backward, setup_context=_setup_context, lib=lib)
     TRAINING_PATHS[torch.ops.fusedadapter.fusion_cpu.default] = fusion_cpu_train
+    global _AS_MEASURED
+    cfg = torch.ops.fusedadapter._cpu_config()  # [detected isa, active isa, ..., f32_gemm, ..., oneDNN op, ...]
+    _AS_MEASURED = cfg[1] >= 1 and cfg[5] == 2 and cfg[7] == 1
+
+
+def trains_as_measured() -> bool:
+    """See _AS_MEASURED (False before the extension loads)."""
+    return _AS_MEASURED

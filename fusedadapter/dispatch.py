@@ -141,15 +141,28 @@ def token_bucket(tokens: int) -> str:
     return f">{TOKEN_BUCKETS[-1]}"
 
 
-def _auto_choice(device: torch.device, dtype: torch.dtype, tokens: int, training=False) -> str:
+def _auto_choice(device: torch.device, dtype: torch.dtype, tokens: int, training=False) -> Tuple[str, str]:
+    """(backend, the table mode it came from: "training", "table" or "default")."""
     table = dispatch_table()
     key = (device.type, str(dtype).replace("torch.", ""), token_bucket(tokens))
     modes = (("training", "table") if (training() if callable(training) else training) else ("table",))
     for mode in modes:
         choice = table.get(mode, {}).get(key[0], {}).get(key[1], {}).get(key[2])
         if choice is not None:
-            return choice
-    return "torch"
+            return choice, mode
+    return "torch", "default"
+
+
+def _row_holds(name: str, mode: str) -> bool:
+    """Whether a table row naming ``name`` describes the backend as it runs here. The cpu backend's
+    training rows were measured with its training call (fusedadapter.cpu_train) and the backward's
+    float32 products on oneDNN: with the extension loaded otherwise (FUSEDADAPTER_CPU_ONEDNN=0, a CPU
+    without AVX-512, torch without oneDNN) it trained at 0.85x-0.97x the torch backend there."""
+    if name != "cpu" or mode != "training":
+        return True
+    from . import cpu_train
+
+    return cpu_train.trains_as_measured()
 
 
 def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int, training=False) -> Tuple[str, Callable]:
@@ -165,11 +178,12 @@ def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int, tra
         return "reference", None
     if requested != "auto":
         return requested, fusion_op(requested, device, dtype)
-    name = _auto_choice(device, dtype, tokens, training)
+    name, mode = _auto_choice(device, dtype, tokens, training)
     if name in ("torch", "reference"):
         return name, (fusion_torch if name == "torch" else None)
     try:
-        return name, fusion_op(name, device, dtype)
+        op = fusion_op(name, device, dtype)
+        return (name, op) if _row_holds(name, mode) else ("torch", fusion_torch)
     except BackendUnavailable as exc:
         with _lock:
             if name not in _warned:

@@ -284,7 +284,8 @@ def _call_op(op, *args):
     where that formula's no-grad branch sends it anyway, without the detour through Python (~30 us a
     one-token call on a 2-core CPU). Not while compiling or exporting (dynamo and export see the op).
     A training call of an op with a training path (kernel_ops.TRAINING_PATHS: the cpu backend's, which
-    keeps GEMM1's output for the backward) runs that path, outside torch.compile and export."""
+    keeps GEMM1's output for the backward) runs that path, compiled too (a custom op with its fake and
+    autograd formula); not while exporting (export lowers every backend to the torch form)."""
     if not torch.is_grad_enabled():
         if isinstance(op, _OP_TYPES) and not torch.compiler.is_compiling():
             with torch._C._AutoDispatchBelowAutograd():
@@ -292,7 +293,7 @@ def _call_op(op, *args):
         return op(*args)
     train = TRAINING_PATHS.get(op) if isinstance(op, _OP_TYPES) else None
     if (train is not None and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+            and not torch.compiler.is_exporting()):
         return train(*args)
     return op(*args)
 

@@ -32,16 +32,23 @@ def rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
-def softmax_saturated(truth_probs: torch.Tensor) -> bool:
+def softmax_saturated(truth_probs: torch.Tensor, adapter_mask: Optional[torch.Tensor] = None) -> bool:
     """Whether some row of the float64 truth's fusion probabilities (..., N) saturates: the probabilities
     other than the largest sum to < 1e-12. There the float64 reference's own softmax backward
     (``p (g - sum p g)``) cannot resolve the logit gradients (``1 - p_max`` is lost next to 1), so the
     oracle's truth for the gradients behind the softmax is not accurate (their size can be ~1e-25):
-    precision surveys report such sites apart."""
+    precision surveys report such sites apart. ``adapter_mask`` (bool, the probabilities' shape or
+    broadcastable): a row with fewer than two adapters allowed has an exact softmax and does not count;
+    without it, a row of all zeros (every adapter masked) does not count either."""
     p = truth_probs.reshape(-1, truth_probs.shape[-1])
     if p.shape[-1] < 2 or p.numel() == 0:
         return False
-    return bool(((p.sum(-1) - p.max(-1).values) < 1e-12).any())
+    rest = p.sum(-1) - p.max(-1).values
+    counts = p.sum(-1) > 0.5  # all zeros: every adapter masked, nothing to resolve
+    if adapter_mask is not None:
+        allowed = adapter_mask.expand(truth_probs.shape).reshape(p.shape).sum(-1)
+        counts &= allowed >= 2
+    return bool(((rest < 1e-12) & counts).any())
 
 
 def oracle_check(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype):

@@ -187,3 +187,72 @@ def test_module_training_runs_the_training_pair_and_eval_does_not(cpu_op, monkey
     site.requires_grad_(False)
     site(x, res)  # grad mode on, nothing requires grad
     assert not calls
+
+
+def test_schemas_of_the_training_pair(cpu_op):
+    """The pair's schemas (written in csrc/fusion_cpu.cpp) are the op's with GEMM1's output added:
+    a third result of the forward, and ``Tensor gemm1`` right after ``probs`` in the backward, where
+    kernel_ops.op_backward passes it."""
+    from fusedadapter.ops import FUSION_BACKWARD_SCHEMA, FUSION_SCHEMA
+
+    fwd = FUSION_SCHEMA.replace("-> (Tensor, Tensor)", "-> (Tensor, Tensor, Tensor)")
+    bwd = FUSION_BACKWARD_SCHEMA.replace("Tensor probs, ", "Tensor probs, Tensor gemm1, ")
+    assert fwd != FUSION_SCHEMA and bwd != FUSION_BACKWARD_SCHEMA
+    for name, schema in (("fusion_cpu_train", fwd), ("fusion_cpu_train_backward", bwd)):
+        want = torch._C.parse_schema(f"fusedadapter::{name}{schema}")
+        assert str(getattr(torch.ops.fusedadapter, name).default._schema) == str(want)
+
+
+def test_compiled_training_takes_the_pair_in_one_graph(cpu_op, monkeypatch):
+    """torch.compile (fullgraph) of a cpu training site traces fusion_cpu_train, not fusion_cpu, and
+    its gradients are the eager ones."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    op = torch.ops.fusedadapter.fusion_cpu.default
+    calls = []
+    real = kernel_ops.TRAINING_PATHS[op]
+    monkeypatch.setitem(kernel_ops.TRAINING_PATHS, op, lambda *a: calls.append(1) or real(*a))
+
+    def site():
+        m = make_site(16, [4, 6], ["relu", "gelu"], seed=5).float()
+        m.backend = "cpu"
+        m.adapters.requires_grad_(False)
+        m.train()
+        m.dropout_p = 0.0
+        return m
+
+    eager, compiled = site(), site()
+    x, res = torch.randn(2, 40, 16), torch.randn(2, 40, 16)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda a, b: compiled(a, b), backend=counter, fullgraph=True)
+    fn(x, res).pow(2).sum().backward()
+    assert calls and counter.frame_count == 1
+    targets = {str(n.target) for g in counter.graphs for n in g.graph.nodes if "fusedadapter" in str(n.target)}
+    assert targets == {"fusedadapter.fusion_cpu_train"}, targets
+    eager(x, res).pow(2).sum().backward()
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6 * q.grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("as_measured", [True, False])
+def test_auto_trains_on_cpu_only_as_its_rows_were_measured(cpu_op, monkeypatch, as_measured):
+    """A training row naming cpu holds for the extension as measured (its backward's products on
+    oneDNN, cpu_train.trains_as_measured); loaded otherwise (FUSEDADAPTER_CPU_ONEDNN=0, no AVX-512)
+    auto trains on torch. No-grad rows are not affected."""
+    from fusedadapter import dispatch
+
+    monkeypatch.setattr(dispatch, "_TABLE", {"table": {"cpu": {"float32": {"17-256": "cpu"}}},
+                                             "training": {"cpu": {"float32": {"17-256": "cpu"}}}})
+    monkeypatch.setattr(cpu_train, "_AS_MEASURED", as_measured)
+    trained, _ = dispatch.resolve_backend("auto", torch.device("cpu"), torch.float32, 100, training=True)
+    served, _ = dispatch.resolve_backend("auto", torch.device("cpu"), torch.float32, 100)
+    assert trained == ("cpu" if as_measured else "torch") and served == "cpu"
+
+
+def test_the_loaded_extension_trains_as_measured_here(cpu_op):
+    """On this x86 CI machine (AVX-512, torch with oneDNN, FUSEDADAPTER_CPU_ONEDNN unset) the flag
+    the dispatch reads is on; it follows the loaded configuration."""
+    cfg = _cfg()
+    assert cpu_train.trains_as_measured() == (cfg[1] >= 1 and cfg[5] == 2 and cfg[7] == 1)

@@ -150,6 +150,15 @@ def test_softmax_saturated_flags_rows_the_float64_truth_cannot_resolve():
     assert softmax_saturated(q) and softmax_saturated(q.view(2, 3, 5))
     q[4] = torch.tensor([1.0 - 1e-11, 1e-11, 0.0, 0.0, 0.0], dtype=torch.float64)
     assert not softmax_saturated(q)
+    # masked rows: every adapter masked (all zeros), or one allowed (p = 1 exactly): exact softmaxes
+    q[4] = 0.0
+    assert not softmax_saturated(q)
+    q[4] = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[4] = torch.tensor([False, True, False, False, False])
+    assert softmax_saturated(q) and not softmax_saturated(q, mask)
+    mask[4, 0] = True  # two allowed, the other's probability 0: saturated
+    assert softmax_saturated(q, mask)
 
 
 def test_precision_survey_keeps_the_forward_of_saturated_sites_and_the_tests_keep_everything():
@@ -255,9 +264,12 @@ def test_auto_picks_the_backend_by_the_training_rows_under_autograd(monkeypatch)
     from fusedadapter import dispatch
 
     skip_unless_runnable("cpu", "cpu")
+    from fusedadapter import cpu_train
+
     table = {"table": {"cpu": {"float64": {"0-16": "torch", "17-256": "torch"}}},
              "training": {"cpu": {"float64": {"0-16": "cpu"}}}}
     monkeypatch.setattr(dispatch, "_TABLE", table)
+    monkeypatch.setattr(cpu_train, "_AS_MEASURED", True)  # the row holds (tests/test_cpu_train.py: when not)
     used = []
     real = dict(dispatch._LOADERS)
     for name in ("torch", "cpu"):
