@@ -324,8 +324,10 @@ std::tuple<at::Tensor, at::Tensor> fusion_cpu_into(at::Tensor out, const FusionD
   const bool dnn = adt == at::kFloat && M > cpu::tuning().small_m_max && uses_onednn(M, cpu::tuning().onednn_fwd_min_m);
   if (!out.defined() && !dnn) out = at::empty({M, H}, xd.options());  // fusion_cpu: no buffer given
   auto probs = at::empty({M, N}, xd.options().dtype(acc));
-  if (gemm1_out != nullptr) *gemm1_out = at::empty({0, 2 * R + N}, xd.options().dtype(acc));
-  if (M == 0) return {out, probs};
+  if (M == 0) {
+    if (gemm1_out != nullptr) *gemm1_out = at::empty({0, 2 * R + N}, xd.options().dtype(acc));
+    return {out, probs};
+  }
   const at::Tensor keep = (dropout_p > 0.0 && keep_mask.has_value()) ? keep_mask->contiguous() : at::Tensor();
   const at::Tensor shift = (dropout_p > 0.0 && logit_shift.has_value()) ? logit_shift->contiguous() : at::Tensor();
   const at::Tensor allow = adapter_mask.has_value() ? adapter_mask->contiguous() : at::Tensor();

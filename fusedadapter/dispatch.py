@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from . import cpu_train
 from .errors import BackendUnavailable  # re-exported: fusedadapter.dispatch.BackendUnavailable
 from .ops import fusion_torch
 
@@ -158,11 +159,7 @@ def _row_holds(name: str, mode: str) -> bool:
     training rows were measured with its training call (fusedadapter.cpu_train) and the backward's
     float32 products on oneDNN: with the extension loaded otherwise (FUSEDADAPTER_CPU_ONEDNN=0, a CPU
     without AVX-512, torch without oneDNN) it trained at 0.85x-0.97x the torch backend there."""
-    if name != "cpu" or mode != "training":
-        return True
-    from . import cpu_train
-
-    return cpu_train.trains_as_measured()
+    return name != "cpu" or mode != "training" or cpu_train.trains_as_measured()
 
 
 def resolve_backend(requested: str, device, dtype: torch.dtype, tokens: int, training=False) -> Tuple[str, Callable]:

@@ -11,9 +11,9 @@ from .ops import _LIB, FUSION_ARGS, FUSION_BACKWARD_SCHEMA, FUSION_GRADS, FUSION
 
 __all__ = ["register_kernel_op", "save_op_inputs", "op_backward", "TRAINING_PATHS"]
 
-# A kernel backend's op -> the callable a training call (autograd on, outside torch.compile / export)
-# runs instead, with the op's arguments and results (fusedadapter.runner._call_op; the cpu backend's
-# fusedadapter.cpu_train). Filled where a backend is built.
+# A kernel backend's op -> the callable a training call (autograd on, some argument requiring grad;
+# not while exporting) runs instead, with the op's arguments and results (fusedadapter.runner._call_op;
+# the cpu backend's fusedadapter.cpu_train). Filled where a backend is built.
 TRAINING_PATHS: dict = {}
 
 
