@@ -333,6 +333,11 @@ class MultiFusion(nn.Module):
         # order where rows come grouped by fusion, else in fusion order (then one gather puts them back)
         into = (adapter_input.new_empty(adapter_input.shape) if not exporting
                 and not torch.is_grad_enabled() and sum(c > 0 for c in counts) > 1 else None)
+        done = {}  # groups the grouped triton op ran (rows written into `into`): their probabilities
+        if into is not None and adapter_mask is None and dropout_mask is None and not named_block:
+            grouped = rows.run_groups_triton(self, sites, counts, adapter_input, residual, query, order)
+            if grouped is not None:
+                into, done = grouped
         outs, probs_parts, start = [], [], 0
         for k, site in enumerate(sites):
             n = counts[k]
@@ -350,24 +355,27 @@ class MultiFusion(nn.Module):
                 raise ValueError(f"MultiFusion: fusion {self.fusion_names[k]!r} fuses {list(site.adapters)} but the "
                                  f"pool holds {pool} (an adapter was removed from the pool; AdapterDrop's pruning "
                                  f"does not apply to multi-fusion sites)")
-            sub = [None if t is None else (t if whole else take(t)) for t in (adapter_input, residual, query)]
-            masks = []
-            for m in (adapter_mask, dropout_mask):
-                if m is not None:
-                    m = m if whole else take(m)
-                    if cols != list(range(n_pool)):
-                        m = m[..., cols]
-                masks.append(m)
-            if named_block:  # a named block mask: this fusion's own columns (the pool may be wider)
-                m = current_adapter_mask(site.adapters, batch=batch)
-                masks[0] = m if whole or m.dim() < 2 else take(m)
-            probs = None if into is None else rows.run_group_into(site, into.narrow(0, start - n, n), *sub, masks[0])
-            if probs is None:
-                out, probs = site(sub[0], sub[1], sub[2], return_probs=True, dropout_mask=masks[1],
-                                  adapter_mask=masks[0])
-                outs.append(out)
-                if into is not None:  # a group the cpu out-path does not take (see run_group_into)
-                    into.narrow(0, start - n, n).copy_(out)
+            probs = done.get(k)
+            if probs is None:  # (a group the grouped op ran has its rows written)
+                sub = [None if t is None else (t if whole else take(t)) for t in (adapter_input, residual, query)]
+                masks = []
+                for m in (adapter_mask, dropout_mask):
+                    if m is not None:
+                        m = m if whole else take(m)
+                        if cols != list(range(n_pool)):
+                            m = m[..., cols]
+                    masks.append(m)
+                if named_block:  # a named block mask: this fusion's own columns (the pool may be wider)
+                    m = current_adapter_mask(site.adapters, batch=batch)
+                    masks[0] = m if whole or m.dim() < 2 else take(m)
+                if into is not None:
+                    probs = rows.run_group_into(site, into.narrow(0, start - n, n), *sub, masks[0])
+                if probs is None:
+                    out, probs = site(sub[0], sub[1], sub[2], return_probs=True, dropout_mask=masks[1],
+                                      adapter_mask=masks[0])
+                    outs.append(out)
+                    if into is not None:  # a group the cpu out-path does not take (see run_group_into)
+                        into.narrow(0, start - n, n).copy_(out)
             if return_probs:
                 if cols != list(range(n_pool)):
                     full = probs.new_zeros((*probs.shape[:-1], n_pool))

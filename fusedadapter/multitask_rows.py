@@ -8,6 +8,10 @@ concatenated, or put back in the batch's order by one gather, see :mod:`fusedada
   separate forwards' work and nothing more (no concatenation copy of the output afterwards). Rows
   not adjacent per fusion are gathered per group, written in fusion order and put back by one
   gather (:func:`inverse_permutation`).
+* :func:`run_groups_triton` (inference on the ``triton`` backend): every group in one launch pair
+  of ``fusedadapter::fusion_triton_grouped`` (punica's SGMV pattern): 2 kernel launches per site
+  instead of 2 per fusion with rows, and one host-side call. The groups' folded weights are packed
+  once per fold (cached on the MultiFusion while every fold is the one packed).
 * :func:`exported_route_ids` / :func:`select_rows` (``torch.export`` / ONNX): the route is a graph
   input, so the grouping cannot be read on the host; every fusion runs on every row and each row
   keeps its fusion's output (``where``). Exact per row; it costs K fusion sites' arithmetic per row.
@@ -15,16 +19,17 @@ concatenated, or put back in the batch's order by one gather, see :mod:`fusedada
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import resolve_backend
 from .fold import call_form
 from .ops import acc_dtype
 from .runner import adapter_mask_rows, check_site_inputs, run_folded
 
-__all__ = ["run_group_into", "exported_route_ids", "select_rows", "inverse_permutation"]
+__all__ = ["run_group_into", "run_groups_triton", "exported_route_ids", "select_rows", "inverse_permutation"]
 
 
 def _into_op(out2d: torch.Tensor):
@@ -68,6 +73,122 @@ def run_group_into(site, out_rows: torch.Tensor, adapter_input: torch.Tensor, re
                           residual_before=False, temperature=site.step_temperature(), dropout_p=0.0, seed=0,
                           keep_mask=None, adapter_mask=adapter_mask)
     return probs.reshape(*lead, probs.shape[-1]).to(out_rows.dtype)
+
+
+def _serving_call(a: torch.Tensor) -> bool:
+    """A call the out-paths take: no autograd, no autocast, not compiling or exporting."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or torch.is_autocast_enabled(a.device.type))
+
+
+def _grouped_fold(site, a: torch.Tensor, n_tokens: int):
+    """Site ``site``'s fold for a grouped triton call of ``n_tokens`` rows, or None where that call
+    does not apply (another backend for these rows, the plain form, a form that finishes outside
+    the op, a stepped temperature)."""
+    if site.training or site.residual_before or not getattr(site, "_temperature_fixed", False):
+        return None
+    hidden = site.hidden_size
+    name, _ = resolve_backend(site.backend, a.device, a.dtype, n_tokens, training=False)
+    if name != "triton" or call_form(name, hidden, site.bottleneck, False, n_tokens) == "plain":
+        return None
+    folded = site.folded(acc_dtype(a.dtype), n_tokens=n_tokens)
+    if folded.query_pre is not None or (folded.ln_mode != "none" and a.dtype in (torch.float16, torch.bfloat16)):
+        return None
+    return folded
+
+
+# xd's columns a group of each ln_mode reads, as (first column, width) in units of H, when xd is [a | LN(a)]
+_LN_COLUMNS = {"none": (0, 1), "all": (1, 1), "mixed": (0, 2)}
+
+
+def _pack(folds: Sequence, hidden: int, with_ln: bool):
+    """The folds' weights stacked for fusion_triton_grouped: (w_down, b_down, w_query, b_query, w_out,
+    [(xd_col, kd, w_row, q_row, R, N)], segments, activations); w_down zero-padded to the widest."""
+    layout, w_row, q_row = [], 0, 0
+    for f in folds:
+        col, width = _LN_COLUMNS[f.ln_mode] if with_ln else (0, 1)
+        r, n = f.segments[-1], len(f.activations)
+        layout.append((col * hidden, width * hidden, w_row, q_row, r, n))
+        w_row, q_row = w_row + r, q_row + r + n
+    kd = max(kd for _, kd, *_ in layout)
+    ref = folds[0].w_out
+    w_down = ref.new_zeros((w_row, kd))
+    for f, (_, width, row, _, r, _) in zip(folds, layout):
+        w_down[row:row + r, :width] = f.w_down
+    has_bd = any(f.b_down is not None for f in folds)
+    has_bq = any(f.b_query is not None for f in folds)
+    b_down = (torch.cat([f.b_down if f.b_down is not None else ref.new_zeros(f.segments[-1]) for f in folds])
+              if has_bd else None)
+    w_query = torch.cat([f.w_query for f in folds])
+    b_query = (torch.cat([f.b_query if f.b_query is not None else ref.new_zeros(f.w_query.shape[0]) for f in folds])
+               if has_bq else None)
+    w_out = torch.cat([f.w_out for f in folds], 1)
+    segments = [int(b) for f in folds for b in f.segments]
+    activations = [int(c) for f in folds for c in f.activations]
+    return w_down, b_down, w_query, b_query, w_out, layout, segments, activations
+
+
+def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_input: torch.Tensor,
+                      residual: torch.Tensor, query: Optional[torch.Tensor], order: Optional[torch.Tensor]
+                      ) -> Optional[Tuple[torch.Tensor, Dict[int, torch.Tensor]]]:
+    """Every group that runs on ``triton`` (:func:`_grouped_fold`), in one ``fusion_triton_grouped``
+    call: returns (the batch output, shaped as ``adapter_input``, in fusion order where ``order`` is
+    given, with those groups' rows written; {group index: its probabilities (``(rows, ..., N)``, in
+    the output's dtype)}), or None, having done nothing, where fewer than two groups qualify (serving
+    calls only: no autograd, no masks, no dropout; the caller checks the masks). The other groups'
+    rows are the caller's to write (its per-group path)."""
+    if not _serving_call(adapter_input) or adapter_input.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                                          torch.float64):
+        return None
+    batch = adapter_input.shape[0]
+    hidden = sites[0].hidden_size
+    per_row = adapter_input[0].numel() // hidden if batch else 0
+    picked, folds = [], []
+    for k, site in enumerate(sites):
+        if counts[k] and site.hidden_size == hidden:
+            f = _grouped_fold(site, adapter_input, counts[k] * per_row)
+            if f is not None:
+                picked.append(k)
+                folds.append(f)
+    if len(picked) < 2:
+        return None
+    for k in picked:
+        check_site_inputs(hidden, adapter_input, residual, query, sites[k].anchor_param, False)
+    a = adapter_input.reshape(-1, hidden)
+    res = residual.reshape(-1, hidden)
+    q = None if query is None else query.reshape(-1, hidden)
+    if order is not None:  # groups run in fusion order: the rows gathered once (each row's tokens with it)
+        tok = (order.to(a.device)[:, None] * per_row + torch.arange(per_row, device=a.device)).reshape(-1)
+        a, res = a.index_select(0, tok), res.index_select(0, tok)
+        q = None if q is None else q.index_select(0, tok)
+    with_ln = any(f.ln_mode != "none" for f in folds)
+    key = (with_ln, hidden)
+    hit = getattr(multi, "_grouped_pack", None)
+    if hit is None or hit[0] != key or len(hit[1]) != len(folds) or any(x is not y for x, y in zip(hit[1], folds)):
+        hit = (key, tuple(folds), _pack(folds, hidden, with_ln))
+        multi._grouped_pack = hit  # one entry: the folds last packed (a refold makes new Folded objects)
+    w_down, b_down, w_query, b_query, w_out, layout, segments, activations = hit[2]
+    if with_ln:
+        xd = torch.cat([a, F.layer_norm(a, (hidden,), eps=1e-5)], dim=-1)  # as runner._down_input's
+        xq = a if q is None else q
+    else:
+        xd, xq = a, q
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    groups = []
+    for k, (col, kd, w_row, q_row, r, n) in zip(picked, layout):
+        groups += [starts[k] * per_row, counts[k] * per_row, col, kd, w_row, q_row, r, n]
+    from .kernels.fusion import GROUPED_OP
+
+    out, probs = GROUPED_OP(xd, xq, res, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
+                            [1.0] * len(picked))
+    lead = adapter_input.shape[1:-1]
+    got = {}
+    for k, (*_, n) in zip(picked, layout):
+        p = probs[starts[k] * per_row:starts[k + 1] * per_row, :n]
+        got[k] = p.reshape(counts[k], *lead, n).to(adapter_input.dtype)
+    return out.view(adapter_input.shape), got
 
 
 def exported_route_ids(route: torch.Tensor, device) -> torch.Tensor:

@@ -33,12 +33,13 @@ import time
 _SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024, 10: 227 * 1024, 12: 99 * 1024}
 
 # Argument roles: "act" = activation dtype, "acc" = accumulation dtype (folded weights, probs, G),
-# "i32" / "u8" pointers; scalars are i32 unless named in _FLOATS.
+# "i32" / "i64" / "u8" / "f32" pointers; scalars are i32 unless named in _FLOATS.
 _PTRS = {
     "fwd_gemm1": dict(xd_ptr="act", xq_ptr="act", wd_ptr="acc", bd_ptr="acc", wq_ptr="acc", bq_ptr="acc",
                       shift_ptr="acc", keep_ptr="u8", amask_ptr="u8", segid_ptr="i32", code_ptr="i32", z_ptr="act",
-                      p_ptr="acc"),
-    "fwd_gemm2": dict(z_ptr="act", p_ptr="acc", segid_ptr="i32", wo_ptr="acc", res_ptr="act", out_ptr="act"),
+                      p_ptr="acc", grp_ptr="i64", temp_ptr="f32"),
+    "fwd_gemm2": dict(z_ptr="act", p_ptr="acc", segid_ptr="i32", wo_ptr="acc", res_ptr="act", out_ptr="act",
+                      grp_ptr="i64"),
     "bwd_epilogue": dict(do_ptr="act", gp_ptr="acc", p_ptr="acc", xd_ptr="act", xq_ptr="act", wd_ptr="acc",
                          bd_ptr="acc", wq_ptr="acc", bq_ptr="acc", wo_ptr="acc", keep_ptr="u8", segid_ptr="i32",
                          code_ptr="i32", g_ptr="acc", wm_ptr="act", dshift_ptr="acc"),
@@ -77,7 +78,7 @@ TARGET_VARIANTS = {
 def _variants(name, quick):
     """(label, dtype name, constexpr flags) per kernel: the shapes of call the op makes."""
     base_fwd = dict(HAS_BD=True, HAS_BQ=True, ACT_MASK=2, UNIFORM_ACT=1, N_PAD=16, SPLIT_WD=False, HAS_AMASK=False,
-                    PRESPLIT_WQ=False)
+                    PRESPLIT_WQ=False, GROUPED=False)
     out = []
     if name == "fwd_gemm1":
         out.append(("bf16 shared-x eval relu", "bf16", dict(base_fwd, HAS_XQ=False, HAS_SHIFT=False, DROPOUT=False,
@@ -96,14 +97,20 @@ def _variants(name, quick):
             for i, tag in ((0, "eval"), (1, "train-hash")):
                 out.append((f"bf16 shared-x {tag} relu presplit", "bf16",
                             dict(out[i][2], SPLIT_WQ=False, PRESPLIT_WQ=True, _ROLES=dict(wq_ptr="act"))))
+            # fusion_triton_grouped (multi-task serving): K fusions' row groups in one launch
+            out.append(("bf16 shared-x eval relu grouped", "bf16", dict(out[0][2], GROUPED=True)))
+            out.append(("fp32 xq eval mixed-acts grouped", "fp32",
+                        dict(out[0][2], HAS_XQ=True, SPLIT_WQ=False, ACT_MASK=(1 << 1) | (1 << 2), UNIFORM_ACT=-1,
+                             GROUPED=True)))
     elif name == "fwd_gemm2":
-        v1 = dict(HAS_RES=True, P_ONCE=False, N_PAD=16)
+        v1 = dict(HAS_RES=True, P_ONCE=False, N_PAD=16, GROUPED=False)
         out.append(("bf16 residual", "bf16", v1))
         if not quick:
             out.append(("bf16 residual precast", "bf16", dict(v1, _ROLES=dict(wo_ptr="act"))))
             # FUSEDADAPTER_TRITON_GEMM2=v2: p once per tile, gathered in registers; w_out precast
             out.append(("bf16 residual v2", "bf16", dict(v1, P_ONCE=True, _ROLES=dict(wo_ptr="act"))))
             out.append(("fp32 residual", "fp32", v1))  # (v2 is a half-precision path: fp32 keeps v1)
+            out.append(("bf16 residual grouped", "bf16", dict(v1, GROUPED=True)))
     elif name == "bwd_epilogue":
         common = dict(HAS_BD=True, HAS_BQ=True, HAS_GP=True, STORE_G=True, STORE_WM=True, ACT_MASK=2, UNIFORM_ACT=1,
                       N_PAD=16, SPLIT_WD=False, SPLIT_WQ=False)
@@ -217,7 +224,7 @@ def compile_one(name, fn, label, dt, flags, cfg, arch, *, ptxas=None, flags_ptxa
     for arg in fn.arg_names:
         role = roles.get(arg)
         if role is not None:
-            sig[arg] = {"act": act_ptr, "acc": acc_ptr, "i32": "*i32", "u8": "*u8"}[role]
+            sig[arg] = {"act": act_ptr, "acc": acc_ptr, "i32": "*i32", "i64": "*i64", "u8": "*u8", "f32": "*fp32"}[role]
         elif arg in consts:
             sig[arg] = "constexpr"
         else:

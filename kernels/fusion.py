@@ -44,10 +44,10 @@ import triton.language as tl
 
 from ..errors import BackendUnavailable
 from ..kernel_ops import register_kernel_op
-from ..ops import FUSION_GRADS, acc_dtype, check_fusion_args
+from ..ops import _LIB, FUSION_GRADS, acc_dtype, check_fusion_args
 from . import configs as _configs
 
-__all__ = ["fusion_triton", "fusion_triton_backward", "hash_keep_mask_triton", "keep_threshold",
+__all__ = ["fusion_triton", "fusion_triton_backward", "fusion_triton_grouped", "GROUP_FIELDS", "hash_keep_mask_triton", "keep_threshold",
            "unsupported_reason", "unsupported_dtype_reason", "INTERPRET", "AUTOTUNE"]
 
 # Triton reads TRITON_INTERPRET when a kernel is *defined* (below), so this is what the kernels do.
@@ -282,16 +282,19 @@ def _scalar(hi, lo, ACC: tl.constexpr):
 @triton.jit
 def _fwd_gemm1_kernel(
         xd_ptr, xq_ptr, wd_ptr, bd_ptr, wq_ptr, bq_ptr, shift_ptr, keep_ptr, amask_ptr, segid_ptr, code_ptr, z_ptr,
-        p_ptr, M, KD, KQ, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
-        stride_xd, stride_xq, stride_wd, stride_wq, stride_z, wq_lo, M_KEY,
+        p_ptr, grp_ptr, temp_ptr, M, KD, KQ, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
+        stride_xd, stride_xq, stride_wd, stride_wq, stride_z, stride_p, wq_lo, M_KEY,
         HAS_XQ: tl.constexpr, HAS_BD: tl.constexpr, HAS_BQ: tl.constexpr, HAS_SHIFT: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_AMASK: tl.constexpr, ACT_MASK: tl.constexpr,
         UNIFORM_ACT: tl.constexpr,
         ACC: tl.constexpr, DOT: tl.constexpr, N_PAD: tl.constexpr, SPLIT_WD: tl.constexpr, SPLIT_WQ: tl.constexpr,
-        PRESPLIT_WQ: tl.constexpr,
+        PRESPLIT_WQ: tl.constexpr, GROUPED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """GEMM1 + epilogue, one program per BLOCK_M rows. PRESPLIT_WQ: ``wq_ptr`` holds w_query's hi half
     (in DOT) and its lo half ``wq_lo`` elements further, split once on the host (SPLIT_WQ is then off).
+    GROUPED (:func:`fusion_triton_grouped`): program (i, g) runs block i of row group g, a fusion of its
+    own whose weights are rows of the packed ones; ``grp_ptr[g]`` (:data:`GROUP_FIELDS`) says where, and
+    ``temp_ptr[2g:2g+2]`` is its temperature's fp32 (hi, lo). No dropout there (a serving path).
 
     Semantics::
 
@@ -308,8 +311,31 @@ def _fwd_gemm1_kernel(
         (HAS_AMASK: a row with every adapter masked gets p = 0, not 0/0)
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    row0 = 0
+    row_end = M
+    if GROUPED:
+        g = tl.program_id(1)
+        gp = grp_ptr + g * 8
+        row0 = tl.load(gp + 0)
+        row_end = row0 + tl.load(gp + 1)
+        xd_ptr += tl.load(gp + 2)
+        KD = tl.load(gp + 3).to(tl.int32)
+        w_row = tl.load(gp + 4)
+        q_row = tl.load(gp + 5)
+        R = tl.load(gp + 6).to(tl.int32)
+        N = tl.load(gp + 7).to(tl.int32)
+        wd_ptr += w_row * stride_wd
+        bd_ptr += w_row
+        segid_ptr += w_row
+        code_ptr += w_row
+        wq_ptr += q_row * stride_wq
+        bq_ptr += q_row
+        temp_hi = tl.load(temp_ptr + 2 * g)
+        temp_lo = tl.load(temp_ptr + 2 * g + 1)
+        if pid * BLOCK_M >= row_end - row0:  # a block past its group's rows (the grid fits the largest group)
+            return
+    rows = row0 + pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
     offs_n = tl.arange(0, N_PAD)
     nmask = offs_n < N
 
@@ -351,7 +377,7 @@ def _fwd_gemm1_kernel(
         logit = tl.where(keep, logit * _scalar(drop_hi, drop_lo, ACC), 0.0)
     s = tl.where(nmask[None, :], logit / _scalar(temp_hi, temp_lo, ACC), float("-inf"))
     if HAS_AMASK:
-        allow = tl.load(amask_ptr + rows[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+        allow = tl.load(amask_ptr + rows[:, None] * stride_p + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
                         other=0)
         s = tl.where(allow != 0, s, float("-inf"))
         mx = tl.max(s, axis=1)
@@ -364,16 +390,16 @@ def _fwd_gemm1_kernel(
     else:
         e = tl.exp(s - tl.max(s, axis=1)[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
-    tl.store(p_ptr + rows[:, None] * N + offs_n[None, :], p.to(p_ptr.dtype.element_ty),
+    tl.store(p_ptr + rows[:, None] * stride_p + offs_n[None, :], p.to(p_ptr.dtype.element_ty),
              mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _fwd_gemm2_kernel(
-        z_ptr, p_ptr, segid_ptr, wo_ptr, res_ptr, out_ptr,
-        M, H, R, N, stride_z, stride_wo, stride_res, stride_out, M_KEY,
+        z_ptr, p_ptr, segid_ptr, wo_ptr, res_ptr, out_ptr, grp_ptr,
+        M, H, R, N, stride_z, stride_p, stride_wo, stride_res, stride_out, M_KEY,
         HAS_RES: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, P_ONCE: tl.constexpr, N_PAD: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """GEMM2 + residual, one program per (BLOCK_M rows, BLOCK_H output columns).
 
     Semantics::
@@ -383,12 +409,25 @@ def _fwd_gemm2_kernel(
 
     P_ONCE (FUSEDADAPTER_TRITON_GEMM2=v2): p[rows] is loaded once as a (BLOCK_M, N_PAD) tile, its
     columns gathered in registers per K block of z, and the p part is one N_PAD-deep dot; else (v1)
-    every K block of R + N gathers p[rows, seg[k]] from memory.
+    every K block of R + N gathers p[rows, seg[k]] from memory. GROUPED: program (i, j, g) as GEMM1's,
+    w_out's columns of group g from ``grp_ptr[g]``'s query row on.
     """
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    row0 = 0
+    row_end = M
+    if GROUPED:
+        gp = grp_ptr + tl.program_id(2) * 8
+        row0 = tl.load(gp + 0)
+        row_end = row0 + tl.load(gp + 1)
+        segid_ptr += tl.load(gp + 4)
+        wo_ptr += tl.load(gp + 5)
+        R = tl.load(gp + 6).to(tl.int32)
+        N = tl.load(gp + 7).to(tl.int32)
+        if pid_m * BLOCK_M >= row_end - row0:
+            return
+    rows = row0 + pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = hs < H
     acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
@@ -396,7 +435,7 @@ def _fwd_gemm2_kernel(
     if P_ONCE:
         offs_n = tl.arange(0, N_PAD)
         nmask = offs_n < N
-        pt = tl.load(p_ptr + rows[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+        pt = tl.load(p_ptr + rows[:, None] * stride_p + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
                      other=0.0).to(ACC)
         wp = tl.load(wo_ptr + hs[None, :] * stride_wo + (R + offs_n)[:, None], mask=nmask[:, None] & hmask[None, :],
                      other=0.0)
@@ -420,7 +459,8 @@ def _fwd_gemm2_kernel(
             kmask = ks < KC
             seg = tl.load(segid_ptr + ks, mask=in_z, other=0)
             pcol = tl.where(in_z, seg, ks - R)
-            pg = tl.load(p_ptr + rows[:, None] * N + pcol[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            pg = tl.load(p_ptr + rows[:, None] * stride_p + pcol[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
             zz = tl.load(z_ptr + rows[:, None] * stride_z + ks[None, :], mask=rmask[:, None] & in_z[None, :],
                          other=1.0)
             wmix = pg.to(ACC) * zz.to(ACC)
@@ -640,8 +680,8 @@ class _Launcher:
 # adapter mask, the activation set, which outputs the backward stores), so that a config tuned on
 # eval calls is not reused for training calls (or the reverse).
 _FWD1 = _Launcher("fwd_gemm1", _fwd_gemm1_kernel, ["M_KEY", "KD", "KQ", "R", "N", "HAS_XQ", "DOT", "DROPOUT",
-                                                   "HAS_AMASK", "ACT_MASK", "SPLIT_WQ", "PRESPLIT_WQ"])
-_FWD2 = _Launcher("fwd_gemm2", _fwd_gemm2_kernel, ["M_KEY", "H", "R", "N", "DOT", "P_ONCE"])
+                                                   "HAS_AMASK", "ACT_MASK", "SPLIT_WQ", "PRESPLIT_WQ", "GROUPED"])
+_FWD2 = _Launcher("fwd_gemm2", _fwd_gemm2_kernel, ["M_KEY", "H", "R", "N", "DOT", "P_ONCE", "GROUPED"])
 _BWD1 = _Launcher("bwd_epilogue", _bwd_epilogue_kernel, ["M_KEY", "KD", "KQ", "H", "R", "N", "HAS_XQ", "DOT",
                                                          "DROPOUT", "ACT_MASK", "STORE_G", "STORE_WM",
                                                          "STORE_DSHIFT"])
@@ -882,18 +922,18 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
               xd, x_q, wd_k, b_down if b_down is not None else dummy, wq_k,
               b_query if b_query is not None else dummy, shift if shift is not None else dummy,
               site.keep if site.has_keep else dummy, site.amask if site.has_amask else dummy, site.segid, site.codes,
-              z, probs,
+              z, probs, dummy, dummy,
               m, xd.shape[1], x_q.shape[1], r, n, *site.scalars(),
-              xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), wq_lo, mk,
+              xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), n, wq_lo, mk,
               HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None,
               HAS_SHIFT=shift is not None, DROPOUT=site.dropout, HAS_KEEP=site.has_keep, HAS_AMASK=site.has_amask,
-              PRESPLIT_WQ=presplit, **meta1)
+              PRESPLIT_WQ=presplit, GROUPED=False, **meta1)
         if h > 0:
             _FWD2(lambda META: (triton.cdiv(m, META["BLOCK_M"]), triton.cdiv(h, META["BLOCK_H"])),
-                  z, probs, site.segid, wo_k, residual if residual is not None else out, out,
-                  m, h, r, n, z.stride(0), w_out.stride(0), residual.stride(0) if residual is not None else 0,
+                  z, probs, site.segid, wo_k, residual if residual is not None else out, out, dummy,
+                  m, h, r, n, z.stride(0), n, w_out.stride(0), residual.stride(0) if residual is not None else 0,
                   out.stride(0), mk, HAS_RES=residual is not None, ACC=site.meta["ACC"], DOT=site.meta["DOT"],
-                  P_ONCE=p_once, N_PAD=site.meta["N_PAD"])
+                  P_ONCE=p_once, N_PAD=site.meta["N_PAD"], GROUPED=False)
     return out, probs
 
 
@@ -1020,3 +1060,195 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
 
 _OP = register_kernel_op("fusion_triton", {"CUDA": fusion_triton, "CPU": fusion_triton},
                          {"CUDA": fusion_triton_backward, "CPU": fusion_triton_backward})
+
+
+# =============================================================================================
+# Grouped: several fusions' row groups in one launch pair (multi-task serving, issue 16)
+# =============================================================================================
+# One int64 row per row group of fusion_triton_grouped's ``groups`` (GROUPED kernels): its first
+# row and row count, the first column and width of xd it reads, its first row of the packed
+# w_down / b_down (and of the column tables), its first row of w_query / b_query (and column of
+# w_out), its bottleneck width R and adapter count N.
+GROUP_FIELDS = ("row0", "rows", "xd_col", "kd", "w_row", "q_row", "r", "n")
+_GROUP_TABLES: Dict[tuple, tuple] = {}
+
+
+def _group_tables(groups: List[int], segments: List[int], activations: List[int], temperatures: List[float],
+                  n_rows_w: int, device: torch.device):
+    """(group table (G, 8) int64, temperatures (G, 2) fp32 hi/lo, segment ids and activation codes per
+    packed w_down row (int32), the set of activation codes) on ``device``, cached per call layout."""
+    key = (tuple(groups), tuple(segments), tuple(activations), tuple(temperatures), n_rows_w, str(device))
+    hit = _GROUP_TABLES.get(key)
+    if hit is None:
+        seg = [0] * max(n_rows_w, 1)
+        code = [0] * max(n_rows_w, 1)
+        s0 = a0 = 0
+        for gi in range(len(groups) // 8):
+            w_row, n = groups[gi * 8 + 4], groups[gi * 8 + 7]
+            bounds, acts = segments[s0:s0 + n + 1], activations[a0:a0 + n]
+            s0, a0 = s0 + n + 1, a0 + n
+            for i, a in enumerate(acts):
+                for c in range(bounds[i], bounds[i + 1]):
+                    seg[w_row + c] = i
+                    code[w_row + c] = a
+        temps = [half for t in temperatures for half in _split(float(t))]
+        hit = (torch.tensor(groups, dtype=torch.int64, device=device).view(-1, 8),
+               torch.tensor(temps, dtype=torch.float32, device=device),
+               torch.tensor(seg, dtype=torch.int32, device=device), torch.tensor(code, dtype=torch.int32, device=device),
+               set(activations))
+        if len(_GROUP_TABLES) > 256:
+            _GROUP_TABLES.clear()
+        _GROUP_TABLES[key] = hit
+    return hit
+
+
+def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
+                       temperatures):
+    """Validate fusion_triton_grouped's arguments (clear errors naming what was expected); returns
+    (G, per-group (row0, rows, xd_col, kd, w_row, q_row, r, n) tuples)."""
+    where = "fusion_triton_grouped"
+    if len(groups) % 8 or not groups:
+        raise ValueError(f"{where}: groups must hold 8 ints per row group {GROUP_FIELDS}, got {len(groups)} ints")
+    g = len(groups) // 8
+    rows = [tuple(int(v) for v in groups[i * 8:(i + 1) * 8]) for i in range(g)]
+    if len(temperatures) != g:
+        raise ValueError(f"{where}: one temperature per row group ({g}), got {len(temperatures)}")
+    if sum(r[7] for r in rows) != len(activations) or sum(r[7] + 1 for r in rows) != len(segments):
+        raise ValueError(f"{where}: activations must hold each group's N codes and segments each group's N + 1 "
+                         f"bounds, concatenated (groups' N {[r[7] for r in rows]}); got {len(activations)} and "
+                         f"{len(segments)}")
+    if xd.dim() != 2 or w_down.dim() != 2 or w_query.dim() != 2 or w_out.dim() != 2:
+        raise ValueError(f"{where}: xd, w_down, w_query, w_out must be 2-D")
+    m, h = xd.shape[0], w_out.shape[0]
+    kq = (xq if xq is not None else xd).shape[1]
+    if xq is not None and (xq.dim() != 2 or xq.shape[0] != m):
+        raise ValueError(f"{where}: xq must be ({m}, K), got {tuple(xq.shape)}")
+    if residual is not None and tuple(residual.shape) != (m, h):
+        raise ValueError(f"{where}: residual must be ({m}, {h}), got {tuple(residual.shape)}")
+    if w_query.shape[1] != kq or w_query.shape[0] != w_out.shape[1]:
+        raise ValueError(f"{where}: w_query must be (rows of w_out's columns {w_out.shape[1]}, {kq}), got "
+                         f"{tuple(w_query.shape)}")
+    for name, b, n_rows in (("b_down", b_down, w_down.shape[0]), ("b_query", b_query, w_query.shape[0])):
+        if b is not None and tuple(b.shape) != (n_rows,):
+            raise ValueError(f"{where}: {name} must be ({n_rows},), got {tuple(b.shape)}")
+    dts = {t.dtype for t in (w_down, w_query, w_out) + tuple(t for t in (b_down, b_query) if t is not None)}
+    if dts != {acc_dtype(xd.dtype)}:
+        raise TypeError(f"{where}: weights must be {acc_dtype(xd.dtype)} for {xd.dtype} activations, got {dts}")
+    for t in (xq, residual):
+        if t is not None and t.dtype != xd.dtype:
+            raise TypeError(f"{where}: xq and residual must be {xd.dtype}, got {t.dtype}")
+    end = 0
+    for i, (row0, n_rows, xd_col, kd, w_row, q_row, r, n) in enumerate(sorted(rows)):
+        if row0 < end or n_rows < 1 or row0 + n_rows > m:
+            raise ValueError(f"{where}: row groups must be non-empty, inside the {m} rows and disjoint, got {rows}")
+        end = row0 + n_rows
+        if n < 1 or xd_col < 0 or kd < 1 or xd_col + kd > xd.shape[1] or kd > w_down.shape[1]:
+            raise ValueError(f"{where}: group {i}: xd columns {xd_col}..{xd_col + kd} outside xd ({xd.shape[1]}) "
+                             f"or w_down ({w_down.shape[1]}), or no adapters")
+        if xq is None and (xd_col != 0 or kd != kq):
+            raise ValueError(f"{where}: without xq every group reads all of xd (the query half reads it too)")
+        if w_row < 0 or w_row + r > w_down.shape[0] or q_row < 0 or q_row + r + n > w_query.shape[0]:
+            raise ValueError(f"{where}: group {i}: rows w_down[{w_row}:{w_row + r}] / w_query[{q_row}:"
+                             f"{q_row + r + n}] outside the packed weights {tuple(w_down.shape)} / "
+                             f"{tuple(w_query.shape)}")
+    # each group's segments: 0 = s_0 <= s_1 <= ... <= s_N = R
+    s0 = 0
+    for i, row in enumerate(rows):
+        bounds = [int(b) for b in segments[s0:s0 + row[7] + 1]]
+        s0 += row[7] + 1
+        if bounds[0] != 0 or bounds[-1] != row[6] or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"{where}: group {i}: segments {bounds} must rise from 0 to its R = {row[6]}")
+    return g, rows
+
+
+def fusion_triton_grouped(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments,
+                          activations, temperatures):
+    """Forward of ``fusedadapter::fusion_triton_grouped``: G row groups, each through its own fusion,
+    in one launch of each forward kernel (punica's SGMV pattern; multi-task serving, no autograd).
+
+    Semantics::
+
+        out = empty(M, H); probs = empty(M, max N)       # rows in no group, and probs[t, N:], stay unwritten
+        for g, (row0, rows, xd_col, kd, w_row, q_row, R, N) in groups (8 ints each, GROUP_FIELDS):
+            t = row0 .. row0 + rows
+            out[t], probs[t, :N] = fusion_triton(
+                xd[t, xd_col:xd_col + kd], xq[t] (None: xd[t]), residual[t],
+                w_down[w_row:w_row + R, :kd], b_down[w_row:w_row + R],
+                w_query[q_row:q_row + R + N], b_query[q_row:q_row + R + N], w_out[:, q_row:q_row + R + N],
+                segments (group g's N + 1), activations (group g's N), temperatures[g])   # no dropout, no mask
+
+    Grid: (blocks of the largest group, G) for GEMM1, (..., H blocks, G) for GEMM2; a block past its
+    group's rows does no work.
+    """
+    segments = [int(s) for s in segments]
+    activations = [int(a) for a in activations]
+    groups = [int(v) for v in groups]
+    temperatures = [float(t) for t in temperatures]
+    g, rows = check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments,
+                                 activations, temperatures)
+    _check_device(xd.device, xd.dtype)
+    if xd.dtype not in _TL_DTYPE:
+        raise TypeError(f"fusion_triton_grouped: unsupported activation dtype {xd.dtype} "
+                        f"(float16, bfloat16, float32, float64)")
+    acc = acc_dtype(xd.dtype)
+    m, h = xd.shape[0], w_out.shape[0]
+    r_max, n_max = max(r[6] for r in rows), max(r[7] for r in rows)
+    out = _new((m, h), xd.dtype, xd.device)
+    probs = _new((m, n_max), acc, xd.device)
+    table, temps, segid, codes, uniq = _group_tables(groups, segments, activations, temperatures, w_down.shape[0],
+                                                     xd.device)
+    xd, residual, w_down, b_down, w_query, b_query, w_out = map(_c, (xd, residual, w_down, b_down, w_query, b_query,
+                                                                     w_out))
+    x_q = xd if xq is None else xq.contiguous()
+    z = _new((m, r_max), xd.dtype, xd.device)
+    max_rows = max(r[1] for r in rows)
+    mk = _configs.token_key(max_rows)
+    dot = _TL_DTYPE[xd.dtype]
+    meta = dict(ACT_MASK=sum(1 << c for c in uniq), UNIFORM_ACT=activations[0] if len(uniq) == 1 else -1,
+                ACC=_TL_DTYPE[acc], DOT=dot, N_PAD=_configs.n_pad(n_max), SPLIT_WD=False,
+                SPLIT_WQ=xd.dtype in SPLIT_WEIGHTS_QUERY)
+    p_once = GEMM2 == "v2" and xd.dtype in (torch.float16, torch.bfloat16)
+    wd_k = _dot_weight(w_down, xd.dtype, False)
+    wq_k = _dot_weight(w_query, xd.dtype, meta["SPLIT_WQ"])
+    wo_k = _dot_weight(w_out, xd.dtype, False, precast=True if p_once else None)
+    t_hi, t_lo = _split(temperatures[0])
+    with (torch.cuda.device(xd.device) if xd.device.type == "cuda" else contextlib.nullcontext()):
+        _FWD1(lambda META: (triton.cdiv(max_rows, META["BLOCK_M"]), g),
+              xd, x_q, wd_k, b_down if b_down is not None else segid, wq_k, b_query if b_query is not None else segid,
+              segid, segid, segid, segid, codes, z, probs, table, temps,
+              m, max(r[3] for r in rows), x_q.shape[1], r_max, n_max, 0, 0, 1.0, 0.0, t_hi, t_lo,
+              xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), probs.stride(0), 0, mk,
+              HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None, HAS_SHIFT=False,
+              DROPOUT=False, HAS_KEEP=False, HAS_AMASK=False, PRESPLIT_WQ=False, GROUPED=True, **meta)
+        if h > 0:
+            _FWD2(lambda META: (triton.cdiv(max_rows, META["BLOCK_M"]), triton.cdiv(h, META["BLOCK_H"]), g),
+                  z, probs, segid, wo_k, residual if residual is not None else out, out, table,
+                  m, h, r_max, n_max, z.stride(0), probs.stride(0), w_out.stride(0),
+                  residual.stride(0) if residual is not None else 0, out.stride(0), mk, HAS_RES=residual is not None,
+                  ACC=meta["ACC"], DOT=dot, P_ONCE=p_once, N_PAD=meta["N_PAD"], GROUPED=True)
+    return out, probs
+
+
+def _grouped_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
+                  temperatures):
+    n_max = max(int(v) for v in list(groups)[7::8]) if len(groups) >= 8 else 0
+    return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], n_max), dtype=acc_dtype(xd.dtype))
+
+
+GROUPED_SCHEMA = ("(Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, Tensor w_query, "
+                  "Tensor? b_query, Tensor w_out, int[] groups, int[] segments, int[] activations, "
+                  "float[] temperatures) -> (Tensor, Tensor)")
+_LIB.define("fusion_triton_grouped" + GROUPED_SCHEMA)
+for _key in ("CUDA", "CPU"):
+    _LIB.impl("fusion_triton_grouped", fusion_triton_grouped, _key)
+torch.library.register_fake("fusedadapter::fusion_triton_grouped", _grouped_fake, lib=_LIB)
+
+
+def _grouped_backward(ctx, grad_out, grad_probs):
+    raise RuntimeError("fusedadapter::fusion_triton_grouped is a serving op without a backward; under autograd "
+                       "MultiFusion runs each group's own fusion_triton (forward and backward)")
+
+
+torch.library.register_autograd("fusedadapter::fusion_triton_grouped", _grouped_backward,
+                                setup_context=lambda ctx, inputs, output: None, lib=_LIB)
+GROUPED_OP = torch.ops.fusedadapter.fusion_triton_grouped

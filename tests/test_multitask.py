@@ -134,8 +134,9 @@ def _routed(multi, backend, dtype, inputs, route, train, adapter_mask, grads, w_
     q = inputs[3] if len(inputs) > 3 else None
     a, res = a.to(dtype).requires_grad_(grads), res.to(dtype).requires_grad_(grads)
     q = None if q is None else q.to(dtype).requires_grad_(grads)
-    out, probs = m(a, res, q, route=route, return_probs=True, dropout_mask=keep if train else None,
-                   adapter_mask=adapter_mask)
+    with torch.set_grad_enabled(grads):  # without grads: a serving call (the out-paths, the grouped triton op)
+        out, probs = m(a, res, q, route=route, return_probs=True, dropout_mask=keep if train else None,
+                       adapter_mask=adapter_mask)
     result = {"out": out.detach().double(), "probs": probs.detach().double()}
     if grads:
         _grads(result, (out * w_out.to(dtype)).sum() + (probs * w_p.to(dtype)).sum(), a, res, m, q)
@@ -248,6 +249,54 @@ def test_routed_with_masks(backend, mask, train, ran):
     _backend_or_skip(backend)
     check_routed(backend, train=train, mask=mask)
     _assert_ran(ran, backend, ROUTE)
+
+
+@pytest.mark.parametrize("route", [ROUTE, ["sst", "sst", "mnli", "qqp", "qqp"], ["mnli", "sst", "sst", "mnli", "mnli"]],
+                         ids=["interleaved", "sorted", "two-fusions"])
+@pytest.mark.parametrize("query", [False, True], ids=["shared", "query"])
+def test_triton_serving_runs_the_groups_in_one_grouped_call(route, query, ran, monkeypatch):
+    """Serving (no grad) on triton: the fusions whose calls fit (sst, mnli; qqp's residual_before
+    does not) run in one ``fusion_triton_grouped`` call, each row within the oracle of its fusion
+    alone, and bitwise what the per-group path gives (the same tiles)."""
+    _backend_or_skip("triton")
+    from fusedadapter import multitask_rows
+
+    got = check_routed("triton", train=False, grads=False, route=route, query=query)
+    assert ran["triton"].count("fusion_triton_grouped") == 1, ran["triton"]
+    assert ran["triton"].count("fusion_triton") == ("qqp" in route), ran["triton"]
+    monkeypatch.setattr(multitask_rows, "run_groups_triton", lambda *a, **k: None)
+    ran["triton"].clear()
+    per_group = check_routed("triton", train=False, grads=False, route=route, query=query)
+    assert "fusion_triton_grouped" not in ran["triton"]
+    for key in ("out", "probs"):
+        assert torch.equal(got[key], per_group[key]), key
+
+
+def test_triton_grouped_pack_follows_the_folds():
+    """The packed weights are the folds last packed: a weight edit refolds, and the next serving call
+    packs again (no stale rows)."""
+    _backend_or_skip("triton")
+    m = make_multi(0).float()
+    m.backend = "triton"
+    m.eval()
+    a, res, _ = make_inputs(1)
+    a, res = a.float(), res.float()
+    route = ["sst", "mnli", "sst", "mnli", "mnli"]
+    with torch.no_grad():
+        m(a, res, route=route)
+        first = m._grouped_pack
+        again = m(a, res, route=route)
+        assert m._grouped_pack is first
+        m.adapter_fusion_layer["mnli"].query.weight.mul_(1.5)
+        edited = m(a, res, route=route)
+    assert m._grouped_pack is not first
+    ref = copy.deepcopy(m)
+    ref.backend = "reference"
+    with torch.no_grad():
+        want = ref.double()(a.double(), res.double(), route=route)
+    rows = [i for i, r in enumerate(route) if r == "mnli"]
+    assert not torch.equal(edited[rows], again[rows])
+    torch.testing.assert_close(edited.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])

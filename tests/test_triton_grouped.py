@@ -1,0 +1,213 @@
+"""``fusedadapter::fusion_triton_grouped`` (issue 16): several fusions' row groups in one launch pair.
+
+Each group's rows must equal that group run alone through ``fusion_triton`` (the same tiles: bitwise
+in the interpreter) and hold the docs/algorithm.md §4 oracle against ``fusion_torch`` in float64
+(truth) with ``fusion_torch`` at the test dtype as the yardstick. Groups differ in R, N, widths,
+activations, temperatures, the xd columns they read (ln_mode), and leave gaps of unwritten rows.
+Without a GPU this runs through the Triton interpreter (conftest sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedadapter.ops import fusion_torch
+from fusedadapter.testing import assert_oracle
+
+fusion = pytest.importorskip("fusedadapter.kernels.fusion", reason="needs the `triton` package")
+if fusion.unsupported_reason("cpu") is not None and not torch.cuda.is_available():
+    pytest.skip(fusion.unsupported_reason("cpu"), allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() and not fusion.INTERPRET else "cpu"
+H = 24
+# (adapter widths, activation codes, temperature, xd columns (first, width) in units of H)
+FUSIONS = [([3, 5, 4], [1, 2, 1], 1.0, (0, 1)),
+           ([2, 6], [3, 1], 2.5, (1, 1)),
+           ([4, 4, 3, 2], [1, 1, 1, 1], 0.7, (0, 2)),
+           ([7], [2], 1.3, (0, 1))]
+
+
+def _fusion(g, widths, acts, dtype, kd, with_bias):
+    segs = [0]
+    for w in widths:
+        segs.append(segs[-1] + w)
+    r, n = segs[-1], len(widths)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(acc)
+
+    return dict(w_down=rnd(r, kd, scale=kd ** -0.5), b_down=rnd(r, scale=0.5) if with_bias else None,
+                w_query=rnd(r + n, H, scale=0.5 * H ** -0.5), b_query=rnd(r + n, scale=0.5) if with_bias else None,
+                w_out=rnd(H, r + n, scale=(r + n) ** -0.5), segments=segs, activations=acts)
+
+
+def _case(dtype, counts, *, xq=True, residual=True, with_bias=True, fusions=FUSIONS, seed=0):
+    """Inputs, the per-group fusions and the grouped op's packed arguments; groups in ``counts``
+    order with a 2-row gap before each (rows no group writes)."""
+    g = torch.Generator().manual_seed(seed)
+    widest = max(f[3][0] + f[3][1] for f in fusions)
+    fus = [_fusion(g, w, a, dtype, f_cols[1] * H, with_bias) for (w, a, _, f_cols) in fusions]
+    m = sum(counts) + 2 * len(counts)
+    xd = torch.randn(m, widest * H, generator=g, dtype=torch.float64).to(dtype)
+    xq_t = torch.randn(m, H, generator=g, dtype=torch.float64).to(dtype) if xq else None
+    res = torch.randn(m, H, generator=g, dtype=torch.float64).to(dtype) if residual else None
+    kd_max = max(f[3][1] for f in fusions) * H
+    acc = fus[0]["w_out"].dtype
+    w_down = torch.zeros(sum(f["segments"][-1] for f in fus), kd_max, dtype=acc)
+    groups, segs, acts, row, w_row, q_row, spans = [], [], [], 0, 0, 0, []
+    for f, c, (_, _, _, (col, width)) in zip(fus, counts, fusions):
+        r, n = f["segments"][-1], len(f["activations"])
+        row += 2
+        w_down[w_row:w_row + r, :width * H] = f["w_down"]
+        groups += [row, c, col * H, width * H, w_row, q_row, r, n]
+        segs += f["segments"]
+        acts += f["activations"]
+        spans.append((row, c, col * H, width * H))
+        row, w_row, q_row = row + c, w_row + r, q_row + r + n
+    cat = (lambda key: torch.cat([f[key] for f in fus]) if with_bias or key.startswith("w") else None)
+    packed = (w_down, cat("b_down"), cat("w_query"), cat("b_query"), torch.cat([f["w_out"] for f in fus], 1))
+    temps = [f[2] for f in fusions]
+    return dict(xd=xd, xq=xq_t, res=res, fus=fus, packed=packed, groups=groups, segs=segs, acts=acts, temps=temps,
+                spans=spans)
+
+
+def _to(t, device, dtype=None):
+    return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
+
+def _grouped(c, device=DEVICE):
+    w_down, b_down, w_query, b_query, w_out = (_to(t, device) for t in c["packed"])
+    return fusion.GROUPED_OP(_to(c["xd"], device), _to(c["xq"], device), _to(c["res"], device), w_down, b_down,
+                             w_query, b_query, w_out, c["groups"], c["segs"], c["acts"], c["temps"])
+
+
+def _alone(c, i, op, dtype=None, device="cpu"):
+    row, n, col, kd = c["spans"][i]
+    f = c["fus"][i]
+    acc = None if dtype is None else (torch.float64 if dtype == torch.float64 else torch.float32)
+    xd = c["xd"][row:row + n, col:col + kd]
+    xq = c["xq"][row:row + n] if c["xq"] is not None else None
+    if xq is None and (col != 0 or kd != c["xd"].shape[1]):
+        raise AssertionError("a case without xq reads all of xd")
+    res = c["res"][row:row + n] if c["res"] is not None else None
+    w = [_to(f[k], device, acc) for k in ("w_down", "b_down", "w_query", "b_query", "w_out")]
+    return op(_to(xd, device, dtype), _to(xq, device, dtype), _to(res, device, dtype), *w, f["segments"],
+              f["activations"], c["temps"][i])
+
+
+def _check(c, dtype):
+    out, probs = _grouped(c)
+    out, probs = out.cpu(), probs.cpu()
+    for i, (row, n, _, _) in enumerate(c["spans"]):
+        nk = len(c["fus"][i]["activations"])
+        o, p = out[row:row + n], probs[row:row + n, :nk]
+        so, sp = (t.cpu() for t in _alone(c, i, fusion.fusion_triton, device=DEVICE))
+        if fusion.INTERPRET:  # the same tiles in the same order as the group alone
+            assert torch.equal(o, so) and torch.equal(p, sp), f"group {i}: not the group alone through fusion_triton"
+        truth = _alone(c, i, fusion_torch, torch.float64)
+        ref = _alone(c, i, fusion_torch)
+        assert_oracle(o, ref[0], truth[0], dtype, what=f"group {i} out")
+        assert_oracle(p.to(ref[1].dtype), ref[1], truth[1], dtype, what=f"group {i} probs")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("counts", [(7, 3, 40, 1), (1, 1, 1, 1), (33, 5, 2, 64)], ids=["uneven", "ones", "wide"])
+def test_groups_equal_each_fusion_alone(dtype, counts):
+    _check(_case(dtype, counts), dtype)
+
+
+@pytest.mark.parametrize("what", ["no-xq", "no-residual", "no-bias"])
+def test_optional_inputs(what):
+    fusions = [(w, a, t, (0, 1)) for (w, a, t, _) in FUSIONS] if what == "no-xq" else FUSIONS
+    c = _case(torch.float32, (5, 9, 2, 17), xq=what != "no-xq", residual=what != "no-residual",
+              with_bias=what != "no-bias", fusions=fusions)
+    _check(c, torch.float32)
+
+
+@pytest.mark.skipif(fusion.INTERPRET or DEVICE != "cuda", reason="half precision needs a GPU (the interpreter's bf16 "
+                    "arithmetic is wrong and the backend refuses it)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_a_gpu(dtype):
+    _check(_case(dtype, (6, 3, 11, 200)), dtype)
+
+
+def test_groups_may_come_in_any_order():
+    c = _case(torch.float32, (4, 6, 3, 5))
+    # the groups listed in reverse: the same rows and values
+    rev = [v for gi in reversed(range(len(c["groups"]) // 8)) for v in c["groups"][gi * 8:(gi + 1) * 8]]
+    n_of = [len(f["activations"]) for f in c["fus"]]
+    bounds, codes, so, ao = [], [], 0, 0
+    for n in n_of:
+        bounds.append(c["segs"][so:so + n + 1])
+        codes.append(c["acts"][ao:ao + n])
+        so, ao = so + n + 1, ao + n
+    c2 = dict(c, groups=rev, segs=[b for x in reversed(bounds) for b in x],
+              acts=[a for x in reversed(codes) for a in x], temps=list(reversed(c["temps"])))
+    out, probs = _grouped(c)
+    out2, probs2 = _grouped(c2)
+    for (row, n, _, _), nk in zip(c["spans"], n_of):  # (columns past a group's N are not written)
+        assert torch.equal(out[row:row + n], out2[row:row + n])
+        assert torch.equal(probs[row:row + n, :nk], probs2[row:row + n, :nk])
+
+
+def _bad(c, **change):
+    args = dict(xd=c["xd"], xq=c["xq"], res=c["res"], groups=c["groups"], segs=c["segs"], acts=c["acts"],
+                temps=c["temps"])
+    args.update(change)
+    w_down, b_down, w_query, b_query, w_out = c["packed"]
+    return fusion.GROUPED_OP(args["xd"], args["xq"], args["res"], w_down, b_down, w_query, b_query, w_out,
+                             args["groups"], args["segs"], args["acts"], args["temps"])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="bad input checked once, on the interpreter's CPU tensors")
+def test_bad_input_names_what_was_expected():
+    c = _case(torch.float32, (3, 4, 5, 6))
+    g = list(c["groups"])
+    with pytest.raises(ValueError, match="8 ints per row group"):
+        _bad(c, groups=g[:-1])
+    with pytest.raises(ValueError, match="one temperature per row group"):
+        _bad(c, temps=c["temps"][:-1])
+    overlap = list(g)
+    overlap[8] = g[0]  # group 1 starts on group 0's rows
+    with pytest.raises(ValueError, match="disjoint"):
+        _bad(c, groups=overlap)
+    past = list(g)
+    past[1] = 10_000
+    with pytest.raises(ValueError, match="inside the"):
+        _bad(c, groups=past)
+    wide = list(g)
+    wide[6] = 10_000  # group 0's R past the packed w_down
+    with pytest.raises(ValueError, match="outside the packed weights"):
+        _bad(c, groups=wide)
+    with pytest.raises(ValueError, match="each group's N codes"):
+        _bad(c, acts=c["acts"][:-1])
+    segs = list(c["segs"])
+    segs[1] = 99
+    with pytest.raises(ValueError, match="must rise from 0"):
+        _bad(c, segs=segs)
+    shared = _case(torch.float32, (3, 4, 5, 6), xq=False, fusions=[(w, a, t, (0, 1)) for (w, a, t, _) in FUSIONS])
+    narrow = list(shared["groups"])
+    narrow[3] = H - 4  # group 0 reads part of xd, but without xq the query half reads all of it
+    with pytest.raises(ValueError, match="reads all of xd"):
+        _bad(shared, groups=narrow)
+    with pytest.raises(TypeError, match="weights must be torch.float64 for torch.float64 activations"):
+        _bad(c, xd=c["xd"].double(), xq=c["xq"].double(), res=c["res"].double())
+
+
+def test_opcheck_schema_and_fake():
+    c = _case(torch.float32, (3, 2, 4, 1))
+    w_down, b_down, w_query, b_query, w_out = c["packed"]
+    args = (c["xd"], c["xq"], c["res"], w_down, b_down, w_query, b_query, w_out, c["groups"], c["segs"], c["acts"],
+            c["temps"])
+    torch.library.opcheck(fusion.GROUPED_OP, [_to(a, DEVICE) if isinstance(a, torch.Tensor) else a for a in args],
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_no_backward_under_autograd():
+    c = _case(torch.float32, (3, 2, 4, 1))
+    xd = c["xd"].requires_grad_(True)
+    out, _ = _bad(c, xd=xd)
+    with pytest.raises(RuntimeError, match="serving op without a backward"):
+        out.sum().backward()
