@@ -329,53 +329,69 @@ class MultiFusion(nn.Module):
         order = None
         if any(x > y for x, y in zip(id_list, id_list[1:])):  # rows not grouped by fusion: gathered per group, gathered back
             order = torch.argsort(ids, stable=True)
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+
+        def take_rows(k):  # group k's rows of a batch-first tensor
+            n = counts[k]
+            if n == batch:
+                return lambda t: t
+            if order is None:
+                return lambda t: t.narrow(0, starts[k], n)
+            idx = order[starts[k]:starts[k] + n].to(adapter_input.device)
+            return lambda t: t.index_select(0, idx)
+
+        def group_masks(k):  # group k's (adapter_mask, dropout_mask): its rows, its fusion's columns
+            take, site = take_rows(k), sites[k]
+            cols = [pool_index[a] for a in site.adapters]
+            masks = []
+            for m in (adapter_mask, dropout_mask):
+                if m is not None:
+                    m = take(m)
+                    if cols != list(range(n_pool)):
+                        m = m[..., cols]
+                masks.append(m)
+            if named_block:  # a named block mask: this fusion's own columns (the pool may be wider)
+                m = current_adapter_mask(site.adapters, batch=batch)
+                masks[0] = m if m.dim() < 2 else take(m)
+            return masks
+
+        for k, site in enumerate(sites):
+            if counts[k] and any(a not in pool_index for a in site.adapters):
+                raise ValueError(f"MultiFusion: fusion {self.fusion_names[k]!r} fuses {list(site.adapters)} but the "
+                                 f"pool holds {pool} (an adapter was removed from the pool; AdapterDrop's pruning "
+                                 f"does not apply to multi-fusion sites)")
         # inference: each group's op writes its rows of one batch output (no concatenation), in the batch's
         # order where rows come grouped by fusion, else in fusion order (then one gather puts them back)
-        into = (adapter_input.new_empty(adapter_input.shape) if not exporting
-                and not torch.is_grad_enabled() and sum(c > 0 for c in counts) > 1 else None)
-        done = {}  # groups the grouped triton op ran (rows written into `into`): their probabilities
-        if into is not None and adapter_mask is None and dropout_mask is None and not named_block:
-            grouped = rows.run_groups_triton(self, sites, counts, adapter_input, residual, query, order)
+        serving = not exporting and not torch.is_grad_enabled() and sum(c > 0 for c in counts) > 1
+        into, done = None, {}  # done: the groups the grouped triton op ran (rows written), their probabilities
+        if serving and dropout_mask is None:
+            grouped = rows.run_groups_triton(self, sites, counts, adapter_input, residual, query, order,
+                                             lambda k: group_masks(k)[0])
             if grouped is not None:
                 into, done = grouped
-        outs, probs_parts, start = [], [], 0
+        if serving and into is None:
+            into = adapter_input.new_empty(adapter_input.shape)
+        outs, probs_parts = [], []
         for k, site in enumerate(sites):
             n = counts[k]
             if n == 0:
                 continue
-            if order is None:
-                take = (lambda t, s=start, n=n: t.narrow(0, s, n))
-            else:
-                idx = order[start:start + n].to(adapter_input.device)
-                take = (lambda t, idx=idx: t.index_select(0, idx))
-            start += n
-            whole = n == batch
-            cols = [pool_index.get(a, -1) for a in site.adapters]
-            if -1 in cols:
-                raise ValueError(f"MultiFusion: fusion {self.fusion_names[k]!r} fuses {list(site.adapters)} but the "
-                                 f"pool holds {pool} (an adapter was removed from the pool; AdapterDrop's pruning "
-                                 f"does not apply to multi-fusion sites)")
+            cols = [pool_index[a] for a in site.adapters]
             probs = done.get(k)
             if probs is None:  # (a group the grouped op ran has its rows written)
-                sub = [None if t is None else (t if whole else take(t)) for t in (adapter_input, residual, query)]
-                masks = []
-                for m in (adapter_mask, dropout_mask):
-                    if m is not None:
-                        m = m if whole else take(m)
-                        if cols != list(range(n_pool)):
-                            m = m[..., cols]
-                    masks.append(m)
-                if named_block:  # a named block mask: this fusion's own columns (the pool may be wider)
-                    m = current_adapter_mask(site.adapters, batch=batch)
-                    masks[0] = m if whole or m.dim() < 2 else take(m)
+                take = take_rows(k)
+                sub = [None if t is None else take(t) for t in (adapter_input, residual, query)]
+                masks = group_masks(k)
                 if into is not None:
-                    probs = rows.run_group_into(site, into.narrow(0, start - n, n), *sub, masks[0])
+                    probs = rows.run_group_into(site, into.narrow(0, starts[k], n), *sub, masks[0])
                 if probs is None:
                     out, probs = site(sub[0], sub[1], sub[2], return_probs=True, dropout_mask=masks[1],
                                       adapter_mask=masks[0])
                     outs.append(out)
                     if into is not None:  # a group the cpu out-path does not take (see run_group_into)
-                        into.narrow(0, start - n, n).copy_(out)
+                        into.narrow(0, starts[k], n).copy_(out)
             if return_probs:
                 if cols != list(range(n_pool)):
                     full = probs.new_zeros((*probs.shape[:-1], n_pool))

@@ -19,7 +19,7 @@ concatenated, or put back in the batch's order by one gather, see :mod:`fusedada
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,14 +129,16 @@ def _pack(folds: Sequence, hidden: int, with_ln: bool):
 
 
 def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_input: torch.Tensor,
-                      residual: torch.Tensor, query: Optional[torch.Tensor], order: Optional[torch.Tensor]
+                      residual: torch.Tensor, query: Optional[torch.Tensor], order: Optional[torch.Tensor],
+                      group_mask: Callable[[int], Optional[torch.Tensor]] = lambda k: None
                       ) -> Optional[Tuple[torch.Tensor, Dict[int, torch.Tensor]]]:
     """Every group that runs on ``triton`` (:func:`_grouped_fold`), in one ``fusion_triton_grouped``
     call: returns (the batch output, shaped as ``adapter_input``, in fusion order where ``order`` is
     given, with those groups' rows written; {group index: its probabilities (``(rows, ..., N)``, in
     the output's dtype)}), or None, having done nothing, where fewer than two groups qualify (serving
-    calls only: no autograd, no masks, no dropout; the caller checks the masks). The other groups'
-    rows are the caller's to write (its per-group path)."""
+    calls only: no autograd, no dropout). ``group_mask(k)``: group k's adapter mask (its rows, its
+    fusion's columns, as :func:`fusedadapter.runner.adapter_mask_rows` takes it) or None. The other
+    groups' rows are the caller's to write (its per-group path)."""
     if not _serving_call(adapter_input) or adapter_input.dtype not in (torch.float16, torch.bfloat16, torch.float32,
                                                                           torch.float64):
         return None
@@ -179,11 +181,19 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
     groups = []
     for k, (col, kd, w_row, q_row, r, n) in zip(picked, layout):
         groups += [starts[k] * per_row, counts[k] * per_row, col, kd, w_row, q_row, r, n]
+    lead = adapter_input.shape[1:-1]
+    amask = None
+    masks = [group_mask(k) for k in picked]
+    if any(m is not None for m in masks):  # (tokens, max N): each group's rows, its adapters first
+        amask = torch.ones(a.shape[0], max(n for *_, n in layout), dtype=torch.bool, device=a.device)
+        for k, m, (*_, n) in zip(picked, masks, layout):
+            if m is not None:
+                amask[starts[k] * per_row:starts[k + 1] * per_row, :n] = adapter_mask_rows(
+                    m, (counts[k], *lead), n, a.device).reshape(-1, n)
     from .kernels.fusion import GROUPED_OP
 
     out, probs = GROUPED_OP(xd, xq, res, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
-                            [1.0] * len(picked))
-    lead = adapter_input.shape[1:-1]
+                            [1.0] * len(picked), amask)
     got = {}
     for k, (*_, n) in zip(picked, layout):
         p = probs[starts[k] * per_row:starts[k + 1] * per_row, :n]

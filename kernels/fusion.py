@@ -1103,7 +1103,7 @@ def _group_tables(groups: List[int], segments: List[int], activations: List[int]
 
 
 def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
-                       temperatures):
+                       temperatures, adapter_mask=None):
     """Validate fusion_triton_grouped's arguments (clear errors naming what was expected); returns
     (G, per-group (row0, rows, xd_col, kd, w_row, q_row, r, n) tuples)."""
     where = "fusion_triton_grouped"
@@ -1151,6 +1151,10 @@ def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out
             raise ValueError(f"{where}: group {i}: rows w_down[{w_row}:{w_row + r}] / w_query[{q_row}:"
                              f"{q_row + r + n}] outside the packed weights {tuple(w_down.shape)} / "
                              f"{tuple(w_query.shape)}")
+    n_max = max(r[7] for r in rows)
+    if adapter_mask is not None and (adapter_mask.dtype != torch.bool or tuple(adapter_mask.shape) != (m, n_max)):
+        raise ValueError(f"{where}: adapter_mask must be a bool ({m}, {n_max}) tensor (each row's group's adapters "
+                         f"first), got {adapter_mask.dtype} {tuple(adapter_mask.shape)}")
     # each group's segments: 0 = s_0 <= s_1 <= ... <= s_N = R
     s0 = 0
     for i, row in enumerate(rows):
@@ -1162,7 +1166,7 @@ def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out
 
 
 def fusion_triton_grouped(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments,
-                          activations, temperatures):
+                          activations, temperatures, adapter_mask=None):
     """Forward of ``fusedadapter::fusion_triton_grouped``: G row groups, each through its own fusion,
     in one launch of each forward kernel (punica's SGMV pattern; multi-task serving, no autograd).
 
@@ -1175,7 +1179,8 @@ def fusion_triton_grouped(xd, xq, residual, w_down, b_down, w_query, b_query, w_
                 xd[t, xd_col:xd_col + kd], xq[t] (None: xd[t]), residual[t],
                 w_down[w_row:w_row + R, :kd], b_down[w_row:w_row + R],
                 w_query[q_row:q_row + R + N], b_query[q_row:q_row + R + N], w_out[:, q_row:q_row + R + N],
-                segments (group g's N + 1), activations (group g's N), temperatures[g])   # no dropout, no mask
+                segments (group g's N + 1), activations (group g's N), temperatures[g],
+                adapter_mask=adapter_mask[t, :N])                                   # no dropout
 
     Grid: (blocks of the largest group, G) for GEMM1, (..., H blocks, G) for GEMM2; a block past its
     group's rows does no work.
@@ -1185,7 +1190,7 @@ def fusion_triton_grouped(xd, xq, residual, w_down, b_down, w_query, b_query, w_
     groups = [int(v) for v in groups]
     temperatures = [float(t) for t in temperatures]
     g, rows = check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments,
-                                 activations, temperatures)
+                                 activations, temperatures, adapter_mask)
     _check_device(xd.device, xd.dtype)
     if xd.dtype not in _TL_DTYPE:
         raise TypeError(f"fusion_triton_grouped: unsupported activation dtype {xd.dtype} "
@@ -1212,14 +1217,15 @@ def fusion_triton_grouped(xd, xq, residual, w_down, b_down, w_query, b_query, w_
     wq_k = _dot_weight(w_query, xd.dtype, meta["SPLIT_WQ"])
     wo_k = _dot_weight(w_out, xd.dtype, False, precast=True if p_once else None)
     t_hi, t_lo = _split(temperatures[0])
+    amask = adapter_mask.contiguous().view(torch.uint8) if adapter_mask is not None else None
     with (torch.cuda.device(xd.device) if xd.device.type == "cuda" else contextlib.nullcontext()):
         _FWD1(lambda META: (triton.cdiv(max_rows, META["BLOCK_M"]), g),
               xd, x_q, wd_k, b_down if b_down is not None else segid, wq_k, b_query if b_query is not None else segid,
-              segid, segid, segid, segid, codes, z, probs, table, temps,
+              segid, segid, amask if amask is not None else segid, segid, codes, z, probs, table, temps,
               m, max(r[3] for r in rows), x_q.shape[1], r_max, n_max, 0, 0, 1.0, 0.0, t_hi, t_lo,
               xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), probs.stride(0), 0, mk,
               HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None, HAS_SHIFT=False,
-              DROPOUT=False, HAS_KEEP=False, HAS_AMASK=False, PRESPLIT_WQ=False, GROUPED=True, **meta)
+              DROPOUT=False, HAS_KEEP=False, HAS_AMASK=amask is not None, PRESPLIT_WQ=False, GROUPED=True, **meta)
         if h > 0:
             _FWD2(lambda META: (triton.cdiv(max_rows, META["BLOCK_M"]), triton.cdiv(h, META["BLOCK_H"]), g),
                   z, probs, segid, wo_k, residual if residual is not None else out, out, table,
@@ -1230,14 +1236,14 @@ def fusion_triton_grouped(xd, xq, residual, w_down, b_down, w_query, b_query, w_
 
 
 def _grouped_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
-                  temperatures):
+                  temperatures, adapter_mask=None):
     n_max = max(int(v) for v in list(groups)[7::8]) if len(groups) >= 8 else 0
     return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], n_max), dtype=acc_dtype(xd.dtype))
 
 
 GROUPED_SCHEMA = ("(Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, Tensor w_query, "
                   "Tensor? b_query, Tensor w_out, int[] groups, int[] segments, int[] activations, "
-                  "float[] temperatures) -> (Tensor, Tensor)")
+                  "float[] temperatures, Tensor? adapter_mask=None) -> (Tensor, Tensor)")
 _LIB.define("fusion_triton_grouped" + GROUPED_SCHEMA)
 for _key in ("CUDA", "CPU"):
     _LIB.impl("fusion_triton_grouped", fusion_triton_grouped, _key)

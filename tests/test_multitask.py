@@ -254,19 +254,21 @@ def test_routed_with_masks(backend, mask, train, ran):
 @pytest.mark.parametrize("route", [ROUTE, ["sst", "sst", "mnli", "qqp", "qqp"], ["mnli", "sst", "sst", "mnli", "mnli"]],
                          ids=["interleaved", "sorted", "two-fusions"])
 @pytest.mark.parametrize("query", [False, True], ids=["shared", "query"])
-def test_triton_serving_runs_the_groups_in_one_grouped_call(route, query, ran, monkeypatch):
+@pytest.mark.parametrize("mask", ["none", "batch", "token"])
+def test_triton_serving_runs_the_groups_in_one_grouped_call(route, query, mask, ran, monkeypatch):
     """Serving (no grad) on triton: the fusions whose calls fit (sst, mnli; qqp's residual_before
     does not) run in one ``fusion_triton_grouped`` call, each row within the oracle of its fusion
-    alone, and bitwise what the per-group path gives (the same tiles)."""
+    alone (masks too: a row with every adapter masked is the bare sub-layer), and bitwise what the
+    per-group path gives (the same tiles)."""
     _backend_or_skip("triton")
     from fusedadapter import multitask_rows
 
-    got = check_routed("triton", train=False, grads=False, route=route, query=query)
+    got = check_routed("triton", train=False, grads=False, route=route, query=query, mask=mask)
     assert ran["triton"].count("fusion_triton_grouped") == 1, ran["triton"]
     assert ran["triton"].count("fusion_triton") == ("qqp" in route), ran["triton"]
     monkeypatch.setattr(multitask_rows, "run_groups_triton", lambda *a, **k: None)
     ran["triton"].clear()
-    per_group = check_routed("triton", train=False, grads=False, route=route, query=query)
+    per_group = check_routed("triton", train=False, grads=False, route=route, query=query, mask=mask)
     assert "fusion_triton_grouped" not in ran["triton"]
     for key in ("out", "probs"):
         assert torch.equal(got[key], per_group[key]), key
@@ -423,25 +425,36 @@ def test_route_forms_and_errors():
     single(a.float(), res.float())
 
 
-def test_mask_blocks_compose():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mask_blocks_compose(backend, ran):
     """fa.adapter_mask blocks: named columns (any order, a wider pool) are picked per fusion by
-    name; unnamed ones have the pool's columns. Both equal the explicit pool-column mask."""
+    name; unnamed ones have the pool's columns. Both equal the explicit pool-column mask (on triton
+    in serving calls: the grouped op takes every form of mask)."""
+    _backend_or_skip(backend)
     m = make_multi()
+    m.backend = backend
     m.eval()
     a, res, _ = make_inputs()
+    if backend == "triton":
+        m = m.float()
+        a, res = a.float(), res.float()
     mask = masks()["batch"]
-    want = m(a, res, route=ROUTE, adapter_mask=mask)
-    assert not torch.equal(want, m(a, res, route=ROUTE))
-    with fa.adapter_mask(mask):
-        assert torch.equal(m(a, res, route=ROUTE), want)
-    order = ["d", "x", "b", "a", "c"]
-    pool = m.adapter_names
-    named = torch.stack([mask[:, pool.index(n)] if n in pool else torch.ones(5, dtype=torch.bool) for n in order], -1)
-    with fa.adapter_mask(named, adapter_names=order):
-        assert torch.equal(m(a, res, route=ROUTE), want)
+    with torch.set_grad_enabled(backend != "triton"):
+        want = m(a, res, route=ROUTE, adapter_mask=mask)
+        assert not torch.equal(want, m(a, res, route=ROUTE))
+        with fa.adapter_mask(mask):
+            assert torch.equal(m(a, res, route=ROUTE), want)
+        order = ["d", "x", "b", "a", "c"]
+        pool = m.adapter_names
+        named = torch.stack([mask[:, pool.index(n)] if n in pool else torch.ones(5, dtype=torch.bool) for n in order],
+                            -1)
+        with fa.adapter_mask(named, adapter_names=order):
+            assert torch.equal(m(a, res, route=ROUTE), want)
+    if backend == "triton":
+        assert ran["triton"].count("fusion_triton_grouped") == 4, ran["triton"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])  # (the Triton interpreter is not thread-safe)
 @pytest.mark.parametrize("grad", ["autograd", "inference_mode"])
 def test_threads_with_different_routes_and_masks(backend, grad):
     """Four threads on one model, each with its own fusion_route and adapter_mask blocks (and the cpu

@@ -80,7 +80,8 @@ def _to(t, device, dtype=None):
 def _grouped(c, device=DEVICE):
     w_down, b_down, w_query, b_query, w_out = (_to(t, device) for t in c["packed"])
     return fusion.GROUPED_OP(_to(c["xd"], device), _to(c["xq"], device), _to(c["res"], device), w_down, b_down,
-                             w_query, b_query, w_out, c["groups"], c["segs"], c["acts"], c["temps"])
+                             w_query, b_query, w_out, c["groups"], c["segs"], c["acts"], c["temps"],
+                             _to(c.get("mask"), device))
 
 
 def _alone(c, i, op, dtype=None, device="cpu"):
@@ -93,8 +94,9 @@ def _alone(c, i, op, dtype=None, device="cpu"):
         raise AssertionError("a case without xq reads all of xd")
     res = c["res"][row:row + n] if c["res"] is not None else None
     w = [_to(f[k], device, acc) for k in ("w_down", "b_down", "w_query", "b_query", "w_out")]
+    mask = None if c.get("mask") is None else _to(c["mask"][row:row + n, :len(f["activations"])], device)
     return op(_to(xd, device, dtype), _to(xq, device, dtype), _to(res, device, dtype), *w, f["segments"],
-              f["activations"], c["temps"][i])
+              f["activations"], c["temps"][i], adapter_mask=mask)
 
 
 def _check(c, dtype):
@@ -131,6 +133,23 @@ def test_optional_inputs(what):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_on_a_gpu(dtype):
     _check(_case(dtype, (6, 3, 11, 200)), dtype)
+
+
+def test_adapter_mask():
+    # each row's group's adapters first; the first row of every group has all its adapters masked
+    # (p = 0: the output is the residual), the columns past a group's N are ignored
+    c = _case(torch.float32, (5, 9, 2, 17))
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(c["xd"].shape[0], 4, generator=g) > 0.35
+    for row, *_ in c["spans"]:
+        mask[row] = False
+    c["mask"] = mask
+    _check(c, torch.float32)
+    out, probs = _grouped(c)
+    for (row, *_), f in zip(c["spans"], c["fus"]):
+        assert torch.equal(out[row].cpu(), c["res"][row]) and not probs[row, :len(f["activations"])].cpu().any()
+    with pytest.raises(ValueError, match="adapter_mask must be a bool"):
+        _grouped(dict(c, mask=mask[:, :3]))
 
 
 def test_groups_may_come_in_any_order():
