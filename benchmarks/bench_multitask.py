@@ -17,6 +17,9 @@ fusion per target task over the same adapters), :class:`fusedadapter.MultiFusion
   of one batch output, ``fusedadapter/multitask_rows.py``: no concatenation).
 * ``routed-interleaved`` (``--rows interleaved``): the same batch with the tasks round-robin over
   the rows (the site gathers each task's rows and scatters the outputs back).
+* ``routed-per-group`` (where the fusions run on ``triton``): ``routed`` with the grouped op off
+  (``fusedadapter.multitask_rows.GROUPED_TRITON``): one launch pair per fusion instead of one
+  ``fusion_triton_grouped`` call for all, in the same rounds.
 
 Timed under ``torch.inference_mode`` (serving), interleaved (``benchmarks.timing.time_interleaved``:
 each round runs every variant once, the first rotating), so load on a shared machine falls on all
@@ -38,6 +41,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 import torch
 
@@ -46,6 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedadapter as fa  # noqa: E402
 from benchmarks.providers import Step  # noqa: E402
 from benchmarks.timing import quantiles, sync, time_interleaved  # noqa: E402
+from fusedadapter import multitask_rows  # noqa: E402
+from fusedadapter.dispatch import resolve_backend  # noqa: E402
 from fusedadapter.multitask import MultiFusion  # noqa: E402
 from fusedadapter.testing import perturb_  # noqa: E402
 
@@ -107,6 +113,17 @@ def run_point(k, args, device, dtype):
     steps = {"separate": _step(separate, args)}
     if "contiguous" in args.rows:
         steps["routed"] = _step(routed, args)
+        if resolve_backend(args.backend, device, dtype, args.batch * args.seq // k)[0] == "triton":
+            def routed_per_group():
+                multitask_rows.GROUPED_TRITON = False
+                try:
+                    return routed()
+                finally:
+                    multitask_rows.GROUPED_TRITON = True
+
+            with torch.inference_mode():
+                err = max(err, (routed_per_group() - want).abs().max().item() / scale)
+            steps["routed-per-group"] = _step(routed_per_group, args)
     if "interleaved" in args.rows:
         steps["routed-interleaved"] = _step(routed_interleaved, args)
     sync(device)
@@ -221,14 +238,13 @@ def main(argv=None):
     ap.add_argument("--model-only", action="store_true", help="time the whole model only (not the site)")
     ap.add_argument("--layers", type=int, default=12, help="--model: blocks (default 12, BERT-base)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new K after this many seconds")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if any(args.batch % k for k in args.k):
         ap.error(f"--batch {args.batch} must split evenly over every --k {args.k}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    from fusedadapter.dispatch import resolve_backend
-
     per_fusion_tokens = args.batch * args.seq // max(args.k)
     resolved = resolve_backend(args.backend, device, dtype, per_fusion_tokens)[0]
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -247,7 +263,11 @@ def main(argv=None):
         if args.device != "cpu" or args.dtype != "float32":
             ap.error("--model runs on cpu float32")
         points += [(k, "model") for k in args.k]
+    t_start, skipped = time.monotonic(), []
     for k, level in points:
+        if args.budget_s is not None and time.monotonic() - t_start > args.budget_s:
+            skipped.append(f"{level} K={k}")
+            continue
         if level == "site":
             rows, err = run_point(k, args, device, dtype)
             results[f"K={k}"] = {"max_rel_err_vs_separate": err, **rows}
@@ -271,7 +291,9 @@ def main(argv=None):
                 "threads": torch.get_num_threads(), "repeats": args.repeats, "versions": versions(),
                 "machine": platform.machine(), "processor": platform.processor(), "load_average": load}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+            json.dump({"meta": meta, "results": results, "skipped_for_budget": skipped}, f, indent=2)
+    if skipped:
+        print(f"not run (--budget-s {args.budget_s}): {', '.join(skipped)}")
     return results
 
 

@@ -10,7 +10,8 @@
 #                        spills.json (ptxas -v of the target-row kernels with this machine's Triton),
 #                        bench/ (results.csv, results.json, skipped.json, summary.md, PNG plots),
 #                        bench-graphs/ (BERT-base, eager and CUDA graphs), bench-switches/ (the target
-#                        row per kernel switch), bench-configs-v1/ (the autotune lists before),
+#                        row per kernel switch), bench-multitask/ (routed K fusions vs separate),
+#                        bench-configs-v1/ (the autotune lists before),
 #                        each with results.{json,csv}, and *.log of every step; summary.{md,json};
 #                        logs over 2 MiB keep their last 2 MiB, and if the archive would pass 15 MiB
 #                        the plots are left out
@@ -40,6 +41,9 @@
 #   bench-switches  python -m benchmarks.devicecheck_switches: the target row per kernel switch in one
 #                process, interleaved (kernels/fusion.py: bf16 w_query split off, PRECAST, PRESPLIT,
 #                GEMM2=v2, the new ones together; the CUDA backend's split on/off), fixed configs
+#   bench-multitask  python -m benchmarks multitask: one routed forward of K fusions (bf16, triton,
+#                B=32 S=128, K = 4, 2, 8 as time allows) vs the K separate forwards, and vs the same
+#                routed call group by group (the grouped op off): issue 16's >= 1.5x on a GPU
 #   bench-configs-v1  FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement):
 #                the target row again, autotuned over those lists (an import-time switch: own process)
 #   summary      summary.{md,json}
@@ -54,7 +58,7 @@
 # DC_TESTS=95 (Triton and other GPU tests), DC_TESTS_CUDA=35, DC_WORKERS=6 (xdist workers),
 # DC_TEST_TIMEOUT=80 (per test, with pytest-timeout). Each step's limit is also cut to what the
 # total leaves after the time reserved for the steps that follow (the bench steps in the order above
-# get at most 55 (+ the grid's time) + 40 + 45 + 25 s). PYTHON picks the interpreter (default python3).
+# get at most 55 (+ the grid's time) + 40 + 45 + 30 + 25 s). PYTHON picks the interpreter (default python3).
 set -u
 OUT=${1:?usage: benchmarks/device_check.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -155,7 +159,7 @@ SPILLS_PID=$!
 # they create would take minutes); test_gpu_autotune runs the autotuner and test_gpu_every_config
 # each config of the autotune lists. tests/test_gpu_*.py are the GPU-only files (Triton on the GPU,
 # the kernel switches' new sides, CUDA graphs and torch.compile's reduce-overhead mode).
-TRITON_TESTS=(tests/test_triton.py tests/test_triton_switches.py)
+TRITON_TESTS=(tests/test_triton.py tests/test_triton_switches.py tests/test_triton_grouped.py)
 for f in tests/test_gpu_*.py; do [ -f "$f" ] && TRITON_TESTS+=("$f"); done
 # (the CUDA backend's graph test waits for the extension: it runs with tests-cuda)
 CUDA_GRAPH_TEST=tests/test_gpu_graphs.py::test_graph_by_hand_cuda_backend
@@ -177,9 +181,9 @@ tail -n 15 "$WORK/pytest-cuda.log"
 wait "$SPILLS_PID"
 
 # The target row first (its point starts at once: --budget-s only stops new points; it writes its
-# rows when the point ends, so it gets 55 s), then the grid while 125 s stay for the rows below and
+# rows when the point ends, so it gets 55 s), then the grid while 155 s stay for the rows below and
 # the summary. Modes nograd and full: the summary's targets (forward/backward alone: the grid runs).
-BUDGET=$(( $(left) - 125 - 55 ))
+BUDGET=$(( $(left) - 155 - 55 ))
 [ "$BUDGET" -lt 1 ] && BUDGET=1
 gpu_step bench "$(min "$(( BUDGET + 55 ))" "$(( $(left) - 15 ))")" "$PY" -m benchmarks gpu --device cuda \
   --out "$WORK/bench" --budget-s "$BUDGET" --modes nograd full --no-progress > "$WORK/bench.log" 2>&1
@@ -196,6 +200,12 @@ LIM=$(min 45 "$(( $(left) - 15 ))")
 gpu_step bench-switches "$LIM" "$PY" -m benchmarks.devicecheck_switches --out "$WORK/bench-switches" \
   --budget-s "$(( LIM - 12 ))" > "$WORK/bench-switches.log" 2>&1
 tail -n 25 "$WORK/bench-switches.log"
+LIM=$(min 30 "$(( $(left) - 40 ))")
+mkdir -p "$WORK/bench-multitask"
+gpu_step bench-multitask "$LIM" "$PY" -m benchmarks multitask --device cuda --dtype bfloat16 --backend triton \
+  --k 4 2 8 --rows contiguous interleaved --repeats 7 --threads 0 --budget-s "$(( LIM - 15 ))" \
+  --json "$WORK/bench-multitask/results.json" > "$WORK/bench-multitask.log" 2>&1
+tail -n 16 "$WORK/bench-multitask.log"
 TARGET_ROW=(--providers triton torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
 gpu_step bench-configs-v1 "$(min 25 "$(( $(left) - 15 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-configs-v1" --budget-s 1 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1

@@ -239,6 +239,63 @@ def graph_rows(out: Path) -> Dict[str, dict]:
     return res
 
 
+# issue 16: a routed forward of K fusions vs the K separate forwards, on a GPU
+MULTITASK_TARGET = 1.5
+
+
+def multitask_rows(out: Path) -> Dict[str, dict]:
+    """``bench-multitask`` (benchmarks/bench_multitask.py's JSON): {"K=k": {variant: {ms, p20, p80,
+    tokens_per_s, vs_separate, vs_separate_p20, vs_separate_p80}}, "max_rel_err": ...}, plus "skipped"
+    (the K points the step's budget left out) and "meta"."""
+    f = out / "bench-multitask" / "results.json"
+    if not f.exists():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except ValueError as exc:
+        return {"error": f"bench-multitask/results.json: {exc}"}
+    res: Dict[str, dict] = {"meta": data.get("meta", {}), "skipped": data.get("skipped_for_budget", [])}
+    for point, rows in data.get("results", {}).items():
+        d = {"max_rel_err": rows.get("max_rel_err_vs_separate")}
+        for name, r in rows.items():
+            if isinstance(r, dict):
+                d[name] = {"ms": r["median_ms"], "p20": r["p20_ms"], "p80": r["p80_ms"],
+                           "tokens_per_s": r["tokens_per_s"], "vs_separate": r.get("speedup_median"),
+                           "vs_separate_p20": r.get("speedup_p20"), "vs_separate_p80": r.get("speedup_p80")}
+        res[point] = d
+    return res
+
+
+def _multitask_lines(mt) -> List[str]:
+    if not mt:
+        return []
+    if "error" in mt:
+        return ["", f"## Multi-task serving: {mt['error']}"]
+    meta = mt.get("meta", {})
+    shape = meta.get("shape", {})
+    lines = ["", f"## Multi-task serving (bench-multitask: B={shape.get('B')} S={shape.get('S')}, "
+                 f"{meta.get('dtype')}, backend {meta.get('resolved')}; issue 16's target: routed >= "
+                 f"{MULTITASK_TARGET}x the K separate forwards)", "",
+             "| K | variant | median ms (p20-p80) | tokens/s | vs separate (p20-p80) | target |", "|---|---|---|---|---|---|"]
+    for point, d in mt.items():
+        if not point.startswith("K="):
+            continue
+        for name, r in d.items():
+            if not isinstance(r, dict):
+                continue
+            vs = r.get("vs_separate")
+            span = f" ({r['vs_separate_p20']:.3f}-{r['vs_separate_p80']:.3f})" if vs else ""
+            met = "" if name != "routed" or vs is None else ("met" if vs >= MULTITASK_TARGET else "MISSED")
+            lines.append(f"| {point[2:]} | {name} | {r['ms']:.3f} ({r['p20']:.3f}-{r['p80']:.3f}) | "
+                         f"{r['tokens_per_s']:.0f} | " + (f"{vs:.3f}x{span}" if vs else "-") + f" | {met} |")
+        lines.append(f"| {point[2:]} | max rel err vs separate | {d.get('max_rel_err')} | | | |")
+    if mt.get("skipped"):
+        lines += ["", "Not run (the step's time): " + ", ".join(mt["skipped"])]
+    lines += ["", "`routed`: one fusion_triton_grouped call per site; `routed-per-group`: the same call group by "
+                  "group (FUSEDADAPTER_GROUPED_TRITON=0's path)."]
+    return lines
+
+
 def _switch_lines(switches) -> List[str]:
     if not switches:
         return []
@@ -314,7 +371,7 @@ def summarize(outdir, out_copy=None) -> int:
         "pytest": _pytest(out), "spills": _spills(out), "archive": _archive_listing(out),
         "target_point": TARGET, "targets": TARGETS, "rates_at_target": rates, "target": target_row(rows),
         "bench_rows": len(rows), "bench_errors": errors, "switches": switch_rows(out, rows),
-        "graphs": graph_rows(out),
+        "graphs": graph_rows(out), "multitask": multitask_rows(out),
     }
     v = data["versions"]
     lines = ["# fusedadapter device check" + (" (DRY RUN)" if dry else ""), ""]
@@ -377,6 +434,7 @@ def summarize(outdir, out_copy=None) -> int:
                 "`roofline_ms_nograd`, from the matmul and copy rates measured in the run)."]
     lines += _graph_lines(data["graphs"])
     lines += _switch_lines(data["switches"])
+    lines += _multitask_lines(data["multitask"])
     if skipped:
         lines += ["", "Providers not run:"] + [f"- {p}: {why}" for p, why in skipped.items()]
     if errors:

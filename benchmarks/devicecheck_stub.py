@@ -35,6 +35,7 @@ TEST_CASES = {
         ("tests.test_gpu_triton", "test_gpu_switch_sides[new-bf16]"),
         ("tests.test_gpu_graphs", "test_reduce_overhead_compile_follows_masks_and_weights[triton]"),
         ("tests.test_gpu_graphs", "test_graph_by_hand_replays_eager_and_takes_copied_inputs[cuda]"),
+        ("tests.test_triton_grouped", "test_half_precision_on_a_gpu[torch.bfloat16]"),
     ],
     "tests-cuda": [
         ("tests.test_native", "test_cuda_parity[torch.bfloat16-train]"),
@@ -172,7 +173,29 @@ def _graphs(work: Path) -> None:
     print(f"wrote {len(rows)} stub rows")
 
 
-STUBS = {"bench-switches": _switches, "bench-configs-v1": _configs_v1, "bench-graphs": _graphs}
+def _multitask(work: Path) -> None:
+    """bench-multitask: benchmarks/bench_multitask.py's JSON (stub times) for K = 4, 2, 8."""
+    results = {}
+    for k in (4, 2, 8):
+        base = 1.0 + 0.1 * k
+        rows = {"separate": {"median_ms": base, "p20_ms": 0.98 * base, "p80_ms": 1.02 * base, "samples_ms": [base],
+                             "tokens_per_s": 4096 / (base * 1e-3)}}
+        for name, f in (("routed", 1.6), ("routed-per-group", 1.2), ("routed-interleaved", 1.4)):
+            t = base / f
+            rows[name] = {"median_ms": t, "p20_ms": 0.98 * t, "p80_ms": 1.02 * t, "samples_ms": [t],
+                          "tokens_per_s": 4096 / (t * 1e-3), "speedup_median": f, "speedup_p20": 0.97 * f,
+                          "speedup_p80": 1.03 * f, "speedup_of_mins": f}
+        results[f"K={k}"] = {"max_rel_err_vs_separate": 1e-3, **rows}
+    meta = {"shape": {"B": 32, "S": 128, "hidden": 768, "pool": 8, "width": 48}, "backend": "triton",
+            "resolved": "triton", "device": "cuda", "dtype": "bfloat16", "repeats": 7, "stub": True, "note": STUB_NOTE}
+    (work / "bench-multitask").mkdir(parents=True, exist_ok=True)
+    (work / "bench-multitask" / "results.json").write_text(
+        json.dumps({"meta": meta, "results": results, "skipped_for_budget": []}, indent=1))
+    print(f"wrote {len(results)} stub points")
+
+
+STUBS = {"bench-switches": _switches, "bench-configs-v1": _configs_v1, "bench-graphs": _graphs,
+         "bench-multitask": _multitask}
 
 
 def main(argv) -> int:

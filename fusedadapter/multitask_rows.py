@@ -19,6 +19,7 @@ concatenated, or put back in the batch's order by one gather, see :mod:`fusedada
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,7 +30,13 @@ from .fold import call_form
 from .ops import acc_dtype
 from .runner import adapter_mask_rows, check_site_inputs, run_folded
 
-__all__ = ["run_group_into", "run_groups_triton", "exported_route_ids", "select_rows", "inverse_permutation"]
+__all__ = ["run_group_into", "run_groups_triton", "exported_route_ids", "select_rows", "inverse_permutation",
+           "GROUPED_TRITON"]
+
+# FUSEDADAPTER_GROUPED_TRITON=0: serving calls on triton run group by group (one launch pair per fusion
+# with rows) instead of one fusion_triton_grouped call; benchmarks/bench_multitask.py times both sides
+# (routed-per-group) in one process by setting this attribute. No GPU has measured the grouped op yet.
+GROUPED_TRITON = os.environ.get("FUSEDADAPTER_GROUPED_TRITON", "1").strip() != "0"
 
 
 def _into_op(out2d: torch.Tensor):
@@ -139,7 +146,7 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
     calls only: no autograd, no dropout). ``group_mask(k)``: group k's adapter mask (its rows, its
     fusion's columns, as :func:`fusedadapter.runner.adapter_mask_rows` takes it) or None. The other
     groups' rows are the caller's to write (its per-group path)."""
-    if not _serving_call(adapter_input) or adapter_input.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+    if not GROUPED_TRITON or not _serving_call(adapter_input) or adapter_input.dtype not in (torch.float16, torch.bfloat16, torch.float32,
                                                                           torch.float64):
         return None
     batch = adapter_input.shape[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_STEPS = ["bench", "bench-graphs", "bench-switches", "bench-configs-v1"]
+BENCH_STEPS = ["bench", "bench-graphs", "bench-switches", "bench-multitask", "bench-configs-v1"]
 STEPS = ["env", "build-cuda", "spills", "tests-triton", "tests-cuda", *BENCH_STEPS, "summary"]
 GPU_STEPS = ["build-cuda", "spills", "tests-triton", "tests-cuda", *BENCH_STEPS]
 
@@ -57,7 +57,7 @@ def test_archive_holds_the_reports_and_results(dry_run):
                      "pytest-cuda.log", "build-cuda.log", "spills.json", "bench/results.json", "bench/results.csv",
                      "bench/skipped.json", "bench/summary.md", "bench-graphs/results.json",
                      "bench-graphs/results.csv", "bench-switches/results.json", "bench-switches/results.csv",
-                     "bench-configs-v1/results.json", "summary.md", "summary.json"):
+                     "bench-configs-v1/results.json", "bench-multitask/results.json", "summary.md", "summary.json"):
             assert need in names, (need, sorted(names))
         assert any(n.startswith("bench/") and n.endswith(".png") for n in names), sorted(names)
         member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "bench/results.json")
@@ -105,6 +105,10 @@ def test_summary_says_dry_run_and_lists_every_step(dry_run):
     assert {"bare", "auto", "triton"} <= set(graphs) and set(graphs["triton"]) == {"eager", "graph"}
     assert graphs["triton"]["graph"]["overhead"] is not None and graphs["triton"]["graph"]["met"] in (True, False)
     assert "## BERT-base (B=8, S=128, bf16)" in md
+    mt = data["multitask"]
+    assert {"K=4", "K=2", "K=8"} <= set(mt) and mt["K=4"]["routed"]["vs_separate"] > 0
+    assert {"separate", "routed", "routed-per-group", "routed-interleaved"} <= set(mt["K=4"])
+    assert "## Multi-task serving (bench-multitask" in md and "| 4 | routed |" in md
 
 
 def test_step_status_words():

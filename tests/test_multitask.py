@@ -706,3 +706,27 @@ def test_bench_multitask_cli_smoke(tmp_path):
     res = json.loads(out.read_text())["results"]["K=2"]
     assert res["max_rel_err_vs_separate"] == 0.0
     assert {"separate", "routed", "routed-interleaved"} <= set(res)
+
+
+def test_bench_multitask_times_the_grouped_op_against_per_group_on_triton(tmp_path, ran):
+    """On triton the bench adds ``routed-per-group`` (the grouped op off) beside ``routed`` (on): both
+    checked against the separate forwards, and each really takes its path."""
+    import json
+    import sys
+    from pathlib import Path
+
+    _backend_or_skip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.cli import main
+
+    out = tmp_path / "mt.json"
+    assert main(["multitask", "--k", "2", "--batch", "4", "--seq", "2", "--hidden", "32", "--repeats", "1",
+                 "--warmup", "0", "--backend", "triton", "--rows", "contiguous", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    res = data["results"]["K=2"]
+    assert {"separate", "routed", "routed-per-group"} <= set(res) and data["meta"]["resolved"] == "triton"
+    assert res["max_rel_err_vs_separate"] == 0.0
+    assert ran["triton"].count("fusion_triton_grouped") >= 2 and ran["triton"].count("fusion_triton") >= 4
+    from fusedadapter import multitask_rows
+
+    assert multitask_rows.GROUPED_TRITON  # switched back on after the per-group calls
