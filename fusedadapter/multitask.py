@@ -39,6 +39,7 @@ columns, ``(..., len(pool))``, zero for the adapters a row's fusion does not fus
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -323,47 +324,23 @@ class MultiFusion(nn.Module):
                                  f"{getattr(m, 'shape', type(m).__name__)}")
         sites = list(self.adapter_fusion_layer.values())
         id_list = [] if exporting else ids.tolist()
-        counts = [batch if exporting else 0] * len(sites)
-        for i in id_list:
-            counts[i] += 1
-        order = None
-        if any(x > y for x, y in zip(id_list, id_list[1:])):  # rows not grouped by fusion: gathered per group, gathered back
-            order = torch.argsort(ids, stable=True)
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
+        counts = [batch] * len(sites) if exporting else [id_list.count(k) for k in range(len(sites))]
+        # rows not grouped by fusion: gathered per group (in fusion order), gathered back at the end
+        order = torch.argsort(ids, stable=True) if any(x > y for x, y in zip(id_list, id_list[1:])) else None
+        starts = [0, *itertools.accumulate(counts)]  # group k's first row in fusion order
 
         def take_rows(k):  # group k's rows of a batch-first tensor
-            n = counts[k]
-            if n == batch:
-                return lambda t: t
-            if order is None:
-                return lambda t: t.narrow(0, starts[k], n)
-            idx = order[starts[k]:starts[k] + n].to(adapter_input.device)
-            return lambda t: t.index_select(0, idx)
+            return rows.row_taker(order, starts[k], counts[k], batch, adapter_input.device)
 
         def group_masks(k):  # group k's (adapter_mask, dropout_mask): its rows, its fusion's columns
-            take, site = take_rows(k), sites[k]
-            cols = [pool_index[a] for a in site.adapters]
-            masks = []
-            for m in (adapter_mask, dropout_mask):
-                if m is not None:
-                    m = take(m)
-                    if cols != list(range(n_pool)):
-                        m = m[..., cols]
-                masks.append(m)
-            if named_block:  # a named block mask: this fusion's own columns (the pool may be wider)
-                m = current_adapter_mask(site.adapters, batch=batch)
-                masks[0] = m if m.dim() < 2 else take(m)
-            return masks
-
+            return rows.group_masks(take_rows(k), [pool_index[a] for a in sites[k].adapters], n_pool, adapter_mask,
+                                    dropout_mask, sites[k].adapters if named_block else None, batch)
         for k, site in enumerate(sites):
             if counts[k] and any(a not in pool_index for a in site.adapters):
                 raise ValueError(f"MultiFusion: fusion {self.fusion_names[k]!r} fuses {list(site.adapters)} but the "
                                  f"pool holds {pool} (an adapter was removed from the pool; AdapterDrop's pruning "
                                  f"does not apply to multi-fusion sites)")
-        # inference: each group's op writes its rows of one batch output (no concatenation), in the batch's
-        # order where rows come grouped by fusion, else in fusion order (then one gather puts them back)
+        # serving: the groups' ops write their rows of one batch output (in fusion order: see `order`)
         serving = not exporting and not torch.is_grad_enabled() and sum(c > 0 for c in counts) > 1
         into, done = None, {}  # done: the groups the grouped triton op ran (rows written), their probabilities
         if serving and dropout_mask is None:

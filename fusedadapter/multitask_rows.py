@@ -30,8 +30,8 @@ from .fold import call_form
 from .ops import acc_dtype
 from .runner import adapter_mask_rows, check_site_inputs, run_folded
 
-__all__ = ["run_group_into", "run_groups_triton", "exported_route_ids", "select_rows", "inverse_permutation",
-           "GROUPED_TRITON"]
+__all__ = ["run_group_into", "run_groups_triton", "row_taker", "group_masks", "exported_route_ids", "select_rows",
+           "inverse_permutation", "GROUPED_TRITON"]
 
 # FUSEDADAPTER_GROUPED_TRITON=0: serving calls on triton run group by group (one launch pair per fusion
 # with rows) instead of one fusion_triton_grouped call; benchmarks/bench_multitask.py times both sides
@@ -206,6 +206,36 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
         p = probs[starts[k] * per_row:starts[k + 1] * per_row, :n]
         got[k] = p.reshape(counts[k], *lead, n).to(adapter_input.dtype)
     return out.view(adapter_input.shape), got
+
+
+def row_taker(order: Optional[torch.Tensor], start: int, n: int, batch: int, device):
+    """A function giving a group's ``n`` rows of a batch-first tensor: all of it (one group), a slice
+    from ``start`` (rows grouped by fusion: ``order`` None), or a gather of ``order[start:start + n]``."""
+    if n == batch:
+        return lambda t: t
+    if order is None:
+        return lambda t: t.narrow(0, start, n)
+    idx = order[start:start + n].to(device)
+    return lambda t: t.index_select(0, idx)
+
+
+def group_masks(take, cols: List[int], n_pool: int, adapter_mask, dropout_mask, named_adapters, batch: int):
+    """A group's ``[adapter_mask, dropout_mask]`` (None where not given): its rows (``take``), its
+    fusion's pool columns ``cols``; ``named_adapters`` (the fusion's adapters) where a named
+    :func:`fusedadapter.adapter_mask` block applies (its columns picked by name)."""
+    from .masking import current_adapter_mask
+
+    masks = []
+    for m in (adapter_mask, dropout_mask):
+        if m is not None:
+            m = take(m)
+            if cols != list(range(n_pool)):
+                m = m[..., cols]
+        masks.append(m)
+    if named_adapters is not None:
+        m = current_adapter_mask(named_adapters, batch=batch)
+        masks[0] = m if m.dim() < 2 else take(m)
+    return masks
 
 
 def exported_route_ids(route: torch.Tensor, device) -> torch.Tensor:
