@@ -115,11 +115,11 @@ def run_point(k, args, device, dtype):
         steps["routed"] = _step(routed, args)
         if resolve_backend(args.backend, device, dtype, args.batch * args.seq // k)[0] == "triton":
             def routed_per_group():
-                multitask_rows.GROUPED_TRITON = False
+                was, multitask_rows.GROUPED_TRITON = multitask_rows.GROUPED_TRITON, False
                 try:
                     return routed()
                 finally:
-                    multitask_rows.GROUPED_TRITON = True
+                    multitask_rows.GROUPED_TRITON = was
 
             with torch.inference_mode():
                 err = max(err, (routed_per_group() - want).abs().max().item() / scale)

@@ -152,6 +152,8 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
     batch = adapter_input.shape[0]
     hidden = sites[0].hidden_size
     per_row = adapter_input[0].numel() // hidden if batch else 0
+    if per_row == 0:  # (batch, 0, H): no tokens, nothing to launch (the per-group path returns empty rows)
+        return None
     picked, folds = [], []
     for k, site in enumerate(sites):
         if counts[k] and site.hidden_size == hidden:

@@ -1113,6 +1113,12 @@ def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out
     rows = [tuple(int(v) for v in groups[i * 8:(i + 1) * 8]) for i in range(g)]
     if len(temperatures) != g:
         raise ValueError(f"{where}: one temperature per row group ({g}), got {len(temperatures)}")
+    if any(not (float(t) > 0.0) for t in temperatures):
+        raise ValueError(f"{where}: every temperature must be > 0, got {list(temperatures)}")
+    w_rows = sorted((r[4], r[4] + r[6]) for r in rows)
+    if any(b[0] < a[1] for a, b in zip(w_rows, w_rows[1:])):
+        raise ValueError(f"{where}: groups' w_down rows [w_row, w_row + R) must be disjoint (each row's segment "
+                         f"and activation tables are the group's own), got {w_rows}")
     if sum(r[7] for r in rows) != len(activations) or sum(r[7] + 1 for r in rows) != len(segments):
         raise ValueError(f"{where}: activations must hold each group's N codes and segments each group's N + 1 "
                          f"bounds, concatenated (groups' N {[r[7] for r in rows]}); got {len(activations)} and "

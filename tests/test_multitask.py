@@ -274,6 +274,17 @@ def test_triton_serving_runs_the_groups_in_one_grouped_call(route, query, mask, 
         assert torch.equal(got[key], per_group[key]), key
 
 
+def test_triton_serving_with_empty_sequences():
+    # (batch, 0, H): no tokens, an empty output as on every other path (the grouped op is not launched)
+    _backend_or_skip("triton")
+    m = make_multi(0).float()
+    m.backend = "triton"
+    m.eval()
+    with torch.no_grad():
+        out, probs = m(torch.randn(5, 0, H), torch.randn(5, 0, H), route=ROUTE, return_probs=True)
+    assert out.shape == (5, 0, H) and probs.shape == (5, 0, len(POOL))
+
+
 def test_triton_grouped_pack_follows_the_folds():
     """The packed weights are the folds last packed: a weight edit refolds, and the next serving call
     packs again (no stale rows)."""

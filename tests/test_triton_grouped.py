@@ -197,9 +197,15 @@ def test_bad_input_names_what_was_expected():
     with pytest.raises(ValueError, match="inside the"):
         _bad(c, groups=past)
     wide = list(g)
-    wide[6] = 10_000  # group 0's R past the packed w_down
+    wide[30] = 10_000  # the last group's R past the packed w_down
     with pytest.raises(ValueError, match="outside the packed weights"):
         _bad(c, groups=wide)
+    with pytest.raises(ValueError, match="every temperature must be > 0"):
+        _bad(c, temps=[1.0, 0.0, 1.0, 1.0])
+    shared_rows = list(g)
+    shared_rows[12] = g[4]  # group 1's w_down rows start on group 0's
+    with pytest.raises(ValueError, match="w_down rows .* must be disjoint"):
+        _bad(c, groups=shared_rows)
     with pytest.raises(ValueError, match="each group's N codes"):
         _bad(c, acts=c["acts"][:-1])
     segs = list(c["segs"])
