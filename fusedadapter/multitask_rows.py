@@ -19,6 +19,7 @@ concatenated, or put back in the batch's order by one gather, see :mod:`fusedada
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -39,6 +40,12 @@ __all__ = ["run_group_into", "run_groups_triton", "row_taker", "group_masks", "e
 GROUPED_TRITON = os.environ.get("FUSEDADAPTER_GROUPED_TRITON", "1").strip() != "0"
 
 
+def _serving_call(a: torch.Tensor) -> bool:
+    """A call the out-paths take: no autograd, no autocast, not compiling or exporting."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or torch.is_autocast_enabled(a.device.type))
+
+
 def _into_op(out2d: torch.Tensor):
     """An op with the fused op's signature that writes its output into ``out2d`` (run_folded calls it)."""
     def op(*args):
@@ -54,8 +61,7 @@ def run_group_into(site, out_rows: torch.Tensor, adapter_input: torch.Tensor, re
     None, having done nothing, where this path does not apply: autograd or autocast on, a training
     site, exporting or compiling, a backend other than ``cpu`` (as ``site.backend`` resolves for
     these rows), a form other than the folded one. The caller then runs ``site`` as usual."""
-    if (torch.is_grad_enabled() or site.training or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or adapter_input.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+    if (not _serving_call(adapter_input) or site.training or adapter_input.device.type != "cpu"
             or not out_rows.is_contiguous() or out_rows.dtype != adapter_input.dtype):
         return None
     hidden = site.hidden_size
@@ -82,12 +88,6 @@ def run_group_into(site, out_rows: torch.Tensor, adapter_input: torch.Tensor, re
     return probs.reshape(*lead, probs.shape[-1]).to(out_rows.dtype)
 
 
-def _serving_call(a: torch.Tensor) -> bool:
-    """A call the out-paths take: no autograd, no autocast, not compiling or exporting."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                or torch.is_autocast_enabled(a.device.type))
-
-
 def _grouped_fold(site, a: torch.Tensor, n_tokens: int):
     """Site ``site``'s fold for a grouped triton call of ``n_tokens`` rows, or None where that call
     does not apply (another backend for these rows, the plain form, a form that finishes outside
@@ -104,6 +104,7 @@ def _grouped_fold(site, a: torch.Tensor, n_tokens: int):
     return folded
 
 
+_GROUPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # xd's columns a group of each ln_mode reads, as (first column, width) in units of H, when xd is [a | LN(a)]
 _LN_COLUMNS = {"none": (0, 1), "all": (1, 1), "mixed": (0, 2)}
 
@@ -146,8 +147,7 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
     calls only: no autograd, no dropout). ``group_mask(k)``: group k's adapter mask (its rows, its
     fusion's columns, as :func:`fusedadapter.runner.adapter_mask_rows` takes it) or None. The other
     groups' rows are the caller's to write (its per-group path)."""
-    if not GROUPED_TRITON or not _serving_call(adapter_input) or adapter_input.dtype not in (torch.float16, torch.bfloat16, torch.float32,
-                                                                          torch.float64):
+    if not (GROUPED_TRITON and _serving_call(adapter_input) and adapter_input.dtype in _GROUPED_DTYPES):
         return None
     batch = adapter_input.shape[0]
     hidden = sites[0].hidden_size
@@ -184,9 +184,7 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
         xq = a if q is None else q
     else:
         xd, xq = a, q
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
+    starts = [0, *itertools.accumulate(counts)]  # group k's first batch row, in fusion order
     groups = []
     for k, (col, kd, w_row, q_row, r, n) in zip(picked, layout):
         groups += [starts[k] * per_row, counts[k] * per_row, col, kd, w_row, q_row, r, n]

@@ -47,8 +47,8 @@ from ..kernel_ops import register_kernel_op
 from ..ops import _LIB, FUSION_GRADS, acc_dtype, check_fusion_args
 from . import configs as _configs
 
-__all__ = ["fusion_triton", "fusion_triton_backward", "fusion_triton_grouped", "GROUP_FIELDS", "hash_keep_mask_triton", "keep_threshold",
-           "unsupported_reason", "unsupported_dtype_reason", "INTERPRET", "AUTOTUNE"]
+__all__ = ["fusion_triton", "fusion_triton_backward", "fusion_triton_grouped", "GROUP_FIELDS", "hash_keep_mask_triton",
+           "keep_threshold", "unsupported_reason", "unsupported_dtype_reason", "INTERPRET", "AUTOTUNE"]
 
 # Triton reads TRITON_INTERPRET when a kernel is *defined* (below), so this is what the kernels do.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
