@@ -41,7 +41,7 @@ with a fake implementation and a backward op (:func:`fusedadapter.kernel_ops.reg
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +137,7 @@ def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
     h = w_out.shape[0]
     if residual is not None and residual.shape != (m, h):
         raise ValueError(f"fusion op: residual must have shape ({m}, {h}), got {tuple(residual.shape)}")
-    act, dev = xd.dtype, xd.device
+    act = xd.dtype
     acc = acc_dtype(act)
     for name, t, want in (("xq", xq, act), ("residual", residual, act), ("w_down", w_down, acc),
                           ("b_down", b_down, acc), ("w_query", w_query, acc), ("b_query", b_query, acc),
@@ -147,8 +147,8 @@ def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
         if t.dtype != want:
             raise TypeError(f"fusion op: {name} has dtype {t.dtype}, expected {want} (activations share xd's dtype "
                             f"{act}; weights and logit_shift are in its accumulation dtype {acc})")
-        if t.device != dev:
-            raise ValueError(f"fusion op: {name} is on {t.device}, expected {dev} (the device of xd)")
+    check_on_xd_device("fusion op", xd, xq=xq, residual=residual, w_down=w_down, b_down=b_down, w_query=w_query,
+                       b_query=b_query, w_out=w_out, logit_shift=logit_shift, adapter_mask=adapter_mask)
     if not temperature > 0:
         raise ValueError(f"fusion op: temperature must be > 0, got {temperature}")
     if not 0.0 <= dropout_p < 1.0:
@@ -162,14 +162,19 @@ def check_fusion_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out,
         if adapter_mask.shape != (m, n) or adapter_mask.dtype != torch.bool:
             raise ValueError(f"fusion op: adapter_mask must be a bool tensor of shape ({m}, {n}) (tokens, adapters), "
                              f"got {adapter_mask.dtype} {tuple(adapter_mask.shape)}")
-        if adapter_mask.device != dev:
-            raise ValueError(f"fusion op: adapter_mask is on {adapter_mask.device}, expected {dev} "
-                             f"(the device of xd)")
     codes = [int(code) for code in activations]
     if min(codes) < 0 or max(codes) > 8:
         code = next(c for c in codes if not 0 <= c <= 8)
         raise ValueError(f"fusion op: unknown activation code {code}; expected 0..8")
     return m, r, n
+
+
+def check_on_xd_device(where: str, xd: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """Raise a ValueError naming the first of ``tensors`` (None: absent) not on ``xd``'s device: the
+    kernels read every pointer on it, so a tensor elsewhere would be a bad read, not a copy."""
+    for name, t in tensors.items():
+        if t is not None and t.device != xd.device:
+            raise ValueError(f"{where}: {name} is on {t.device}, expected {xd.device} (the device of xd)")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

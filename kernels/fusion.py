@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..errors import BackendUnavailable
 from ..kernel_ops import register_kernel_op
-from ..ops import _LIB, FUSION_GRADS, acc_dtype, check_fusion_args
+from ..ops import _LIB, FUSION_GRADS, acc_dtype, check_fusion_args, check_on_xd_device
 from . import configs as _configs
 
 __all__ = ["fusion_triton", "fusion_triton_backward", "fusion_triton_grouped", "GROUP_FIELDS", "hash_keep_mask_triton",
@@ -1125,11 +1125,8 @@ def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out
                          f"{len(segments)}")
     if xd.dim() != 2 or w_down.dim() != 2 or w_query.dim() != 2 or w_out.dim() != 2:
         raise ValueError(f"{where}: xd, w_down, w_query, w_out must be 2-D")
-    tensors = dict(xd=xd, xq=xq, residual=residual, w_down=w_down, b_down=b_down, w_query=w_query, b_query=b_query,
-                   w_out=w_out, adapter_mask=adapter_mask)
-    elsewhere = {k: str(t.device) for k, t in tensors.items() if t is not None and t.device != xd.device}
-    if elsewhere:  # the kernels read every pointer on xd's device; a stray host tensor would be a bad read
-        raise ValueError(f"{where}: every tensor must be on xd's device ({xd.device}), got {elsewhere}")
+    check_on_xd_device(where, xd, xq=xq, residual=residual, w_down=w_down, b_down=b_down, w_query=w_query,
+                       b_query=b_query, w_out=w_out, adapter_mask=adapter_mask)
     m, h = xd.shape[0], w_out.shape[0]
     kq = (xq if xq is not None else xd).shape[1]
     if xq is not None and (xq.dim() != 2 or xq.shape[0] != m):

@@ -93,6 +93,9 @@ def test_op_rejects_with_names():
               w_down=torch.randn(4, h).to(torch.bfloat16)), r"w_down has dtype torch.bfloat16, expected torch.float32"),
         (dict(residual=torch.randn(m + 1, h)), r"residual must have shape \(3, 8\)"),
         (dict(xd=torch.randn(m, h, dtype=torch.float64)), r"expected torch.float64"),
+        (dict(w_out=torch.randn(h, 6, device="meta")), r"fusion op: w_out is on meta, expected cpu \(the device of xd\)"),
+        (dict(adapter_mask=torch.ones(m, 2, dtype=torch.bool, device="meta")),
+         r"fusion op: adapter_mask is on meta, expected cpu \(the device of xd\)"),
     ]
     for change, pattern in cases:
         with pytest.raises((ValueError, TypeError), match=pattern):

@@ -220,7 +220,7 @@ def test_bad_input_names_what_was_expected():
     with pytest.raises(TypeError, match="weights must be torch.float64 for torch.float64 activations"):
         _bad(c, xd=c["xd"].double(), xq=c["xq"].double(), res=c["res"].double())
     w_down, b_down, w_query, b_query, w_out = c["packed"]
-    with pytest.raises(ValueError, match=r"every tensor must be on xd's device \(cpu\), got \{'residual': 'meta'\}"):
+    with pytest.raises(ValueError, match=r"fusion_triton_grouped: residual is on meta, expected cpu \(the device of xd\)"):
         fusion.check_grouped_args(c["xd"], c["xq"], c["res"].to("meta"), w_down, b_down, w_query, b_query, w_out,
                                   c["groups"], c["segs"], c["acts"], c["temps"])
 
