@@ -13,8 +13,9 @@ Each row runs through its own fusion: the rows of fusion k are gathered (a slice
 contiguous), that fusion's :class:`~fusedadapter.FusedAdapterFusion` runs on them (every
 backend, forward and backward, its fold cache, masks and dropout), and the outputs are put back
 in row order (out of place: autograd flows). Each row's down projections are computed once (in
-its fusion's GEMM1); the per-fusion work runs on row groups, group by group (punica's SGMV
-pattern). A fusion without rows is not run (its temperature does not step) and, under autograd,
+its fusion's GEMM1); the per-fusion work runs on row groups (punica's SGMV pattern): group by
+group, or on ``triton`` in one grouped op call for all the groups (:mod:`.multitask_rows`, serving
+and training). A fusion without rows is not run (its temperature does not step) and, under autograd,
 its trainable parameters and the pool adapters no routed fusion uses get exact zero gradients
 (:func:`fusedadapter.zero_grads.attach_zero_grads`), as ``DistributedDataParallel`` and
 AdapterHub-style optimizers expect a gradient for every trainable parameter.
@@ -350,6 +351,12 @@ class MultiFusion(nn.Module):
                 into, done = grouped
         if serving and into is None:
             into = adapter_input.new_empty(adapter_input.shape)
+        def call_group(k, sub=None, masks=None):  # group k through its fusion: its rows, its masks
+            sub = sub or [None if t is None else take_rows(k)(t) for t in (adapter_input, residual, query)]
+            masks = masks or group_masks(k)
+            return sites[k](*sub, return_probs=True, dropout_mask=masks[1], adapter_mask=masks[0])
+        # training on triton: the groups' op calls as one grouped op call (forward and backward)
+        trained = {} if serving or exporting else rows.train_groups_triton(sites, counts, call_group, adapter_input)
         outs, probs_parts = [], []
         for k, site in enumerate(sites):
             n = counts[k]
@@ -358,14 +365,13 @@ class MultiFusion(nn.Module):
             cols = [pool_index[a] for a in site.adapters]
             probs = done.get(k)
             if probs is None:  # (a group the grouped op ran has its rows written)
-                take = take_rows(k)
-                sub = [None if t is None else take(t) for t in (adapter_input, residual, query)]
-                masks = group_masks(k)
+                sub = masks = None
                 if into is not None:
+                    sub = [None if t is None else take_rows(k)(t) for t in (adapter_input, residual, query)]
+                    masks = group_masks(k)
                     probs = rows.run_group_into(site, into.narrow(0, starts[k], n), *sub, masks[0])
                 if probs is None:
-                    out, probs = site(sub[0], sub[1], sub[2], return_probs=True, dropout_mask=masks[1],
-                                      adapter_mask=masks[0])
+                    out, probs = trained[k] if k in trained else call_group(k, sub, masks)
                     outs.append(out)
                     if into is not None:  # a group the cpu out-path does not take (see run_group_into)
                         into.narrow(0, starts[k], n).copy_(out)
@@ -392,26 +398,12 @@ class MultiFusion(nn.Module):
             out = out.index_select(0, back)  # differentiable: autograd flows to the groups
             probs = None if probs is None else probs.index_select(0, back)
         if torch.is_grad_enabled():
-            unused = self._unused_params(counts)
+            unused = rows.unused_params(self, counts)
             if unused:
                 out = attach_zero_grads(out, *unused)
         if return_probs:
             return out, probs
         return out
-
-    def _unused_params(self, counts) -> List[torch.Tensor]:
-        """Trainable parameters no routed row reaches: those of fusions without rows, and of pool
-        adapters that no fusion with rows fuses."""
-        used_adapters, params = set(), []
-        for site, n in zip(self.adapter_fusion_layer.values(), counts):
-            if n:
-                used_adapters.update(site.adapters.keys())
-            else:  # the fusion's own parameters (query / key / value), not the shared adapters
-                params.extend(p for n, p in site.named_parameters() if p.requires_grad and not n.startswith("adapters."))
-        for name, adapter in self.adapters.items():
-            if name not in used_adapters:
-                params.extend(p for p in adapter.parameters() if p.requires_grad)
-        return params
 
 
 class MultiHead(nn.Module):

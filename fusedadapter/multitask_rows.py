@@ -12,6 +12,9 @@ concatenated, or put back in the batch's order by one gather, see :mod:`fusedada
   of ``fusedadapter::fusion_triton_grouped`` (punica's SGMV pattern): 2 kernel launches per site
   instead of 2 per fusion with rows, and one host-side call. The groups' folded weights are packed
   once per fold (cached on the MultiFusion while every fold is the one packed).
+* :func:`train_groups_triton` (training on the ``triton`` backend): each group's forward runs up to
+  its op call, which is deferred; the deferred calls are one ``fusion_triton_grouped`` call with
+  autograd (its backward grouped too), on the groups' weights stacked (gradients flow back).
 * :func:`exported_route_ids` / :func:`select_rows` (``torch.export`` / ONNX): the route is a graph
   input, so the grouping cannot be read on the host; every fusion runs on every row and each row
   keeps its fusion's output (``where``). Exact per row; it costs K fusion sites' arithmetic per row.
@@ -31,7 +34,7 @@ from .fold import call_form
 from .ops import acc_dtype
 from .runner import adapter_mask_rows, check_site_inputs, run_folded
 
-__all__ = ["run_group_into", "run_groups_triton", "row_taker", "group_masks", "exported_route_ids", "select_rows",
+__all__ = ["run_group_into", "run_groups_triton", "train_groups_triton", "unused_params", "row_taker", "group_masks", "exported_route_ids", "select_rows",
            "inverse_permutation", "GROUPED_TRITON"]
 
 # FUSEDADAPTER_GROUPED_TRITON=0: serving calls on triton run group by group (one launch pair per fusion
@@ -197,7 +200,7 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
             if m is not None:
                 amask[starts[k] * per_row:starts[k + 1] * per_row, :n] = adapter_mask_rows(
                     m, (counts[k], *lead), n, a.device).reshape(-1, n)
-    from .kernels.fusion import GROUPED_OP
+    from .kernels.fusion_grouped import GROUPED_OP
 
     out, probs = GROUPED_OP(xd, xq, res, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
                             [1.0] * len(picked), amask)
@@ -206,6 +209,130 @@ def run_groups_triton(multi, sites: Sequence, counts: Sequence[int], adapter_inp
         p = probs[starts[k] * per_row:starts[k + 1] * per_row, :n]
         got[k] = p.reshape(counts[k], *lead, n).to(adapter_input.dtype)
     return out.view(adapter_input.shape), got
+
+
+def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+
+
+def _grouped_call(calls: Sequence[tuple]):
+    """One ``fusion_triton_grouped`` call (with autograd) for deferred op calls ``calls`` (each a
+    :class:`fusedadapter.runner.DeferredCall`'s 16 arguments, one row group each, in row order);
+    returns each call's (out, probs) as the op alone would (views of the grouped outputs)."""
+    from .kernels.fusion_grouped import GROUPED_OP
+    from .logit_dropout import hash_keep_mask
+
+    xds = [c[0] for c in calls]
+    kd = max(x.shape[1] for x in xds)
+    m_of = [x.shape[0] for x in xds]
+    starts = [0, *itertools.accumulate(m_of)]
+    rs = [c[3].shape[0] for c in calls]
+    ns = [len(c[9]) for c in calls]
+    acc = calls[0][7].dtype
+    xd = torch.cat([_pad_cols(x, kd) for x in xds])  # each group reads its own first columns
+    # xq None in a call means the query half reads xd (= the rows, no LayerNorm'd columns)
+    xq = None if all(c[1] is None for c in calls) else torch.cat([c[0] if c[1] is None else c[1] for c in calls])
+    # (None: the per-token form's op adds no residual; zeros rows do the same)
+    res = (None if all(c[2] is None for c in calls)
+           else torch.cat([c[2] if c[2] is not None else c[0].new_zeros(c[0].shape[0], c[7].shape[0]) for c in calls]))
+    w_down = torch.cat([_pad_cols(c[3], kd) for c in calls])
+    zeros = (lambda n: torch.zeros(n, dtype=acc, device=xd.device))
+    b_down = (None if all(c[4] is None for c in calls)
+              else torch.cat([c[4] if c[4] is not None else zeros(r) for c, r in zip(calls, rs)]))
+    w_query = torch.cat([c[5] for c in calls])
+    b_query = (None if all(c[6] is None for c in calls)
+               else torch.cat([c[6] if c[6] is not None else zeros(c[5].shape[0]) for c in calls]))
+    w_out = torch.cat([c[7] for c in calls], 1)
+    groups, w_row, q_row = [], 0, 0
+    for s0, m, r, n, x in zip(starts, m_of, rs, ns, xds):
+        groups += [s0, m, 0, x.shape[1], w_row, q_row, r, n]
+        w_row, q_row = w_row + r, q_row + r + n
+    n_max, m_all, p = max(ns), starts[-1], calls[0][11]
+
+    def per_row(i, default):  # (m, n_max) bool of the calls' masks, their adapters first
+        if all(c[i] is None for c in calls):
+            return None
+        full = torch.full((m_all, n_max), default, dtype=torch.bool, device=xd.device)
+        for c, s0, m, n in zip(calls, starts, m_of, ns):
+            mask = c[i] if c[i] is not None else hash_keep_mask(c[12], m, n, p, device=xd.device)
+            full[s0:s0 + m, :n] = mask
+        return full
+    keep = per_row(13, True) if p > 0 else None
+    shift = (None if p == 0 or all(c[14] is None for c in calls)
+             else torch.cat([c[14] if c[14] is not None else zeros(m) for c, m in zip(calls, m_of)]))
+    out, probs = GROUPED_OP(xd, xq, res, w_down, b_down, w_query, b_query, w_out, groups,
+                            [int(b) for c in calls for b in c[8]], [int(a) for c in calls for a in c[9]],
+                            [float(c[10]) for c in calls], per_row(15, False), float(p),
+                            [int(c[12]) for c in calls], keep, shift)
+    return [(out[s0:s0 + m], probs[s0:s0 + m, :n]) for s0, m, n in zip(starts, m_of, ns)]
+
+
+def train_groups_triton(sites: Sequence, counts: Sequence[int], call_group: Callable[[int], tuple],
+                        adapter_input: torch.Tensor) -> Dict[int, tuple]:
+    """Under autograd: run every group with rows through ``call_group(k)`` (its fusion's forward) with
+    the ``triton`` op deferred (:func:`fusedadapter.runner.deferring`), then the deferred calls as one
+    ``fusion_triton_grouped`` call (forward and backward: one launch of each kernel for all groups)
+    instead of one op call per group. Returns {k: (out, probs)} as ``call_group(k)`` returns them, for
+    every group with rows; {} (nothing run) where this does not apply: fewer than two groups with rows,
+    no autograd, autocast, compiling or exporting, or ``triton`` unavailable here. Groups whose call
+    is not deferred (another backend, the plain form) come back from ``call_group``; deferred calls
+    the grouped op cannot take with the most others (another dropout rate, another activation dtype:
+    the per-token form and LayerNorm'd rows run fp16/bf16 inputs in fp32; no tokens) run alone."""
+    a = adapter_input
+    if (not GROUPED_TRITON or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting() or torch.is_autocast_enabled(a.device.type)
+            or sum(c > 0 for c in counts) < 2 or a.dtype not in _GROUPED_DTYPES):
+        return {}
+    from .dispatch import fusion_op
+    from .errors import BackendUnavailable
+    from .runner import DeferredCall, _call_op, deferring
+
+    try:
+        op = fusion_op("triton", a.device, a.dtype)
+    except (BackendUnavailable, ValueError):
+        return {}
+    got, deferred = {}, {}
+    with deferring(op):
+        for k, n in enumerate(counts):
+            if n:
+                try:
+                    got[k] = call_group(k)
+                except DeferredCall as d:
+                    deferred[k] = d
+    if not deferred:
+        return got
+    # the largest set of calls one grouped call takes: one activation dtype, one dropout rate, tokens
+    sets: Dict[tuple, List[int]] = {}
+    for k, d in deferred.items():
+        if d.args[0].shape[0] > 0:
+            sets.setdefault((d.args[0].dtype, d.args[11]), []).append(k)
+    together = max(sets.values(), key=len, default=[])
+    if len(together) < 2:
+        together = []
+    ran = dict(zip(together, _grouped_call([deferred[k].args for k in together]))) if together else {}
+    shape = a.shape[1:]
+    for k, d in deferred.items():
+        # as run_folded (d.finish), run_site and FusedAdapterFusion.forward(return_probs=True) finish the call
+        out, probs = d.finish(*(ran[k] if k in ran else _call_op(op, *d.args)))
+        out = out.reshape(counts[k], *shape)
+        got[k] = (out, probs.reshape(*out.shape[:-1], probs.shape[-1]).to(out.dtype))
+    return got
+
+
+def unused_params(multi, counts) -> List[torch.Tensor]:
+    """Trainable parameters of :class:`fusedadapter.MultiFusion` ``multi`` that no routed row reaches
+    (``counts``: rows per fusion): those of fusions without rows, and of pool adapters that no
+    fusion with rows fuses (they get exact zero gradients: :func:`fusedadapter.zero_grads.attach_zero_grads`)."""
+    used_adapters, params = set(), []
+    for site, n in zip(multi.adapter_fusion_layer.values(), counts):
+        if n:
+            used_adapters.update(site.adapters.keys())
+        else:  # the fusion's own parameters (query / key / value), not the shared adapters
+            params.extend(p for n, p in site.named_parameters() if p.requires_grad and not n.startswith("adapters."))
+    for name, adapter in multi.adapters.items():
+        if name not in used_adapters:
+            params.extend(p for p in adapter.parameters() if p.requires_grad)
+    return params
 
 
 def row_taker(order: Optional[torch.Tensor], start: int, n: int, batch: int, device):

@@ -9,6 +9,7 @@ tensors, an accelerated AdapterHub layer); this module reads it only through tha
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -24,7 +25,43 @@ from .ops import acc_dtype, fusion_torch, fusion_torch_packed, hash_keep_mask, m
 from .zero_grads import keep_unused_shift, site_key_bias
 
 __all__ = ["run_site", "run_folded", "check_site_inputs", "draw_seed", "adapter_mask_rows", "use_plain_form",
-           "PLAIN_FORM_RATIO"]
+           "PLAIN_FORM_RATIO", "DeferredCall", "deferring"]
+
+
+class DeferredCall(Exception):
+    """Raised by :func:`run_folded` inside a :func:`deferring` block instead of calling its op: ``args``
+    are the op's 16 arguments (autograd-connected) and ``finish(out, probs)`` does what run_folded does
+    with the op's outputs (the per-token form's W_V and residual; the cast to the input dtype) and
+    returns what it would return. The caller runs the call (several sites' calls as one grouped op:
+    :mod:`fusedadapter.multitask_rows`)."""
+
+    def __init__(self, args: tuple, finish):
+        super().__init__("a deferred fusion op call")
+        self.args = args
+        self.finish = finish
+
+
+def _op_call(op, args: tuple, finish):
+    """``finish(*op(*args))``, or :class:`DeferredCall` inside a :func:`deferring` block for ``op``."""
+    deferred_op = getattr(_deferred, "op", None)
+    if deferred_op is not None and deferred_op is op:
+        raise DeferredCall(args, finish)
+    return finish(*_call_op(op, *args))
+
+
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferring(op):
+    """In this thread, every :func:`run_folded` call of ``op`` raises :class:`DeferredCall`
+    (the folded and per-token forms; the plain form calls no op)."""
+    prev = getattr(_deferred, "op", None)
+    _deferred.op = op
+    try:
+        yield
+    finally:
+        _deferred.op = prev
 
 
 def check_site_inputs(hidden_size: int, adapter_input, residual, query, param: Optional[torch.Tensor],
@@ -209,9 +246,9 @@ def run_folded(op, folded: Folded, a, res, c, *, fusion: FusionWeights, residual
                                          folded.segments, folded.activations, float(temperature), float(dropout_p),
                                          int(seed), keep_mask, shift, adapter_mask)
     else:
-        out, probs = _call_op(op, xd, xq, op_res, folded.w_down, folded.b_down, w_query, b_query, folded.w_out,
-                              folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed),
-                              keep_mask, shift, adapter_mask)
+        args = (xd, xq, op_res, folded.w_down, folded.b_down, w_query, b_query, folded.w_out, folded.segments,
+                folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask, shift, adapter_mask)
+        return _op_call(op, args, lambda out, probs: ((out if out.dtype == out_dtype else out.to(out_dtype)), probs))
     return (out if out.dtype == out_dtype else out.to(out_dtype)), probs
 
 
@@ -254,12 +291,15 @@ def _run_per_token(op, folded: Folded, a, res, c, *, residual_before: bool, temp
         temperature = 1.0
     # op: sum_n p_n u_n (+ res under residual_before, so that W_V applies to it too)
     op_res = res if residual_before else None
-    mix, probs = _call_op(op, xd, xq, op_res, folded.w_down, folded.b_down, w_query, None, folded.w_out,
-                          folded.segments, folded.activations, float(temperature), float(dropout_p), int(seed),
-                          keep_mask, shift, adapter_mask)
-    if dnnl and wv is not None:
-        mix, wv = onednn_train_linear(mix, wv), None
-    return _value_after_sum(mix, wv, res, residual_before, adapter_mask).to(out_dtype), probs
+    args = (xd, xq, op_res, folded.w_down, folded.b_down, w_query, None, folded.w_out, folded.segments,
+            folded.activations, float(temperature), float(dropout_p), int(seed), keep_mask, shift, adapter_mask)
+
+    def finish(mix, probs):
+        value = wv
+        if dnnl and value is not None:
+            mix, value = onednn_train_linear(mix, value), None
+        return _value_after_sum(mix, value, res, residual_before, adapter_mask).to(out_dtype), probs
+    return _op_call(op, args, finish)
 
 
 def _trains(site) -> bool:

@@ -37,13 +37,14 @@ _SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024, 10: 227 * 1024, 12: 99 * 1024}
 _PTRS = {
     "fwd_gemm1": dict(xd_ptr="act", xq_ptr="act", wd_ptr="acc", bd_ptr="acc", wq_ptr="acc", bq_ptr="acc",
                       shift_ptr="acc", keep_ptr="u8", amask_ptr="u8", segid_ptr="i32", code_ptr="i32", z_ptr="act",
-                      p_ptr="acc", grp_ptr="i64", temp_ptr="f32"),
+                      p_ptr="acc", grp_ptr="i64", temp_ptr="f32", seed_ptr="i64"),
     "fwd_gemm2": dict(z_ptr="act", p_ptr="acc", segid_ptr="i32", wo_ptr="acc", res_ptr="act", out_ptr="act",
                       grp_ptr="i64"),
     "bwd_epilogue": dict(do_ptr="act", gp_ptr="acc", p_ptr="acc", xd_ptr="act", xq_ptr="act", wd_ptr="acc",
                          bd_ptr="acc", wq_ptr="acc", bq_ptr="acc", wo_ptr="acc", keep_ptr="u8", segid_ptr="i32",
-                         code_ptr="i32", g_ptr="acc", wm_ptr="act", dshift_ptr="acc"),
-    "mm": dict(a_ptr="acc", b_ptr="act", c_ptr="acc"),
+                         code_ptr="i32", g_ptr="acc", wm_ptr="act", dshift_ptr="acc", grp_ptr="i64",
+                         temp_ptr="f32", seed_ptr="i64"),
+    "mm": dict(a_ptr="acc", b_ptr="act", c_ptr="acc", tab_ptr="i64"),
 }
 _FLOATS = {"drop_hi", "drop_lo", "temp_hi", "temp_lo"}
 
@@ -102,6 +103,8 @@ def _variants(name, quick):
             out.append(("fp32 xq eval mixed-acts grouped", "fp32",
                         dict(out[0][2], HAS_XQ=True, SPLIT_WQ=False, ACT_MASK=(1 << 1) | (1 << 2), UNIFORM_ACT=-1,
                              GROUPED=True)))
+            # the grouped op under autograd (multi-task training): per-group dropout seeds
+            out.append(("bf16 shared-x train-hash relu grouped", "bf16", dict(out[1][2], GROUPED=True)))
     elif name == "fwd_gemm2":
         v1 = dict(HAS_RES=True, P_ONCE=False, N_PAD=16, GROUPED=False)
         out.append(("bf16 residual", "bf16", v1))
@@ -113,7 +116,7 @@ def _variants(name, quick):
             out.append(("bf16 residual grouped", "bf16", dict(v1, GROUPED=True)))
     elif name == "bwd_epilogue":
         common = dict(HAS_BD=True, HAS_BQ=True, HAS_GP=True, STORE_G=True, STORE_WM=True, ACT_MASK=2, UNIFORM_ACT=1,
-                      N_PAD=16, SPLIT_WD=False, SPLIT_WQ=False)
+                      N_PAD=16, SPLIT_WD=False, SPLIT_WQ=False, GROUPED=False)
         out.append(("bf16 shared-x train-hash", "bf16", dict(common, HAS_XQ=False, DROPOUT=True, HAS_KEEP=False,
                                                              STORE_DSHIFT=True)))
         if not quick:
@@ -124,10 +127,13 @@ def _variants(name, quick):
                              ACT_MASK=(1 << 2) | (1 << 3) | (1 << 8), UNIFORM_ACT=-1, N_PAD=32)))
             out.append(("fp32 shared-x eval", "fp32", dict(common, HAS_XQ=False, DROPOUT=False, HAS_KEEP=False,
                                                            STORE_DSHIFT=False)))
+            out.append(("bf16 xq train-hash grouped", "bf16", dict(common, HAS_XQ=True, DROPOUT=True, HAS_KEEP=False,
+                                                                   STORE_DSHIFT=True, GROUPED=True)))
     elif name == "mm":
-        out.append(("bf16 operands", "bf16", {}))
+        out.append(("bf16 operands", "bf16", dict(GROUPED=False)))
         if not quick:
-            out.append(("fp32 operands", "fp32", {}))
+            out.append(("fp32 operands", "fp32", dict(GROUPED=False)))
+            out.append(("bf16 operands grouped", "bf16", dict(GROUPED=True)))  # the grouped op's backward
     if not quick:  # float64 runs on its own small config (configs.FP64_CONFIG)
         first = dict(out[0][2])
         if "SPLIT_WQ" in first:

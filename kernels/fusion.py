@@ -17,6 +17,9 @@ Backward (``fusion_triton_backward``)::
     _mm_kernel (x 2-5)                             dX = G @ [w_down; w_query], dW = G.T @ X,
                                                    dw_out = dO.T @ Wmix (split-K over tokens)
 
+The grouped op (several fusions' row groups per launch, multi-task serving and training) is the host
+side in :mod:`fusedadapter.kernels.fusion_grouped` over these kernels' GROUPED variants.
+
 Only (tokens x (R+N))-sized intermediates touch memory; no (tokens, N, H) tensor exists. Accumulation
 is in fp32 (fp64 for fp64 activations); dot operands are in the activation dtype (the fp32 folded
 weights are rounded to fp16/bf16 tile by tile, as the op schema allows; fp32 and fp64 dots use
@@ -44,11 +47,11 @@ import triton.language as tl
 
 from ..errors import BackendUnavailable
 from ..kernel_ops import register_kernel_op
-from ..ops import _LIB, FUSION_GRADS, acc_dtype, check_fusion_args, check_on_xd_device
+from ..ops import FUSION_GRADS, acc_dtype, check_fusion_args
 from . import configs as _configs
 
-__all__ = ["fusion_triton", "fusion_triton_backward", "fusion_triton_grouped", "GROUP_FIELDS", "hash_keep_mask_triton",
-           "keep_threshold", "unsupported_reason", "unsupported_dtype_reason", "INTERPRET", "AUTOTUNE"]
+__all__ = ["fusion_triton", "fusion_triton_backward", "hash_keep_mask_triton", "keep_threshold", "unsupported_reason",
+           "unsupported_dtype_reason", "INTERPRET", "AUTOTUNE"]
 
 # Triton reads TRITON_INTERPRET when a kernel is *defined* (below), so this is what the kernels do.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -253,14 +256,18 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _keep_mask(rows, rmask, offs_n, nmask, N, keep_ptr, seed_hash, drop_thr, HAS_KEEP: tl.constexpr):
-    """Semantics: keep[i, n] = keep_mask[rows[i], n] if given, else
-    (lowbias32(uint32(rows[i] * N + n) ^ lowbias32(seed)) >> 8) >= drop_thr   (== hash_keep_mask)."""
+def _keep_mask(rows, hrows, rmask, offs_n, nmask, N, stride_keep, keep_ptr, seed_hash, drop_thr,
+               HAS_KEEP: tl.constexpr):
+    """Semantics: keep[i, n] = keep_mask[rows[i], n] (row stride ``stride_keep``) if given, else
+    (lowbias32(uint32(hrows[i] * N + n) ^ lowbias32(seed)) >> 8) >= drop_thr   (== hash_keep_mask).
+    ``hrows``: the rows the draw is keyed on (``rows`` itself; a row group's own rows from 0 in the
+    grouped op, so that a group draws what it would alone)."""
     if HAS_KEEP:
-        k = tl.load(keep_ptr + rows[:, None] * N + offs_n[None, :], mask=rmask[:, None] & nmask[None, :], other=0)
+        k = tl.load(keep_ptr + rows[:, None] * stride_keep + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+                    other=0)
         keep = k != 0
     else:
-        idx = (rows[:, None] * N + offs_n[None, :]).to(tl.uint32)
+        idx = (hrows[:, None] * N + offs_n[None, :]).to(tl.uint32)
         h = _lowbias32(idx ^ tl.cast(seed_hash, tl.uint32))
         keep = (h >> 8) >= tl.cast(drop_thr, tl.uint32)
     return keep
@@ -276,13 +283,29 @@ def _scalar(hi, lo, ACC: tl.constexpr):
     return v
 
 
+@triton.jit
+def _group_operands(grp_ptr, temp_ptr, g, xd_ptr, wd_ptr, bd_ptr, segid_ptr, code_ptr, wq_ptr, bq_ptr, stride_wd,
+                    stride_wq):
+    """Row group g of the grouped op (``grp_ptr[g]``: GROUP_FIELDS of fusedadapter/kernels/fusion_grouped.py):
+    (row0, row_end, KD, R, N, the operand pointers moved to the group's xd columns and rows of the
+    packed weights and column tables, its first query row, its temperature's fp32 hi and lo)."""
+    gt = grp_ptr + g * 8
+    row0 = tl.load(gt + 0)
+    w_row = tl.load(gt + 4)
+    q_row = tl.load(gt + 5)
+    return (row0, row0 + tl.load(gt + 1), tl.load(gt + 3).to(tl.int32), tl.load(gt + 6).to(tl.int32),
+            tl.load(gt + 7).to(tl.int32), xd_ptr + tl.load(gt + 2), wd_ptr + w_row * stride_wd, bd_ptr + w_row,
+            segid_ptr + w_row, code_ptr + w_row, wq_ptr + q_row * stride_wq, bq_ptr + q_row, q_row,
+            tl.load(temp_ptr + 2 * g), tl.load(temp_ptr + 2 * g + 1))
+
+
 # =============================================================================================
 # Kernels
 # =============================================================================================
 @triton.jit
 def _fwd_gemm1_kernel(
         xd_ptr, xq_ptr, wd_ptr, bd_ptr, wq_ptr, bq_ptr, shift_ptr, keep_ptr, amask_ptr, segid_ptr, code_ptr, z_ptr,
-        p_ptr, grp_ptr, temp_ptr, M, KD, KQ, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
+        p_ptr, grp_ptr, temp_ptr, seed_ptr, M, KD, KQ, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
         stride_xd, stride_xq, stride_wd, stride_wq, stride_z, stride_p, wq_lo, M_KEY,
         HAS_XQ: tl.constexpr, HAS_BD: tl.constexpr, HAS_BQ: tl.constexpr, HAS_SHIFT: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_AMASK: tl.constexpr, ACT_MASK: tl.constexpr,
@@ -293,8 +316,10 @@ def _fwd_gemm1_kernel(
     """GEMM1 + epilogue, one program per BLOCK_M rows. PRESPLIT_WQ: ``wq_ptr`` holds w_query's hi half
     (in DOT) and its lo half ``wq_lo`` elements further, split once on the host (SPLIT_WQ is then off).
     GROUPED (:func:`fusion_triton_grouped`): program (i, g) runs block i of row group g, a fusion of its
-    own whose weights are rows of the packed ones; ``grp_ptr[g]`` (:data:`GROUP_FIELDS`) says where, and
-    ``temp_ptr[2g:2g+2]`` is its temperature's fp32 (hi, lo). No dropout there (a serving path).
+    own whose weights are rows of the packed ones; ``grp_ptr[g]`` (:data:`GROUP_FIELDS`) says where,
+    ``temp_ptr[2g:2g+2]`` is its temperature's fp32 (hi, lo) and ``seed_ptr[g]`` its dropout seed's hash
+    (the draw keyed on the group's own rows from 0: what the group alone draws with that seed); an
+    explicit keep mask and the probabilities have row stride ``stride_p``.
 
     Semantics::
 
@@ -315,23 +340,11 @@ def _fwd_gemm1_kernel(
     row_end = M
     if GROUPED:
         g = tl.program_id(1)
-        gp = grp_ptr + g * 8
-        row0 = tl.load(gp + 0)
-        row_end = row0 + tl.load(gp + 1)
-        xd_ptr += tl.load(gp + 2)
-        KD = tl.load(gp + 3).to(tl.int32)
-        w_row = tl.load(gp + 4)
-        q_row = tl.load(gp + 5)
-        R = tl.load(gp + 6).to(tl.int32)
-        N = tl.load(gp + 7).to(tl.int32)
-        wd_ptr += w_row * stride_wd
-        bd_ptr += w_row
-        segid_ptr += w_row
-        code_ptr += w_row
-        wq_ptr += q_row * stride_wq
-        bq_ptr += q_row
-        temp_hi = tl.load(temp_ptr + 2 * g)
-        temp_lo = tl.load(temp_ptr + 2 * g + 1)
+        (row0, row_end, KD, R, N, xd_ptr, wd_ptr, bd_ptr, segid_ptr, code_ptr, wq_ptr, bq_ptr, q_row, temp_hi,
+         temp_lo) = _group_operands(grp_ptr, temp_ptr, g, xd_ptr, wd_ptr, bd_ptr, segid_ptr, code_ptr, wq_ptr, bq_ptr,
+                                    stride_wd, stride_wq)
+        if DROPOUT and not HAS_KEEP:
+            seed_hash = tl.load(seed_ptr + g)
         if pid * BLOCK_M >= row_end - row0:  # a block past its group's rows (the grid fits the largest group)
             return
     rows = row0 + pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -373,7 +386,8 @@ def _fwd_gemm1_kernel(
     if DROPOUT:
         if HAS_SHIFT:
             logit += tl.load(shift_ptr + rows, mask=rmask, other=0.0)[:, None]
-        keep = _keep_mask(rows, rmask, offs_n, nmask, N, keep_ptr, seed_hash, drop_thr, HAS_KEEP)
+        keep = _keep_mask(rows, rows - row0, rmask, offs_n, nmask, N, stride_p, keep_ptr, seed_hash, drop_thr,
+                          HAS_KEEP)
         logit = tl.where(keep, logit * _scalar(drop_hi, drop_lo, ACC), 0.0)
     s = tl.where(nmask[None, :], logit / _scalar(temp_hi, temp_lo, ACC), float("-inf"))
     if HAS_AMASK:
@@ -476,16 +490,20 @@ def _fwd_gemm2_kernel(
 @triton.jit
 def _bwd_epilogue_kernel(
         do_ptr, gp_ptr, p_ptr, xd_ptr, xq_ptr, wd_ptr, bd_ptr, wq_ptr, bq_ptr, wo_ptr, keep_ptr, segid_ptr,
-        code_ptr, g_ptr, wm_ptr, dshift_ptr,
+        code_ptr, g_ptr, wm_ptr, dshift_ptr, grp_ptr, temp_ptr, seed_ptr,
         M, KD, KQ, H, R, N, seed_hash, drop_thr, drop_hi, drop_lo, temp_hi, temp_lo,
-        stride_do, stride_xd, stride_xq, stride_wd, stride_wq, stride_wo, stride_g, stride_wm, M_KEY,
+        stride_do, stride_xd, stride_xq, stride_wd, stride_wq, stride_wo, stride_g, stride_wm, stride_p, M_KEY,
         HAS_XQ: tl.constexpr, HAS_BD: tl.constexpr, HAS_BQ: tl.constexpr, HAS_GP: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_G: tl.constexpr, STORE_WM: tl.constexpr,
         STORE_DSHIFT: tl.constexpr, ACT_MASK: tl.constexpr, UNIFORM_ACT: tl.constexpr,
         ACC: tl.constexpr, DOT: tl.constexpr, N_PAD: tl.constexpr, SPLIT_WD: tl.constexpr, SPLIT_WQ: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Epilogue backward, one program per BLOCK_M rows; z, y and dO @ w_out recomputed per column block.
     The adapter mask needs no argument here: it is in the saved ``p`` (0 where masked, so ``dl`` = 0).
+    ``p``, ``grad_probs`` and an explicit keep mask have row stride ``stride_p``. GROUPED (the grouped
+    op's backward): program (i, g) runs block i of row group g with its own weights, temperature and
+    dropout seed, as :func:`_fwd_gemm1_kernel`'s GROUPED; G's and Wmix's columns are the group's own
+    (its R and N), from column 0 of each row.
 
     Semantics::
 
@@ -511,18 +529,30 @@ def _bwd_epilogue_kernel(
         Wmix[rows, R:R+N] = p
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    row0 = 0
+    row_end = M
+    if GROUPED:
+        g = tl.program_id(1)
+        (row0, row_end, KD, R, N, xd_ptr, wd_ptr, bd_ptr, segid_ptr, code_ptr, wq_ptr, bq_ptr, q_row, temp_hi,
+         temp_lo) = _group_operands(grp_ptr, temp_ptr, g, xd_ptr, wd_ptr, bd_ptr, segid_ptr, code_ptr, wq_ptr, bq_ptr,
+                                    stride_wd, stride_wq)
+        wo_ptr += q_row
+        if DROPOUT and not HAS_KEEP:
+            seed_hash = tl.load(seed_ptr + g)
+        if pid * BLOCK_M >= row_end - row0:
+            return
+    rows = row0 + pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
     offs_n = tl.arange(0, N_PAD)
     nmask = offs_n < N
     mn_mask = rmask[:, None] & nmask[None, :]
-    p = tl.load(p_ptr + rows[:, None] * N + offs_n[None, :], mask=mn_mask, other=0.0).to(ACC)
+    p = tl.load(p_ptr + rows[:, None] * stride_p + offs_n[None, :], mask=mn_mask, other=0.0).to(ACC)
     dl = tl.zeros((BLOCK_M, N_PAD), dtype=ACC)
 
     if STORE_G or STORE_DSHIFT:
         dp = tl.zeros((BLOCK_M, N_PAD), dtype=ACC)
         if HAS_GP:
-            dp += tl.load(gp_ptr + rows[:, None] * N + offs_n[None, :], mask=mn_mask, other=0.0).to(ACC)
+            dp += tl.load(gp_ptr + rows[:, None] * stride_p + offs_n[None, :], mask=mn_mask, other=0.0).to(ACC)
         dp = _gemm_acc(dp, do_ptr, stride_do, rows, rmask, wo_ptr + R, stride_wo, 1, offs_n, nmask, H,
                        BLOCK_K, DOT, ACC)
         for c0 in range(0, R, BLOCK_R):
@@ -543,7 +573,8 @@ def _bwd_epilogue_kernel(
         sd = tl.sum(p * dp, axis=1)
         dl = p * (dp - sd[:, None]) / _scalar(temp_hi, temp_lo, ACC)
         if DROPOUT:
-            keep = _keep_mask(rows, rmask, offs_n, nmask, N, keep_ptr, seed_hash, drop_thr, HAS_KEEP)
+            keep = _keep_mask(rows, rows - row0, rmask, offs_n, nmask, N, stride_p, keep_ptr, seed_hash, drop_thr,
+                              HAS_KEEP)
             dl = tl.where(keep, dl * _scalar(drop_hi, drop_lo, ACC), 0.0)
             if STORE_DSHIFT:  # (only with dropout: without it the shift cancels, the host writes 0)
                 # sum_n dl without the direct sum's cancellation (it is exactly 0 when every adapter is
@@ -602,9 +633,9 @@ def _bwd_epilogue_kernel(
 
 
 @triton.jit
-def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, K_SPLIT,
+def _mm_kernel(a_ptr, b_ptr, c_ptr, tab_ptr, M, N, K, K_SPLIT, NS,
                stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn, M_KEY, K_KEY,
-               ACC: tl.constexpr, DOT: tl.constexpr,
+               ACC: tl.constexpr, DOT: tl.constexpr, GROUPED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Plain GEMM with arbitrary strides and split-K (program axis 2).
 
@@ -612,10 +643,26 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, K_SPLIT,
 
         s = program_id(2);  ks = [s * K_SPLIT, min(K, (s + 1) * K_SPLIT))
         C[s, i, j] = sum_{k in ks} A[i, k] * B[k, j]        (operands rounded to DOT, ACC accumulation)
+
+    GROUPED (the grouped op's backward: one GEMM per row group in one launch): program axis 2 is
+    g * NS + s, and ``tab_ptr[g]`` = (a_off, b_off, c_off, M, N, K) moves A, B, C by those elements
+    and gives group g's sizes (the strides are shared); blocks past a group's M, N or K do nothing,
+    so C must start zeroed where a group writes nothing.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if GROUPED:
+        t = tab_ptr + (pid_s // NS) * 6
+        pid_s = pid_s % NS
+        a_ptr += tl.load(t + 0)
+        b_ptr += tl.load(t + 1)
+        c_ptr += tl.load(t + 2)
+        M = tl.load(t + 3).to(tl.int32)
+        N = tl.load(t + 4).to(tl.int32)
+        K = tl.load(t + 5).to(tl.int32)
+        if (pid_m * BLOCK_M >= M) | (pid_n * BLOCK_N >= N) | (pid_s * K_SPLIT >= K):
+            return
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -643,7 +690,7 @@ def _hash_keep_kernel(out_ptr, row0, M, N, seed_hash, drop_thr, BLOCK_M: tl.cons
     rmask = local < M
     offs_n = tl.arange(0, N_PAD)
     nmask = offs_n < N
-    keep = _keep_mask(row0 + local, rmask, offs_n, nmask, N, out_ptr, seed_hash, drop_thr, False)
+    keep = _keep_mask(row0 + local, row0 + local, rmask, offs_n, nmask, N, N, out_ptr, seed_hash, drop_thr, False)
     tl.store(out_ptr + local[:, None] * N + offs_n[None, :], keep.to(tl.int8), mask=rmask[:, None] & nmask[None, :])
 
 
@@ -684,8 +731,8 @@ _FWD1 = _Launcher("fwd_gemm1", _fwd_gemm1_kernel, ["M_KEY", "KD", "KQ", "R", "N"
 _FWD2 = _Launcher("fwd_gemm2", _fwd_gemm2_kernel, ["M_KEY", "H", "R", "N", "DOT", "P_ONCE", "GROUPED"])
 _BWD1 = _Launcher("bwd_epilogue", _bwd_epilogue_kernel, ["M_KEY", "KD", "KQ", "H", "R", "N", "HAS_XQ", "DOT",
                                                          "DROPOUT", "ACT_MASK", "STORE_G", "STORE_WM",
-                                                         "STORE_DSHIFT"])
-_MM = _Launcher("mm", _mm_kernel, ["M_KEY", "N", "K_KEY", "DOT"])
+                                                         "STORE_DSHIFT", "GROUPED"])
+_MM = _Launcher("mm", _mm_kernel, ["M_KEY", "N", "K_KEY", "DOT", "GROUPED"])
 
 
 # =============================================================================================
@@ -922,7 +969,7 @@ def fusion_triton(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, seg
               xd, x_q, wd_k, b_down if b_down is not None else dummy, wq_k,
               b_query if b_query is not None else dummy, shift if shift is not None else dummy,
               site.keep if site.has_keep else dummy, site.amask if site.has_amask else dummy, site.segid, site.codes,
-              z, probs, dummy, dummy,
+              z, probs, dummy, dummy, dummy,
               m, xd.shape[1], x_q.shape[1], r, n, *site.scalars(),
               xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), n, wq_lo, mk,
               HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None,
@@ -950,6 +997,21 @@ def hash_keep_mask_triton(seed: int, m: int, n: int, dropout_p: float, device="c
     return out.bool()
 
 
+def split_plan(mm_: int, nn_: int, kk: int, device: torch.device, tiles: int = 1):
+    """(splits, chunk) of a split-K GEMM of an (mm_ x nn_) output over kk: enough programs to fill the
+    GPU (``tiles``: output grids launched together, the grouped GEMM's groups), chunks a multiple of
+    SPLIT_K_QUANTUM."""
+    q = SPLIT_K_QUANTUM
+    if INTERPRET:
+        target = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        target = max(1, (2 * sms) // max(1, tiles * triton.cdiv(mm_, 128) * triton.cdiv(nn_, 128)))
+    splits = max(1, min(target, kk // q))
+    chunk = triton.cdiv(triton.cdiv(kk, splits), q) * q
+    return triton.cdiv(kk, chunk), chunk
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, dot: torch.dtype, split_k: bool = False) -> torch.Tensor:
     """``a @ b`` (2-D, any strides) with the Triton GEMM: operands rounded to ``dot``, accumulation in
     fp32 (fp64 for fp64); ``split_k`` splits the reduction (token) axis across programs and sums the
@@ -959,22 +1021,12 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, dot: torch.dty
     acc = acc_dtype(dot)
     if mm_ == 0 or nn_ == 0 or kk == 0:
         return torch.zeros((mm_, nn_), dtype=out_dtype, device=a.device)
-    splits, chunk = 1, kk
-    if split_k:
-        q = SPLIT_K_QUANTUM
-        if INTERPRET:
-            target = 2
-        else:
-            sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
-            target = max(1, (2 * sms) // max(1, triton.cdiv(mm_, 128) * triton.cdiv(nn_, 128)))
-        splits = max(1, min(target, kk // q))
-        chunk = triton.cdiv(triton.cdiv(kk, splits), q) * q
-        splits = triton.cdiv(kk, chunk)
+    splits, chunk = split_plan(mm_, nn_, kk, a.device) if split_k else (1, kk)
     c = _new((splits, mm_, nn_), acc if splits > 1 else out_dtype, a.device)
     _MM(lambda META: (triton.cdiv(mm_, META["BLOCK_M"]), triton.cdiv(nn_, META["BLOCK_N"]), splits),
-        a, b, c, mm_, nn_, kk, chunk, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a, b, c, c, mm_, nn_, kk, chunk, 1, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         c.stride(0), c.stride(1), c.stride(2), _configs.token_key(mm_), _configs.token_key(kk),
-        ACC=_TL_DTYPE[acc], DOT=_TL_DTYPE[dot])
+        ACC=_TL_DTYPE[acc], DOT=_TL_DTYPE[dot], GROUPED=False)
     return c[0] if splits == 1 else c.sum(0).to(out_dtype)
 
 
@@ -1024,14 +1076,14 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
                   b_query if b_query is not None else dummy, _dot_weight(w_out, dt, False),
                   site.keep if site.has_keep else dummy, site.segid, site.codes,
                   g if g is not None else dummy, wm if wm is not None else dummy,
-                  dshift if dshift is not None else dummy,
+                  dshift if dshift is not None else dummy, dummy, dummy, dummy,
                   m, xd.shape[1], x_q.shape[1], h, r, n, *site.scalars(),
                   grad_out.stride(0), xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0),
-                  w_out.stride(0), g.stride(0) if g is not None else 0, wm.stride(0) if wm is not None else 0,
+                  w_out.stride(0), g.stride(0) if g is not None else 0, wm.stride(0) if wm is not None else 0, n,
                   _configs.token_key(m),
                   HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None, HAS_GP=gp is not None,
                   DROPOUT=site.dropout, HAS_KEEP=site.has_keep, STORE_G=need_g, STORE_WM=need_wm,
-                  STORE_DSHIFT=need_ds,
+                  STORE_DSHIFT=need_ds, GROUPED=False,
                   **dict(site.meta, SPLIT_WD=split_wd, SPLIT_WQ=split_wq))
 
     with site.device_guard():
@@ -1060,209 +1112,3 @@ def fusion_triton_backward(grad_out, grad_probs, probs, xd, xq, w_down, b_down, 
 
 _OP = register_kernel_op("fusion_triton", {"CUDA": fusion_triton, "CPU": fusion_triton},
                          {"CUDA": fusion_triton_backward, "CPU": fusion_triton_backward})
-
-
-# =============================================================================================
-# Grouped: several fusions' row groups in one launch pair (multi-task serving, issue 16)
-# =============================================================================================
-# One int64 row per row group of fusion_triton_grouped's ``groups`` (GROUPED kernels): its first
-# row and row count, the first column and width of xd it reads, its first row of the packed
-# w_down / b_down (and of the column tables), its first row of w_query / b_query (and column of
-# w_out), its bottleneck width R and adapter count N.
-GROUP_FIELDS = ("row0", "rows", "xd_col", "kd", "w_row", "q_row", "r", "n")
-_GROUP_TABLES: Dict[tuple, tuple] = {}
-
-
-def _group_tables(groups: List[int], segments: List[int], activations: List[int], temperatures: List[float],
-                  n_rows_w: int, device: torch.device):
-    """(group table (G, 8) int64, temperatures (G, 2) fp32 hi/lo, segment ids and activation codes per
-    packed w_down row (int32), the set of activation codes) on ``device``, cached per call layout."""
-    key = (tuple(groups), tuple(segments), tuple(activations), tuple(temperatures), n_rows_w, str(device))
-    hit = _GROUP_TABLES.get(key)
-    if hit is None:
-        seg = [0] * max(n_rows_w, 1)
-        code = [0] * max(n_rows_w, 1)
-        s0 = a0 = 0
-        for gi in range(len(groups) // 8):
-            w_row, n = groups[gi * 8 + 4], groups[gi * 8 + 7]
-            bounds, acts = segments[s0:s0 + n + 1], activations[a0:a0 + n]
-            s0, a0 = s0 + n + 1, a0 + n
-            for i, a in enumerate(acts):
-                for c in range(bounds[i], bounds[i + 1]):
-                    seg[w_row + c] = i
-                    code[w_row + c] = a
-        temps = [half for t in temperatures for half in _split(float(t))]
-        hit = (torch.tensor(groups, dtype=torch.int64, device=device).view(-1, 8),
-               torch.tensor(temps, dtype=torch.float32, device=device),
-               torch.tensor(seg, dtype=torch.int32, device=device), torch.tensor(code, dtype=torch.int32, device=device),
-               set(activations))
-        if len(_GROUP_TABLES) > 256:
-            _GROUP_TABLES.clear()
-        _GROUP_TABLES[key] = hit
-    return hit
-
-
-def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
-                       temperatures, adapter_mask=None):
-    """Validate fusion_triton_grouped's arguments (clear errors naming what was expected); returns
-    (G, per-group (row0, rows, xd_col, kd, w_row, q_row, r, n) tuples)."""
-    where = "fusion_triton_grouped"
-    if len(groups) % 8 or not groups:
-        raise ValueError(f"{where}: groups must hold 8 ints per row group {GROUP_FIELDS}, got {len(groups)} ints")
-    g = len(groups) // 8
-    rows = [tuple(int(v) for v in groups[i * 8:(i + 1) * 8]) for i in range(g)]
-    if len(temperatures) != g:
-        raise ValueError(f"{where}: one temperature per row group ({g}), got {len(temperatures)}")
-    if any(not (float(t) > 0.0) for t in temperatures):
-        raise ValueError(f"{where}: every temperature must be > 0, got {list(temperatures)}")
-    w_rows = sorted((r[4], r[4] + r[6]) for r in rows)
-    if any(b[0] < a[1] for a, b in zip(w_rows, w_rows[1:])):
-        raise ValueError(f"{where}: groups' w_down rows [w_row, w_row + R) must be disjoint (each row's segment "
-                         f"and activation tables are the group's own), got {w_rows}")
-    if sum(r[7] for r in rows) != len(activations) or sum(r[7] + 1 for r in rows) != len(segments):
-        raise ValueError(f"{where}: activations must hold each group's N codes and segments each group's N + 1 "
-                         f"bounds, concatenated (groups' N {[r[7] for r in rows]}); got {len(activations)} and "
-                         f"{len(segments)}")
-    if xd.dim() != 2 or w_down.dim() != 2 or w_query.dim() != 2 or w_out.dim() != 2:
-        raise ValueError(f"{where}: xd, w_down, w_query, w_out must be 2-D")
-    check_on_xd_device(where, xd, xq=xq, residual=residual, w_down=w_down, b_down=b_down, w_query=w_query,
-                       b_query=b_query, w_out=w_out, adapter_mask=adapter_mask)
-    m, h = xd.shape[0], w_out.shape[0]
-    kq = (xq if xq is not None else xd).shape[1]
-    if xq is not None and (xq.dim() != 2 or xq.shape[0] != m):
-        raise ValueError(f"{where}: xq must be ({m}, K), got {tuple(xq.shape)}")
-    if residual is not None and tuple(residual.shape) != (m, h):
-        raise ValueError(f"{where}: residual must be ({m}, {h}), got {tuple(residual.shape)}")
-    if w_query.shape[1] != kq or w_query.shape[0] != w_out.shape[1]:
-        raise ValueError(f"{where}: w_query must be (rows of w_out's columns {w_out.shape[1]}, {kq}), got "
-                         f"{tuple(w_query.shape)}")
-    for name, b, n_rows in (("b_down", b_down, w_down.shape[0]), ("b_query", b_query, w_query.shape[0])):
-        if b is not None and tuple(b.shape) != (n_rows,):
-            raise ValueError(f"{where}: {name} must be ({n_rows},), got {tuple(b.shape)}")
-    dts = {t.dtype for t in (w_down, w_query, w_out) + tuple(t for t in (b_down, b_query) if t is not None)}
-    if dts != {acc_dtype(xd.dtype)}:
-        raise TypeError(f"{where}: weights must be {acc_dtype(xd.dtype)} for {xd.dtype} activations, got {dts}")
-    for t in (xq, residual):
-        if t is not None and t.dtype != xd.dtype:
-            raise TypeError(f"{where}: xq and residual must be {xd.dtype}, got {t.dtype}")
-    end = 0
-    for i, (row0, n_rows, xd_col, kd, w_row, q_row, r, n) in enumerate(sorted(rows)):
-        if row0 < end or n_rows < 1 or row0 + n_rows > m:
-            raise ValueError(f"{where}: row groups must be non-empty, inside the {m} rows and disjoint, got {rows}")
-        end = row0 + n_rows
-        if n < 1 or xd_col < 0 or kd < 1 or xd_col + kd > xd.shape[1] or kd > w_down.shape[1]:
-            raise ValueError(f"{where}: group {i}: xd columns {xd_col}..{xd_col + kd} outside xd ({xd.shape[1]}) "
-                             f"or w_down ({w_down.shape[1]}), or no adapters")
-        if xq is None and (xd_col != 0 or kd != kq):
-            raise ValueError(f"{where}: without xq every group reads all of xd (the query half reads it too)")
-        if w_row < 0 or w_row + r > w_down.shape[0] or q_row < 0 or q_row + r + n > w_query.shape[0]:
-            raise ValueError(f"{where}: group {i}: rows w_down[{w_row}:{w_row + r}] / w_query[{q_row}:"
-                             f"{q_row + r + n}] outside the packed weights {tuple(w_down.shape)} / "
-                             f"{tuple(w_query.shape)}")
-    n_max = max(r[7] for r in rows)
-    if adapter_mask is not None and (adapter_mask.dtype != torch.bool or tuple(adapter_mask.shape) != (m, n_max)):
-        raise ValueError(f"{where}: adapter_mask must be a bool ({m}, {n_max}) tensor (each row's group's adapters "
-                         f"first), got {adapter_mask.dtype} {tuple(adapter_mask.shape)}")
-    # each group's segments: 0 = s_0 <= s_1 <= ... <= s_N = R
-    s0 = 0
-    for i, row in enumerate(rows):
-        bounds = [int(b) for b in segments[s0:s0 + row[7] + 1]]
-        s0 += row[7] + 1
-        if bounds[0] != 0 or bounds[-1] != row[6] or any(a > b for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"{where}: group {i}: segments {bounds} must rise from 0 to its R = {row[6]}")
-    return g, rows
-
-
-def fusion_triton_grouped(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments,
-                          activations, temperatures, adapter_mask=None):
-    """Forward of ``fusedadapter::fusion_triton_grouped``: G row groups, each through its own fusion,
-    in one launch of each forward kernel (punica's SGMV pattern; multi-task serving, no autograd).
-
-    Semantics::
-
-        out = empty(M, H); probs = empty(M, max N)       # rows in no group, and probs[t, N:], stay unwritten
-        for g, (row0, rows, xd_col, kd, w_row, q_row, R, N) in groups (8 ints each, GROUP_FIELDS):
-            t = row0 .. row0 + rows
-            out[t], probs[t, :N] = fusion_triton(
-                xd[t, xd_col:xd_col + kd], xq[t] (None: xd[t]), residual[t],
-                w_down[w_row:w_row + R, :kd], b_down[w_row:w_row + R],
-                w_query[q_row:q_row + R + N], b_query[q_row:q_row + R + N], w_out[:, q_row:q_row + R + N],
-                segments (group g's N + 1), activations (group g's N), temperatures[g],
-                adapter_mask=adapter_mask[t, :N])                                   # no dropout
-
-    Grid: (blocks of the largest group, G) for GEMM1, (..., H blocks, G) for GEMM2; a block past its
-    group's rows does no work.
-    """
-    segments = [int(s) for s in segments]
-    activations = [int(a) for a in activations]
-    groups = [int(v) for v in groups]
-    temperatures = [float(t) for t in temperatures]
-    g, rows = check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments,
-                                 activations, temperatures, adapter_mask)
-    _check_device(xd.device, xd.dtype)
-    if xd.dtype not in _TL_DTYPE:
-        raise TypeError(f"fusion_triton_grouped: unsupported activation dtype {xd.dtype} "
-                        f"(float16, bfloat16, float32, float64)")
-    acc = acc_dtype(xd.dtype)
-    m, h = xd.shape[0], w_out.shape[0]
-    r_max, n_max = max(r[6] for r in rows), max(r[7] for r in rows)
-    out = _new((m, h), xd.dtype, xd.device)
-    probs = _new((m, n_max), acc, xd.device)
-    table, temps, segid, codes, uniq = _group_tables(groups, segments, activations, temperatures, w_down.shape[0],
-                                                     xd.device)
-    xd, residual, w_down, b_down, w_query, b_query, w_out = map(_c, (xd, residual, w_down, b_down, w_query, b_query,
-                                                                     w_out))
-    x_q = xd if xq is None else xq.contiguous()
-    z = _new((m, r_max), xd.dtype, xd.device)
-    max_rows = max(r[1] for r in rows)
-    mk = _configs.token_key(max_rows)
-    dot = _TL_DTYPE[xd.dtype]
-    meta = dict(ACT_MASK=sum(1 << c for c in uniq), UNIFORM_ACT=activations[0] if len(uniq) == 1 else -1,
-                ACC=_TL_DTYPE[acc], DOT=dot, N_PAD=_configs.n_pad(n_max), SPLIT_WD=False,
-                SPLIT_WQ=xd.dtype in SPLIT_WEIGHTS_QUERY)
-    p_once = GEMM2 == "v2" and xd.dtype in (torch.float16, torch.bfloat16)
-    wd_k = _dot_weight(w_down, xd.dtype, False)
-    wq_k = _dot_weight(w_query, xd.dtype, meta["SPLIT_WQ"])
-    wo_k = _dot_weight(w_out, xd.dtype, False, precast=True if p_once else None)
-    t_hi, t_lo = _split(temperatures[0])
-    amask = adapter_mask.contiguous().view(torch.uint8) if adapter_mask is not None else None
-    with (torch.cuda.device(xd.device) if xd.device.type == "cuda" else contextlib.nullcontext()):
-        _FWD1(lambda META: (triton.cdiv(max_rows, META["BLOCK_M"]), g),
-              xd, x_q, wd_k, b_down if b_down is not None else segid, wq_k, b_query if b_query is not None else segid,
-              segid, segid, amask if amask is not None else segid, segid, codes, z, probs, table, temps,
-              m, max(r[3] for r in rows), x_q.shape[1], r_max, n_max, 0, 0, 1.0, 0.0, t_hi, t_lo,
-              xd.stride(0), x_q.stride(0), w_down.stride(0), w_query.stride(0), z.stride(0), probs.stride(0), 0, mk,
-              HAS_XQ=xq is not None, HAS_BD=b_down is not None, HAS_BQ=b_query is not None, HAS_SHIFT=False,
-              DROPOUT=False, HAS_KEEP=False, HAS_AMASK=amask is not None, PRESPLIT_WQ=False, GROUPED=True, **meta)
-        if h > 0:
-            _FWD2(lambda META: (triton.cdiv(max_rows, META["BLOCK_M"]), triton.cdiv(h, META["BLOCK_H"]), g),
-                  z, probs, segid, wo_k, residual if residual is not None else out, out, table,
-                  m, h, r_max, n_max, z.stride(0), probs.stride(0), w_out.stride(0),
-                  residual.stride(0) if residual is not None else 0, out.stride(0), mk, HAS_RES=residual is not None,
-                  ACC=meta["ACC"], DOT=dot, P_ONCE=p_once, N_PAD=meta["N_PAD"], GROUPED=True)
-    return out, probs
-
-
-def _grouped_fake(xd, xq, residual, w_down, b_down, w_query, b_query, w_out, groups, segments, activations,
-                  temperatures, adapter_mask=None):
-    n_max = max(int(v) for v in list(groups)[7::8]) if len(groups) >= 8 else 0
-    return xd.new_empty((xd.shape[0], w_out.shape[0])), xd.new_empty((xd.shape[0], n_max), dtype=acc_dtype(xd.dtype))
-
-
-GROUPED_SCHEMA = ("(Tensor xd, Tensor? xq, Tensor? residual, Tensor w_down, Tensor? b_down, Tensor w_query, "
-                  "Tensor? b_query, Tensor w_out, int[] groups, int[] segments, int[] activations, "
-                  "float[] temperatures, Tensor? adapter_mask=None) -> (Tensor, Tensor)")
-_LIB.define("fusion_triton_grouped" + GROUPED_SCHEMA)
-for _key in ("CUDA", "CPU"):
-    _LIB.impl("fusion_triton_grouped", fusion_triton_grouped, _key)
-torch.library.register_fake("fusedadapter::fusion_triton_grouped", _grouped_fake, lib=_LIB)
-
-
-def _grouped_backward(ctx, grad_out, grad_probs):
-    raise RuntimeError("fusedadapter::fusion_triton_grouped is a serving op without a backward; under autograd "
-                       "MultiFusion runs each group's own fusion_triton (forward and backward)")
-
-
-torch.library.register_autograd("fusedadapter::fusion_triton_grouped", _grouped_backward,
-                                setup_context=lambda ctx, inputs, output: None, lib=_LIB)
-GROUPED_OP = torch.ops.fusedadapter.fusion_triton_grouped

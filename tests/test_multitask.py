@@ -229,9 +229,14 @@ def ran(monkeypatch):
 def _assert_ran(ran, backend, route, grads=True):
     assert backend in ran["resolved"], f"the routed run resolved {set(ran['resolved'])}, not {backend}"
     if backend == "triton":
-        groups = len(set(route))  # one op call per fusion with rows, forward and (with grads) backward
-        assert ran["triton"].count("fusion_triton") == groups, ran["triton"]
-        assert ran["triton"].count("fusion_triton_backward") == (groups if grads else 0), ran["triton"]
+        # under autograd, fusions with rows: one op call each (forward and backward) when alone, else
+        # one grouped op call for all (multitask_rows.train_groups_triton)
+        groups = len(set(route))
+        one = groups if groups == 1 else 0
+        assert ran["triton"].count("fusion_triton") == one, ran["triton"]
+        assert ran["triton"].count("fusion_triton_backward") == (one if grads else 0), ran["triton"]
+        assert ran["triton"].count("fusion_triton_grouped") == (groups > 1), ran["triton"]
+        assert ran["triton"].count("fusion_triton_grouped_backward") == (groups > 1 and grads), ran["triton"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "reference", "triton"])
@@ -741,3 +746,72 @@ def test_bench_multitask_times_the_grouped_op_against_per_group_on_triton(tmp_pa
     from fusedadapter import multitask_rows
 
     assert multitask_rows.GROUPED_TRITON  # switched back on after the per-group calls
+
+
+@pytest.mark.parametrize("form", ["folded", "per_token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_training_grouped_equals_per_group(dtype, form, ran, monkeypatch):
+    """Training on triton (train mode: the fusions' hash-drawn logit dropout with the key-bias shift,
+    a stepped temperature, residual_before, LayerNorm'd adapters, a separate query; the folded and
+    the per-token training forms): the grouped op
+    (one call for all fusions, forward and backward) draws what each fusion draws alone from the same
+    torch seed, so the outputs are the per-group path's bit for bit (the interpreter runs the same
+    tiles) and every gradient matches it to rounding; the temperatures step alike."""
+    from fusedadapter import fold, multitask_rows
+
+    _backend_or_skip("triton")
+    monkeypatch.setattr(fold, "TRAIN_FORM", form)  # the training fold's two forms (fold.training_fold_form)
+    fusions = dict(FUSIONS, sst=({"temperature": True}, ["a", "b", "c"]))
+    a, res, _ = make_inputs(5)
+    q = torch.randn(a.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    route = ["mnli", "sst", "qqp", "sst", "mnli"]
+    runs = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(multitask_rows, "GROUPED_TRITON", grouped)
+        m = make_multi(3, fusions).to(dtype)
+        m.backend = "triton"
+        m.train(True)
+        leaves = [t.to(dtype).requires_grad_(True) for t in (a, res, q)]
+        torch.manual_seed(123)
+        ran["triton"].clear()
+        outs = [m(*leaves, route=route, return_probs=True) for _ in range(2)]  # two steps: T steps twice
+        loss = sum((o * (i + 1)).sum() + (p ** 2).sum() for i, (o, p) in enumerate(outs))
+        grads = torch.autograd.grad(loss, leaves + list(m.parameters()), allow_unused=True)
+        runs[grouped] = (outs, grads, [n for n, _ in m.named_parameters()], list(ran["triton"]),
+                         m.adapter_fusion_layer["sst"].T)
+    (go, gg, names, calls, t_grouped), (po, pg, _, pcalls, t_per) = runs[True], runs[False]
+    assert calls.count("fusion_triton_grouped") == 2 and calls.count("fusion_triton_grouped_backward") == 2, calls
+    assert "fusion_triton" not in calls and pcalls.count("fusion_triton") == 6, (calls, pcalls)
+    assert t_grouped == t_per != 1.0
+    for (o1, p1), (o2, p2) in zip(go, po):
+        assert torch.equal(o1, o2) and torch.equal(p1, p2)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    for name, x, y in zip(["d_input", "d_residual", "d_query"] + names, gg, pg):
+        assert (x is None) == (y is None), name
+        if x is not None:
+            torch.testing.assert_close(x, y, **tol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bench_multitask_train_steps(tmp_path, backend, ran):
+    """`python -m benchmarks multitask --train`: training steps (forward + backward) of the routed
+    site vs the separate ones; on triton the routed step is the grouped op, forward and backward."""
+    import json
+    import sys
+    from pathlib import Path
+
+    if backend == "triton":
+        _backend_or_skip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.cli import main
+
+    out = tmp_path / "mt.json"
+    assert main(["multitask", "--train", "--k", "2", "--batch", "4", "--seq", "2", "--hidden", "32", "--repeats", "1",
+                 "--warmup", "0", "--backend", backend, "--rows", "contiguous", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    res = data["results"]["K=2"]
+    assert data["meta"]["mode"] == "train" and res["max_rel_err_vs_separate"] == 0.0
+    assert {"separate", "routed"} <= set(res)
+    if backend == "triton":
+        assert "routed-per-group" in res
+        assert ran["triton"].count("fusion_triton_grouped_backward") >= 2, ran["triton"]

@@ -16,6 +16,7 @@ from fusedadapter.ops import fusion_torch
 from fusedadapter.testing import assert_oracle
 
 fusion = pytest.importorskip("fusedadapter.kernels.fusion", reason="needs the `triton` package")
+grouped = pytest.importorskip("fusedadapter.kernels.fusion_grouped", reason="needs the `triton` package")
 if fusion.unsupported_reason("cpu") is not None and not torch.cuda.is_available():
     pytest.skip(fusion.unsupported_reason("cpu"), allow_module_level=True)
 
@@ -79,7 +80,7 @@ def _to(t, device, dtype=None):
 
 def _grouped(c, device=DEVICE):
     w_down, b_down, w_query, b_query, w_out = (_to(t, device) for t in c["packed"])
-    return fusion.GROUPED_OP(_to(c["xd"], device), _to(c["xq"], device), _to(c["res"], device), w_down, b_down,
+    return grouped.GROUPED_OP(_to(c["xd"], device), _to(c["xq"], device), _to(c["res"], device), w_down, b_down,
                              w_query, b_query, w_out, c["groups"], c["segs"], c["acts"], c["temps"],
                              _to(c.get("mask"), device))
 
@@ -176,7 +177,7 @@ def _bad(c, **change):
                 temps=c["temps"])
     args.update(change)
     w_down, b_down, w_query, b_query, w_out = c["packed"]
-    return fusion.GROUPED_OP(args["xd"], args["xq"], args["res"], w_down, b_down, w_query, b_query, w_out,
+    return grouped.GROUPED_OP(args["xd"], args["xq"], args["res"], w_down, b_down, w_query, b_query, w_out,
                              args["groups"], args["segs"], args["acts"], args["temps"])
 
 
@@ -221,7 +222,7 @@ def test_bad_input_names_what_was_expected():
         _bad(c, xd=c["xd"].double(), xq=c["xq"].double(), res=c["res"].double())
     w_down, b_down, w_query, b_query, w_out = c["packed"]
     with pytest.raises(ValueError, match=r"fusion_triton_grouped: residual is on meta, expected cpu \(the device of xd\)"):
-        fusion.check_grouped_args(c["xd"], c["xq"], c["res"].to("meta"), w_down, b_down, w_query, b_query, w_out,
+        grouped.check_grouped_args(c["xd"], c["xq"], c["res"].to("meta"), w_down, b_down, w_query, b_query, w_out,
                                   c["groups"], c["segs"], c["acts"], c["temps"])
 
 
@@ -230,13 +231,162 @@ def test_opcheck_schema_and_fake():
     w_down, b_down, w_query, b_query, w_out = c["packed"]
     args = (c["xd"], c["xq"], c["res"], w_down, b_down, w_query, b_query, w_out, c["groups"], c["segs"], c["acts"],
             c["temps"])
-    torch.library.opcheck(fusion.GROUPED_OP, [_to(a, DEVICE) if isinstance(a, torch.Tensor) else a for a in args],
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(grouped.GROUPED_OP, [_to(a, DEVICE) if isinstance(a, torch.Tensor) else a for a in args],
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_no_backward_under_autograd():
+# --------------------------------------------------------------------------- backward
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+def _grouped_grads(c, dropout_p, seeds, keep, shift, cot):
+    """The grouped op's output, probabilities and the gradients of every input (on the CPU) for the
+    loss sum over groups of <out[t], cot_out[t]> + <probs[t, :N], cot_p[t, :N]>."""
+    ins = {k: _leaf(_to(c[k], DEVICE)) for k in ("xd", "xq", "res")}
+    packed = [_leaf(_to(t, DEVICE)) for t in c["packed"]]
+    sh = _leaf(_to(shift, DEVICE))
+    out, probs = grouped.GROUPED_OP(ins["xd"], ins["xq"], ins["res"], *packed, c["groups"], c["segs"], c["acts"],
+                                    c["temps"], _to(c.get("mask"), DEVICE), dropout_p, seeds, _to(keep, DEVICE), sh)
+    loss = 0
+    for (row, n, _, _), f in zip(c["spans"], c["fus"]):
+        nk = len(f["activations"])
+        loss = loss + (out[row:row + n] * _to(cot[0][row:row + n], DEVICE)).sum()
+        loss = loss + (probs[row:row + n, :nk] * _to(cot[1][row:row + n, :nk], DEVICE)).sum()
+    loss.backward()
+    named = dict(ins, w_down=packed[0], b_down=packed[1], w_query=packed[2], b_query=packed[3], w_out=packed[4],
+                 shift=sh)
+    return out.detach().cpu(), probs.detach().cpu(), {k: None if v is None else v.grad.cpu() for k, v in named.items()}
+
+
+def _alone_grads(c, i, op, dtype, device, dropout_p, seeds, keep, shift, cot):
+    """Group i alone through ``op`` (with autograd): its output, probs and input gradients."""
+    row, n, col, kd = c["spans"][i]
+    f = c["fus"][i]
+    nk = len(f["activations"])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xd = _leaf(_to(c["xd"][row:row + n, col:col + kd], device, dtype))
+    xq = _leaf(_to(c["xq"][row:row + n], device, dtype)) if c["xq"] is not None else None
+    res = _leaf(_to(c["res"][row:row + n], device, dtype)) if c["res"] is not None else None
+    w = {k: _leaf(_to(f[k], device, acc)) for k in ("w_down", "b_down", "w_query", "b_query", "w_out")}
+    sh = _leaf(_to(shift[row:row + n], device, acc)) if shift is not None else None
+    km = _to(keep[row:row + n, :nk], device) if keep is not None else None
+    mask = None if c.get("mask") is None else _to(c["mask"][row:row + n, :nk], device)
+    out, probs = op(xd, xq, res, w["w_down"], w["b_down"], w["w_query"], w["b_query"], w["w_out"], f["segments"],
+                    f["activations"], c["temps"][i], dropout_p, seeds[i] if seeds else 0, km, sh, mask)
+    loss = (out * _to(cot[0][row:row + n], device, dtype)).sum() + (probs * _to(cot[1][row:row + n, :nk], device,
+                                                                             acc)).sum()
+    loss.backward()
+    named = dict(xd=xd, xq=xq, res=res, shift=sh, **w)
+    return out.detach().cpu(), probs.detach().cpu(), {k: None if v is None else v.grad.cpu() for k, v in named.items()}
+
+
+def _slice(grads, c, i):
+    """Group i's part of the grouped op's gradients, keyed as _alone_grads'."""
+    row, n, col, kd = c["spans"][i]
+    g = c["groups"][i * 8:(i + 1) * 8]
+    w_row, q_row, r, nk = g[4], g[5], g[6], g[7]
+    take = dict(xd=lambda t: t[row:row + n, col:col + kd], xq=lambda t: t[row:row + n], res=lambda t: t[row:row + n],
+                shift=lambda t: t[row:row + n], w_down=lambda t: t[w_row:w_row + r, :kd],
+                b_down=lambda t: t[w_row:w_row + r], w_query=lambda t: t[q_row:q_row + r + nk],
+                b_query=lambda t: t[q_row:q_row + r + nk], w_out=lambda t: t[:, q_row:q_row + r + nk])
+    return {k: None if grads[k] is None else take[k](grads[k]) for k in take}
+
+
+def _check_backward(c, dtype, dropout_p=0.0, seeds=(), keep=None, shift=None):
+    g = torch.Generator().manual_seed(11)
+    m = c["xd"].shape[0]
+    n_max = max(len(f["activations"]) for f in c["fus"])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cot = (torch.randn(m, H, generator=g, dtype=torch.float64).to(dtype),
+           torch.randn(m, n_max, generator=g, dtype=torch.float64).to(acc))
+    out, probs, grads = _grouped_grads(c, dropout_p, seeds, keep, shift, cot)
+    args = (dropout_p, seeds, keep, shift, cot)
+    for i, (row, n, col, kd) in enumerate(c["spans"]):
+        nk = len(c["fus"][i]["activations"])
+        mine = _slice(grads, c, i)
+        so, sp, sg = _alone_grads(c, i, fusion._OP, dtype, DEVICE, *args)
+        if fusion.INTERPRET:  # the forward: the same tiles and dropout draw as the group alone
+            assert torch.equal(out[row:row + n], so) and torch.equal(probs[row:row + n, :nk], sp), f"group {i}"
+        _, _, truth = _alone_grads(c, i, fusion_torch, torch.float64, "cpu", *args)
+        _, _, ref = _alone_grads(c, i, fusion_torch, dtype, "cpu", *args)
+        for k, t in truth.items():
+            if t is None:
+                assert mine[k] is None, f"group {i}: {k} has a gradient it should not"
+                continue
+            assert mine[k] is not None, f"group {i}: no gradient for {k}"
+            assert_oracle(mine[k].to(ref[k].dtype), ref[k], t, dtype, what=f"group {i} d{k}")
+            torch.testing.assert_close(mine[k], sg[k], rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-12, msg=f"group {i} d{k} vs alone")
+    # what no group reads gets 0: the rows between the groups, w_down's padding columns
+    covered = torch.zeros(m, dtype=torch.bool)
+    for row, n, _, _ in c["spans"]:
+        covered[row:row + n] = True
+    for k in ("xd", "xq", "res", "shift"):
+        if grads[k] is not None:
+            assert not grads[k][~covered].any(), f"d{k} on rows no group reads"
+    for i, (_, _, _, kd) in enumerate(c["spans"]):
+        w_row, r = c["groups"][i * 8 + 4], c["groups"][i * 8 + 6]
+        assert not grads["w_down"][w_row:w_row + r, kd:].any(), "d w_down on padding columns"
+    return grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("counts", [(7, 3, 40, 1), (1, 1, 1, 1), (33, 5, 2, 300)], ids=["uneven", "ones", "split-k"])
+def test_backward_equals_each_group_alone(dtype, counts):
+    _check_backward(_case(dtype, counts), dtype)
+
+
+@pytest.mark.parametrize("what", ["no-xq", "no-residual", "no-bias", "mask"])
+def test_backward_optional_inputs(what):
+    fusions = [(w, a, t, (0, 1)) for (w, a, t, _) in FUSIONS] if what == "no-xq" else FUSIONS
+    c = _case(torch.float32, (5, 9, 2, 17), xq=what != "no-xq", residual=what != "no-residual",
+              with_bias=what != "no-bias", fusions=fusions)
+    if what == "mask":
+        mask = torch.rand(c["xd"].shape[0], 4, generator=torch.Generator().manual_seed(5)) > 0.35
+        mask[c["spans"][1][0]] = False  # a row with every adapter masked
+        c["mask"] = mask
+    _check_backward(c, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("draw", ["hash", "keep-mask"])
+def test_backward_with_dropout(dtype, draw):
+    """Logit dropout with the key-bias shift: a hash draw per group (its own seed, its own rows
+    from 0: what the group alone draws) or an explicit keep mask; d shift included."""
+    c = _case(dtype, (6, 11, 3, 9), seed=3)
+    m = c["xd"].shape[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(4)
+    shift = torch.randn(m, generator=g, dtype=torch.float64).to(acc)
+    if draw == "hash":
+        _check_backward(c, dtype, 0.3, [17, 5, 123456789, 2**31 + 7], None, shift)
+    else:
+        keep = torch.rand(m, 4, generator=g) > 0.3
+        for row, *_ in c["spans"]:  # a drop in every group (d shift is exactly 0 on rows that keep all)
+            keep[row, 0] = False
+        _check_backward(c, dtype, 0.3, (), keep, shift)
+
+
+def test_backward_split_k_path(monkeypatch):
+    """The weight-gradient GEMMs split a group's rows across programs when they are many; the
+    quantum lowered so that small groups split too (and a split past a small group's rows idles)."""
+    monkeypatch.setattr(fusion, "SPLIT_K_QUANTUM", 4)
+    _check_backward(_case(torch.float32, (3, 21, 9, 2)), torch.float32)
+
+
+def test_backward_gradients_only_where_asked():
     c = _case(torch.float32, (3, 2, 4, 1))
-    xd = c["xd"].requires_grad_(True)
-    out, _ = _bad(c, xd=xd)
-    with pytest.raises(RuntimeError, match="serving op without a backward"):
-        out.sum().backward()
+    xd = c["xd"].clone().requires_grad_(True)
+    w_down, b_down, w_query, b_query, w_out = c["packed"]
+    w_out = w_out.clone().requires_grad_(True)
+    out, _ = grouped.GROUPED_OP(xd, c["xq"], c["res"], w_down, b_down, w_query, b_query, w_out, c["groups"],
+                                c["segs"], c["acts"], c["temps"])
+    out.sum().backward()
+    assert xd.grad is not None and w_out.grad is not None and torch.isfinite(xd.grad).all()
+    with pytest.raises(ValueError, match="one seed per row group"):
+        grouped.GROUPED_OP(c["xd"], c["xq"], c["res"], *c["packed"], c["groups"], c["segs"], c["acts"], c["temps"],
+                           None, 0.2, [1, 2])
+    with pytest.raises(ValueError, match="keep_mask must be a bool"):
+        grouped.GROUPED_OP(c["xd"], c["xq"], c["res"], *c["packed"], c["groups"], c["segs"], c["acts"], c["temps"],
+                           None, 0.2, [], torch.ones(c["xd"].shape[0], 3, dtype=torch.bool))
