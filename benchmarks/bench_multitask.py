@@ -21,7 +21,13 @@ fusion per target task over the same adapters), :class:`fusedadapter.MultiFusion
   (``fusedadapter.multitask_rows.GROUPED_TRITON``): one launch pair per fusion instead of one
   ``fusion_triton_grouped`` call for all, in the same rounds.
 
-Timed under ``torch.inference_mode`` (serving), interleaved (``benchmarks.timing.time_interleaved``:
+``--train``: each variant is a training step instead (AdapterFusion stage 2: train mode, logit
+dropout on, the pool adapters frozen, the fusions trained): the forward with autograd, then the
+backward of the outputs' sum into the fusion weights and the inputs (gradients accumulate in
+``.grad``, alike for every variant). On ``triton`` ``routed`` is then one ``fusion_triton_grouped``
+call per step, forward and backward (``routed-per-group``: one op call per fusion, as ``separate``).
+
+Timed (serving: under ``torch.inference_mode``) interleaved (``benchmarks.timing.time_interleaved``:
 each round runs every variant once, the first rotating), so load on a shared machine falls on all
 alike. Each timed call follows an untimed call of the same variant (``--no-warm-call``: not): a
 call right after another variant pays for that variant's allocations, not its own. glibc hands
@@ -91,29 +97,41 @@ def run_point(k, args, device, dtype):
     src = torch.tensor([(i % k) * per + i // k for i in range(args.batch)], device=device)
     a_i, res_i = a[src], res[src]
 
-    with torch.inference_mode():  # exactness check before timing: routed rows == their fusion's forward
-        want = torch.cat([s(x, r) for s, (x, r) in zip(sites, subsets)])
-        got = site(a, res, route=contiguous)
-        got_i = site(a_i, res_i, route=interleaved)
+    if args.train:  # stage 2: the pool adapters frozen, the fusions and the inputs take gradients
+        site.adapters.requires_grad_(False)
+        a, res, a_i, res_i = (t.requires_grad_(True) for t in (a, res, a_i.detach(), res_i.detach()))
+        subsets = [(a[j * per:(j + 1) * per], res[j * per:(j + 1) * per]) for j in range(k)]
+    mode = torch.enable_grad if args.train else torch.inference_mode
+    # exactness check before timing (eval: no dropout): routed rows == their fusion's forward
+    with mode():
+        want = torch.cat([s(x, r) for s, (x, r) in zip(sites, subsets)]).detach()
+        got = site(a, res, route=contiguous).detach()
+        got_i = site(a_i, res_i, route=interleaved).detach()
         scale = want.abs().max().item()
         err = max((got - want).abs().max().item(), (got_i - want[src]).abs().max().item()) / scale
+    site.train(args.train)
+
+    def step(outs):  # serving: the outputs; training: their sum's backward
+        if args.train:
+            torch.autograd.backward([o.sum() for o in (outs if isinstance(outs, list) else [outs])])
+        return outs
 
     def separate():
-        with torch.inference_mode():
-            return [s(x, r) for s, (x, r) in zip(sites, subsets)]
+        with mode():
+            return step([s(x, r) for s, (x, r) in zip(sites, subsets)])
 
     def routed():
-        with torch.inference_mode():
-            return site(a, res, route=contiguous)
+        with mode():
+            return step(site(a, res, route=contiguous))
 
     def routed_interleaved():
-        with torch.inference_mode():
-            return site(a_i, res_i, route=interleaved)
+        with mode():
+            return step(site(a_i, res_i, route=interleaved))
 
     steps = {"separate": _step(separate, args)}
     if "contiguous" in args.rows:
         steps["routed"] = _step(routed, args)
-        if resolve_backend(args.backend, device, dtype, args.batch * args.seq // k)[0] == "triton":
+        if resolve_backend(args.backend, device, dtype, args.batch * args.seq // k, training=args.train)[0] == "triton":
             def routed_per_group():
                 was, multitask_rows.GROUPED_TRITON = multitask_rows.GROUPED_TRITON, False
                 try:
@@ -121,8 +139,9 @@ def run_point(k, args, device, dtype):
                 finally:
                     multitask_rows.GROUPED_TRITON = was
 
-            with torch.inference_mode():
-                err = max(err, (routed_per_group() - want).abs().max().item() / scale)
+            if not args.train:  # (in train mode dropout draws differ per call)
+                with torch.inference_mode():
+                    err = max(err, (routed_per_group() - want).abs().max().item() / scale)
             steps["routed-per-group"] = _step(routed_per_group, args)
     if "interleaved" in args.rows:
         steps["routed-interleaved"] = _step(routed_interleaved, args)
@@ -233,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--min-sample-s", type=float, default=0.0, help="minimum seconds per sample (default 0: one call)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: steadier on a shared machine; 0 = torch's default)")
+    ap.add_argument("--train", action="store_true", help="time training steps (forward + backward, train mode) "
+                    "instead of serving forwards")
     ap.add_argument("--model", action="store_true", help="also time the whole model: a BERT-base-shaped BertModel "
                     "patched with K fusions, routed, vs K single-fusion patched models on the row subsets")
     ap.add_argument("--model-only", action="store_true", help="time the whole model only (not the site)")
@@ -246,9 +267,11 @@ def main(argv=None):
         ap.error(f"--batch {args.batch} must split evenly over every --k {args.k}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     per_fusion_tokens = args.batch * args.seq // max(args.k)
-    resolved = resolve_backend(args.backend, device, dtype, per_fusion_tokens)[0]
+    resolved = resolve_backend(args.backend, device, dtype, per_fusion_tokens, training=args.train)[0]
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"multi-task site: H={args.hidden}, pool of {N_POOL} adapters r={WIDTH}, K dynamic fusions over all of "
+    if args.train and (args.model or args.model_only):
+        ap.error("--train times the site only")
+    print(("training steps, " if args.train else "") + f"multi-task site: H={args.hidden}, pool of {N_POOL} adapters r={WIDTH}, K dynamic fusions over all of "
           f"them, B={args.batch} S={args.seq}, {args.device} {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved rounds, backend {args.backend!r} "
           f"(runs {resolved!r} at {per_fusion_tokens} tokens per fusion)"
@@ -286,6 +309,7 @@ def main(argv=None):
         from benchmarks.env import versions
 
         meta = {"shape": {"B": args.batch, "S": args.seq, "hidden": args.hidden, "pool": N_POOL, "width": WIDTH},
+                "mode": "train" if args.train else "serve",
                 "commit": _commit(),
                 "backend": args.backend, "resolved": resolved, "device": args.device, "dtype": args.dtype,
                 "threads": torch.get_num_threads(), "repeats": args.repeats, "versions": versions(),

@@ -10,7 +10,8 @@
 #                        spills.json (ptxas -v of the target-row kernels with this machine's Triton),
 #                        bench/ (results.csv, results.json, skipped.json, summary.md, PNG plots),
 #                        bench-graphs/ (BERT-base, eager and CUDA graphs), bench-switches/ (the target
-#                        row per kernel switch), bench-multitask/ (routed K fusions vs separate),
+#                        row per kernel switch), bench-multitask/ (routed K fusions vs separate,
+#                        results.json serving, train.json training steps),
 #                        bench-configs-v1/ (the autotune lists before),
 #                        each with results.{json,csv}, and *.log of every step; summary.{md,json};
 #                        logs over 2 MiB keep their last 2 MiB, and if the archive would pass 15 MiB
@@ -44,6 +45,8 @@
 #   bench-multitask  python -m benchmarks multitask: one routed forward of K fusions (bf16, triton,
 #                B=32 S=128, K = 4, 2, 8 as time allows) vs the K separate forwards, and vs the same
 #                routed call group by group (the grouped op off): issue 16's >= 1.5x on a GPU
+#   bench-multitask-train  the same at K=4 as training steps (--train: forward + backward, the grouped
+#                op's backward) -> bench-multitask/train.json
 #   bench-configs-v1  FUSEDADAPTER_TRITON_CONFIGS=v1 (the autotune lists before the spill measurement):
 #                the target row again, autotuned over those lists (an import-time switch: own process)
 #   summary      summary.{md,json}
@@ -58,7 +61,7 @@
 # DC_TESTS=95 (Triton and other GPU tests), DC_TESTS_CUDA=35, DC_WORKERS=6 (xdist workers),
 # DC_TEST_TIMEOUT=80 (per test, with pytest-timeout). Each step's limit is also cut to what the
 # total leaves after the time reserved for the steps that follow (the bench steps in the order above
-# get at most 55 (+ the grid's time) + 40 + 45 + 30 + 25 s). PYTHON picks the interpreter (default python3).
+# get at most 55 (+ the grid's time) + 40 + 45 + 30 + 20 + 25 s). PYTHON picks the interpreter (default python3).
 set -u
 OUT=${1:?usage: benchmarks/device_check.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -200,12 +203,16 @@ LIM=$(min 45 "$(( $(left) - 15 ))")
 gpu_step bench-switches "$LIM" "$PY" -m benchmarks.devicecheck_switches --out "$WORK/bench-switches" \
   --budget-s "$(( LIM - 12 ))" > "$WORK/bench-switches.log" 2>&1
 tail -n 25 "$WORK/bench-switches.log"
-LIM=$(min 30 "$(( $(left) - 40 ))")
+LIM=$(min 30 "$(( $(left) - 60 ))")
 mkdir -p "$WORK/bench-multitask"
 gpu_step bench-multitask "$LIM" "$PY" -m benchmarks multitask --device cuda --dtype bfloat16 --backend triton \
   --k 4 2 8 --rows contiguous interleaved --repeats 7 --threads 0 --budget-s "$(( LIM - 15 ))" \
   --json "$WORK/bench-multitask/results.json" > "$WORK/bench-multitask.log" 2>&1
 tail -n 16 "$WORK/bench-multitask.log"
+gpu_step bench-multitask-train "$(min 20 "$(( $(left) - 40 ))")" "$PY" -m benchmarks multitask --train --device cuda \
+  --dtype bfloat16 --backend triton --k 4 --rows contiguous --repeats 7 --threads 0 \
+  --json "$WORK/bench-multitask/train.json" > "$WORK/bench-multitask-train.log" 2>&1
+tail -n 8 "$WORK/bench-multitask-train.log"
 TARGET_ROW=(--providers triton torch --modes nograd full --tokens 16384 --dtype bfloat16 --no-plots --no-progress)
 gpu_step bench-configs-v1 "$(min 25 "$(( $(left) - 15 ))")" env FUSEDADAPTER_TRITON_CONFIGS=v1 "$PY" -m benchmarks gpu \
   --device cuda --out "$WORK/bench-configs-v1" --budget-s 1 "${TARGET_ROW[@]}" > "$WORK/bench-configs-v1.log" 2>&1

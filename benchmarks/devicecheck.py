@@ -243,17 +243,18 @@ def graph_rows(out: Path) -> Dict[str, dict]:
 MULTITASK_TARGET = 1.5
 
 
-def multitask_rows(out: Path) -> Dict[str, dict]:
-    """``bench-multitask`` (benchmarks/bench_multitask.py's JSON): {"K=k": {variant: {ms, p20, p80,
-    tokens_per_s, vs_separate, vs_separate_p20, vs_separate_p80}}, "max_rel_err": ...}, plus "skipped"
-    (the K points the step's budget left out) and "meta"."""
-    f = out / "bench-multitask" / "results.json"
+def multitask_rows(out: Path, name: str = "results.json") -> Dict[str, dict]:
+    """``bench-multitask`` (benchmarks/bench_multitask.py's JSON; ``train.json``: bench-multitask-train's
+    training steps): {"K=k": {variant: {ms, p20, p80, tokens_per_s, vs_separate, vs_separate_p20,
+    vs_separate_p80}}, "max_rel_err": ...}, plus "skipped" (the K points the step's budget left out)
+    and "meta"."""
+    f = out / "bench-multitask" / name
     if not f.exists():
         return {}
     try:
         data = json.loads(f.read_text())
     except ValueError as exc:
-        return {"error": f"bench-multitask/results.json: {exc}"}
+        return {"error": f"bench-multitask/{name}: {exc}"}
     res: Dict[str, dict] = {"meta": data.get("meta", {}), "skipped": data.get("skipped_for_budget", [])}
     for point, rows in data.get("results", {}).items():
         d = {"max_rel_err": rows.get("max_rel_err_vs_separate")}
@@ -266,16 +267,18 @@ def multitask_rows(out: Path) -> Dict[str, dict]:
     return res
 
 
-def _multitask_lines(mt) -> List[str]:
+def _multitask_lines(mt, train: bool = False) -> List[str]:
+    title = "Multi-task training steps" if train else "Multi-task serving"
     if not mt:
         return []
     if "error" in mt:
-        return ["", f"## Multi-task serving: {mt['error']}"]
+        return ["", f"## {title}: {mt['error']}"]
     meta = mt.get("meta", {})
     shape = meta.get("shape", {})
-    lines = ["", f"## Multi-task serving (bench-multitask: B={shape.get('B')} S={shape.get('S')}, "
-                 f"{meta.get('dtype')}, backend {meta.get('resolved')}; issue 16's target: routed >= "
-                 f"{MULTITASK_TARGET}x the K separate forwards)", "",
+    target = (" (no target: the grouped backward against one op call per fusion)" if train else
+              f"; issue 16's target: routed >= {MULTITASK_TARGET}x the K separate forwards")
+    lines = ["", f"## {title} (bench-multitask{'-train' if train else ''}: B={shape.get('B')} S={shape.get('S')}, "
+                 f"{meta.get('dtype')}, backend {meta.get('resolved')}{target})", "",
              "| K | variant | median ms (p20-p80) | tokens/s | vs separate (p20-p80) | target |", "|---|---|---|---|---|---|"]
     for point, d in mt.items():
         if not point.startswith("K="):
@@ -285,7 +288,7 @@ def _multitask_lines(mt) -> List[str]:
                 continue
             vs = r.get("vs_separate")
             span = f" ({r['vs_separate_p20']:.3f}-{r['vs_separate_p80']:.3f})" if vs else ""
-            met = "" if name != "routed" or vs is None else ("met" if vs >= MULTITASK_TARGET else "MISSED")
+            met = "" if train or name != "routed" or vs is None else ("met" if vs >= MULTITASK_TARGET else "MISSED")
             lines.append(f"| {point[2:]} | {name} | {r['ms']:.3f} ({r['p20']:.3f}-{r['p80']:.3f}) | "
                          f"{r['tokens_per_s']:.0f} | " + (f"{vs:.3f}x{span}" if vs else "-") + f" | {met} |")
         lines.append(f"| {point[2:]} | max rel err vs separate | {d.get('max_rel_err')} | | | |")
@@ -372,6 +375,7 @@ def summarize(outdir, out_copy=None) -> int:
         "target_point": TARGET, "targets": TARGETS, "rates_at_target": rates, "target": target_row(rows),
         "bench_rows": len(rows), "bench_errors": errors, "switches": switch_rows(out, rows),
         "graphs": graph_rows(out), "multitask": multitask_rows(out),
+        "multitask_train": multitask_rows(out, "train.json"),
     }
     v = data["versions"]
     lines = ["# fusedadapter device check" + (" (DRY RUN)" if dry else ""), ""]
@@ -435,6 +439,7 @@ def summarize(outdir, out_copy=None) -> int:
     lines += _graph_lines(data["graphs"])
     lines += _switch_lines(data["switches"])
     lines += _multitask_lines(data["multitask"])
+    lines += _multitask_lines(data["multitask_train"], train=True)
     if skipped:
         lines += ["", "Providers not run:"] + [f"- {p}: {why}" for p, why in skipped.items()]
     if errors:

@@ -173,10 +173,11 @@ def _graphs(work: Path) -> None:
     print(f"wrote {len(rows)} stub rows")
 
 
-def _multitask(work: Path) -> None:
-    """bench-multitask: benchmarks/bench_multitask.py's JSON (stub times) for K = 4, 2, 8."""
+def _multitask(work: Path, ks=(4, 2, 8), file_name="results.json", mode="serve") -> None:
+    """bench-multitask: benchmarks/bench_multitask.py's JSON (stub times) for K = 4, 2, 8 (and
+    bench-multitask-train's, K = 4, as train.json)."""
     results = {}
-    for k in (4, 2, 8):
+    for k in ks:
         base = 1.0 + 0.1 * k
         rows = {"separate": {"median_ms": base, "p20_ms": 0.98 * base, "p80_ms": 1.02 * base, "samples_ms": [base],
                              "tokens_per_s": 4096 / (base * 1e-3)}}
@@ -186,16 +187,17 @@ def _multitask(work: Path) -> None:
                           "tokens_per_s": 4096 / (t * 1e-3), "speedup_median": f, "speedup_p20": 0.97 * f,
                           "speedup_p80": 1.03 * f, "speedup_of_mins": f}
         results[f"K={k}"] = {"max_rel_err_vs_separate": 1e-3, **rows}
-    meta = {"shape": {"B": 32, "S": 128, "hidden": 768, "pool": 8, "width": 48}, "backend": "triton",
+    meta = {"shape": {"B": 32, "S": 128, "hidden": 768, "pool": 8, "width": 48}, "mode": mode, "backend": "triton",
             "resolved": "triton", "device": "cuda", "dtype": "bfloat16", "repeats": 7, "stub": True, "note": STUB_NOTE}
     (work / "bench-multitask").mkdir(parents=True, exist_ok=True)
-    (work / "bench-multitask" / "results.json").write_text(
+    (work / "bench-multitask" / file_name).write_text(
         json.dumps({"meta": meta, "results": results, "skipped_for_budget": []}, indent=1))
     print(f"wrote {len(results)} stub points")
 
 
 STUBS = {"bench-switches": _switches, "bench-configs-v1": _configs_v1, "bench-graphs": _graphs,
-         "bench-multitask": _multitask}
+         "bench-multitask": _multitask,
+         "bench-multitask-train": lambda work: _multitask(work, (4,), "train.json", "train")}
 
 
 def main(argv) -> int:

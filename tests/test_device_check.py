@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_STEPS = ["bench", "bench-graphs", "bench-switches", "bench-multitask", "bench-configs-v1"]
+BENCH_STEPS = ["bench", "bench-graphs", "bench-switches", "bench-multitask", "bench-multitask-train",
+               "bench-configs-v1"]
 STEPS = ["env", "build-cuda", "spills", "tests-triton", "tests-cuda", *BENCH_STEPS, "summary"]
 GPU_STEPS = ["build-cuda", "spills", "tests-triton", "tests-cuda", *BENCH_STEPS]
 
@@ -57,7 +58,8 @@ def test_archive_holds_the_reports_and_results(dry_run):
                      "pytest-cuda.log", "build-cuda.log", "spills.json", "bench/results.json", "bench/results.csv",
                      "bench/skipped.json", "bench/summary.md", "bench-graphs/results.json",
                      "bench-graphs/results.csv", "bench-switches/results.json", "bench-switches/results.csv",
-                     "bench-configs-v1/results.json", "bench-multitask/results.json", "summary.md", "summary.json"):
+                     "bench-configs-v1/results.json", "bench-multitask/results.json", "bench-multitask/train.json",
+                     "summary.md", "summary.json"):
             assert need in names, (need, sorted(names))
         assert any(n.startswith("bench/") and n.endswith(".png") for n in names), sorted(names)
         member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "bench/results.json")
@@ -109,6 +111,8 @@ def test_summary_says_dry_run_and_lists_every_step(dry_run):
     assert {"K=4", "K=2", "K=8"} <= set(mt) and mt["K=4"]["routed"]["vs_separate"] > 0
     assert {"separate", "routed", "routed-per-group", "routed-interleaved"} <= set(mt["K=4"])
     assert "## Multi-task serving (bench-multitask" in md and "| 4 | routed |" in md
+    assert set(data["multitask_train"]) >= {"K=4", "meta"} and data["multitask_train"]["meta"]["mode"] == "train"
+    assert "## Multi-task training steps (bench-multitask-train" in md
 
 
 def test_step_status_words():
