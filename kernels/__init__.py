@@ -8,7 +8,28 @@ does not import Triton; the kernels are defined (and the op registered) on first
 
 from __future__ import annotations
 
-import torch
+import sys
+
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels`` from a checkout (its root on sys.path, as ``python -m pytest``
+    # puts it): that name is the PyPI package transformers >= 5.25 depends on and imports (its hub
+    # kernels). Load that package in our place, so the checkout does not shadow it; installed,
+    # this folder is ``fusedadapter.kernels`` and never takes this branch.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ImportError("no `kernels` package installed (this checkout's kernels/ folder is "
+                          "fusedadapter.kernels, not it)")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # (the import statement returns what sys.modules holds)
+    _spec.loader.exec_module(_module)
+else:
+    import torch
 
 __all__ = ["load_triton_op"]
 
