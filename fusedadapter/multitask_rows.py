@@ -249,22 +249,30 @@ def _grouped_call(calls: Sequence[tuple]):
         w_row, q_row = w_row + r, q_row + r + n
     n_max, m_all, p = max(ns), starts[-1], calls[0][11]
 
-    def per_row(i, default):  # (m, n_max) bool of the calls' masks, their adapters first
+    def per_row(i, missing):  # (m, n_max) bool of the calls' masks, their adapters first; missing(c, m, n)
         if all(c[i] is None for c in calls):
             return None
-        full = torch.full((m_all, n_max), default, dtype=torch.bool, device=xd.device)
+        full = torch.ones((m_all, n_max), dtype=torch.bool, device=xd.device)
         for c, s0, m, n in zip(calls, starts, m_of, ns):
-            mask = c[i] if c[i] is not None else hash_keep_mask(c[12], m, n, p, device=xd.device)
-            full[s0:s0 + m, :n] = mask
+            full[s0:s0 + m, :n] = c[i] if c[i] is not None else missing(c, m, n)
         return full
-    keep = per_row(13, True) if p > 0 else None
+    # a call without a keep mask: its own hash draw; without an adapter mask: every adapter takes part
+    keep = per_row(13, lambda c, m, n: hash_keep_mask(c[12], m, n, p, device=xd.device)) if p > 0 else None
+    amask = per_row(15, lambda c, m, n: True)
     shift = (None if p == 0 or all(c[14] is None for c in calls)
              else torch.cat([c[14] if c[14] is not None else zeros(m) for c, m in zip(calls, m_of)]))
     out, probs = GROUPED_OP(xd, xq, res, w_down, b_down, w_query, b_query, w_out, groups,
                             [int(b) for c in calls for b in c[8]], [int(a) for c in calls for a in c[9]],
-                            [float(c[10]) for c in calls], per_row(15, False), float(p),
+                            [float(c[10]) for c in calls], amask, float(p),
                             [int(c[12]) for c in calls], keep, shift)
     return [(out[s0:s0 + m], probs[s0:s0 + m, :n]) for s0, m, n in zip(starts, m_of, ns)]
+
+
+class _Deferred:
+    __slots__ = ("args", "finish")
+
+    def __init__(self, args, finish):
+        self.args, self.finish = args, finish
 
 
 def train_groups_triton(sites: Sequence, counts: Sequence[int], call_group: Callable[[int], tuple],
@@ -297,8 +305,8 @@ def train_groups_triton(sites: Sequence, counts: Sequence[int], call_group: Call
             if n:
                 try:
                     got[k] = call_group(k)
-                except DeferredCall as d:
-                    deferred[k] = d
+                except DeferredCall as d:  # (its arguments only: the exception's traceback holds the
+                    deferred[k] = _Deferred(d.args, d.finish)  # forward's frames, a cycle kept until gc)
     if not deferred:
         return got
     # the largest set of calls one grouped call takes: one activation dtype, one dropout rate, tokens

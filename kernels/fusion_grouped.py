@@ -8,7 +8,7 @@ columns it reads, its rows of the packed weights: :data:`GROUP_FIELDS`). Launche
               _fwd_gemm2_kernel GROUPED   grid (row blocks, H blocks, G)
     backward  _bwd_epilogue_kernel GROUPED   grid (row blocks, G): G = [dzp | dy | dlogit] and
                                              Wmix = [p (x) z | p] in each group's own columns
-              _mm_kernel GROUPED (4-8)     one GEMM per group per launch (split-K over its rows):
+              _mm_kernel GROUPED (<= 7)    one GEMM per group per launch (split-K over its rows):
                                            dX = G @ [w_down; w_query] rows, dW = G.T @ X,
                                            dw_out = dO.T @ Wmix, the bias sums G.T @ 1
 
@@ -88,6 +88,10 @@ def check_grouped_args(xd, xq, residual, w_down, b_down, w_query, b_query, w_out
     if any(b[0] < a[1] for a, b in zip(w_rows, w_rows[1:])):
         raise ValueError(f"{where}: groups' w_down rows [w_row, w_row + R) must be disjoint (each row's segment "
                          f"and activation tables are the group's own), got {w_rows}")
+    q_rows = sorted((r[5], r[5] + r[6] + r[7]) for r in rows)
+    if any(b[0] < a[1] for a, b in zip(q_rows, q_rows[1:])):
+        raise ValueError(f"{where}: groups' w_query rows [q_row, q_row + R + N) must be disjoint (the backward "
+                         f"writes each group's weight gradients into its own rows), got {q_rows}")
     if sum(r[7] for r in rows) != len(activations) or sum(r[7] + 1 for r in rows) != len(segments):
         raise ValueError(f"{where}: activations must hold each group's N codes and segments each group's N + 1 "
                          f"bounds, concatenated (groups' N {[r[7] for r in rows]}); got {len(activations)} and "
@@ -288,11 +292,11 @@ class _GroupedGemms:
             splits, chunk = split_plan(m_max, n_max, k_max, self.device, tiles=g) if split_k else (1, k_max)
             acc = acc_dtype(dot)
             c = torch.zeros((splits, *shape), dtype=acc if splits > 1 else out_dtype, device=self.device)
-            numel = c[0].numel()
+            numel = c[0].numel()  # (M, N, K below: the largest group's, the autotune key's N)
             if m_max and n_max and k_max:
                 _MM(lambda META: (triton.cdiv(m_max, META["BLOCK_M"]), triton.cdiv(n_max, META["BLOCK_N"]),
                                   g * splits),
-                    a, b, c, tabs[at:at + 6 * g], 0, 0, 0, chunk, splits, am, ak, bk, bn, numel, cm, cn,
+                    a, b, c, tabs[at:at + 6 * g], m_max, n_max, k_max, chunk, splits, am, ak, bk, bn, numel, cm, cn,
                     _configs.token_key(m_max), _configs.token_key(k_max), ACC=_TL_DTYPE[acc], DOT=_TL_DTYPE[dot],
                     GROUPED=True)
             at += 6 * g

@@ -815,3 +815,77 @@ def test_bench_multitask_train_steps(tmp_path, backend, ran):
     if backend == "triton":
         assert "routed-per-group" in res
         assert ran["triton"].count("fusion_triton_grouped_backward") >= 2, ran["triton"]
+
+
+def _deferred_calls(m, a, res, route):
+    """The op calls a routed triton training forward defers, one per fusion with rows (their args)."""
+    from fusedadapter import multitask_rows
+
+    calls = []
+
+    def keep(sites, counts, call_group, adapter_input):
+        from fusedadapter.dispatch import fusion_op
+        from fusedadapter.runner import DeferredCall, deferring
+
+        with deferring(fusion_op("triton", adapter_input.device, adapter_input.dtype)):
+            for k, n in enumerate(counts):
+                if n:
+                    try:
+                        call_group(k)
+                    except DeferredCall as d:
+                        calls.append(d.args)
+        raise RuntimeError("captured")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(multitask_rows, "train_groups_triton", keep)
+        with pytest.raises(RuntimeError, match="captured"):
+            m(a, res, route=route)
+    return calls
+
+
+def test_grouped_call_with_masks_on_some_calls_only():
+    """Deferred calls where only one has an adapter mask (and dropout draws by hash): each call's rows
+    of the grouped call equal that call alone (a call without a mask keeps every adapter)."""
+    from fusedadapter import multitask_rows
+    from fusedadapter.runner import _call_op
+
+    _backend_or_skip("triton")
+    m = make_multi(4, {k: FUSIONS[k] for k in ("sst", "mnli")}).float()
+    m.backend = "triton"
+    m.train(True)
+    for site in m.adapter_fusion_layer.values():
+        site.dropout_p = 0.6  # (draws that drop adapters in both calls' few rows)
+    a, res, _ = make_inputs(8)
+    calls = _deferred_calls(m, a.float().requires_grad_(True), res.float(), ["sst", "mnli", "sst", "sst", "mnli"])
+    assert len(calls) == 2 and all(c[11] > 0 for c in calls)  # train mode: logit dropout
+    mask = torch.rand(calls[0][0].shape[0], len(calls[0][9]), generator=torch.Generator().manual_seed(2)) > 0.4
+    calls[0] = calls[0][:15] + (mask,)
+    op = torch.ops.fusedadapter.fusion_triton
+    for (o, p), c in zip(multitask_rows._grouped_call(calls), calls):
+        want_o, want_p = _call_op(op, *c)
+        assert torch.equal(o, want_o) and torch.equal(p, want_p)
+
+
+def test_grouped_training_frees_the_step_without_gc(ran):
+    """The deferred calls' exceptions (whose tracebacks hold the forward's frames) are not kept: with
+    the cycle collector off, a grouped training step's inputs are freed once nothing holds them."""
+    import gc
+    import weakref
+
+    _backend_or_skip("triton")
+    m = make_multi(1).float()
+    m.backend = "triton"
+    m.train(True)
+    x, res, _ = make_inputs(2)
+    gc.collect()
+    gc.disable()
+    try:
+        a = x.float().requires_grad_(True)
+        ref = weakref.ref(a)
+        out = m(a, res.float(), route=ROUTE)
+        out.sum().backward()
+        assert ran["triton"].count("fusion_triton_grouped_backward") == 1
+        del out, a
+        assert ref() is None, "the step's input is still alive (a reference cycle)"
+    finally:
+        gc.enable()

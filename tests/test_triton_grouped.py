@@ -207,6 +207,10 @@ def test_bad_input_names_what_was_expected():
     shared_rows[12] = g[4]  # group 1's w_down rows start on group 0's
     with pytest.raises(ValueError, match="w_down rows .* must be disjoint"):
         _bad(c, groups=shared_rows)
+    shared_q = list(g)
+    shared_q[13] = g[5]  # group 1's w_query rows start on group 0's (its weight gradients would overwrite)
+    with pytest.raises(ValueError, match="w_query rows .* must be disjoint"):
+        _bad(c, groups=shared_q)
     with pytest.raises(ValueError, match="each group's N codes"):
         _bad(c, acts=c["acts"][:-1])
     segs = list(c["segs"])
